@@ -1,0 +1,32 @@
+# Two commands do all set-up:  `make demo`  and  `make test`.
+# Everything installs into $(VENV) (a virtual environment) from requirements/$(EXTRA).txt;
+# a stamp keyed on the requirements file makes a second run skip pip entirely.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+EXTRA ?= cpu
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REQ := requirements/$(EXTRA).txt
+STAMP := $(VENV)/.installed-$(EXTRA)-$(shell sha1sum $(REQ) | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+setup: $(STAMP)
+
+$(STAMP): $(REQ)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r $(REQ)
+	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) cli.py demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/protocol_bench.py
+
+clean:
+	rm -rf $(VENV) .scout .pytest_cache .hypothesis

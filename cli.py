@@ -1,0 +1,172 @@
+"""scout command line: one typer app, one command per role.
+
+Heavy libraries (torch, vLLM, faiss, transformers) are imported inside the commands, so
+`python cli.py --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="scout: asynchronous actor-learner RL that teaches LLMs to search.")
+index_app = typer.Typer(no_args_is_help=True, help="Build retrieval indexes.")
+keys_app = typer.Typer(no_args_is_help=True, help="CurveZMQ key management.")
+app.add_typer(index_app, name="index")
+app.add_typer(keys_app, name="keys")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file read by every role.")
+SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
+
+
+def _config(config: Optional[Path], sets: Optional[list[str]], role: str, **cli_overrides):
+    """Load the config, apply CLI overrides, set up logging and log the resolved config."""
+    from common.config import ConfigError, load_config, log_config
+    from common.log import setup_logging
+
+    extra = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in cli_overrides.items() if v is not None]
+    try:
+        cfg = load_config(config, [*(sets or []), *extra])
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    setup_logging(role, cfg.log_level)
+    log_config(cfg, role)
+    return cfg
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def retriever(
+    index: Optional[Path] = typer.Option(None, "--index", help="Index folder made by `index build`."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Shard GPUs, e.g. 0-1 (faiss-gpu)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="ZeroMQ endpoint to bind."),
+    http_port: Optional[int] = typer.Option(None, "--http-port", help="Search-R1 HTTP port (0 = off)."),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Serve a sharded FAISS index over ZeroMQ and Search-R1's HTTP /retrieve."""
+    cfg = _config(config, set_, "retriever", **{"retriever.index_dir": str(index) if index else None,
+                                                "retriever.gpus": gpus, "retriever.endpoint": endpoint,
+                                                "retriever.http_port": http_port})
+    from retriever.service import main
+
+    raise typer.Exit(main(cfg))
+
+
+@index_app.command("build")
+def index_build(
+    corpus: Path = typer.Option(..., "--corpus", help="Corpus in Search-R1 format (jsonl or parquet)."),
+    out: Path = typer.Option(..., "--out", help="Output index folder."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Local HF encoder folder (default: packaged MiniLM)."),
+    shards: int = typer.Option(1, "--shards", min=1),
+    factory: str = typer.Option("Flat", "--factory", help="faiss index_factory string."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Embed a corpus and write a sharded FAISS index with a manifest (resumable)."""
+    cfg = _config(config, set_, "index", **{"retriever.encoder": encoder})
+    from retriever.index import build_index
+
+    build_index(cfg.retriever, corpus=corpus, out=out, shards=shards, factory=factory, batch_size=batch_size)
+
+
+@app.command()
+def actor(
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker per GPU: 0-3, 0,2,5 or all."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers when no --gpus."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Local HF causal-LM folder."),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Run rollout workers (one engine per GPU) that stream groups to the learner."""
+    cfg = _config(config, set_, "actor", **{"actor.gpus": gpus, "actor.workers": workers,
+                                            "actor.model": str(model) if model else None})
+    from actors.main import main
+
+    raise typer.Exit(main(cfg))
+
+
+@app.command()
+def learner(
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Local HF causal-LM folder."),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Train with importance-corrected GRPO (FSDP2; launch under torchrun for several ranks)."""
+    cfg = _config(config, set_, "learner", **{"learner.model": str(model) if model else None})
+    from learner.main import main
+
+    raise typer.Exit(main(cfg, resume=resume))
+
+
+@app.command()
+def demo(
+    no_search: bool = typer.Option(False, "--no-search", help="Disable retrieval (control run)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Learner steps."),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Embedded default: build the toy world and run the whole system on this machine."""
+    cfg = _config(config, set_, "demo", **{"demo.no_search": no_search or None, "demo.steps": steps})
+    from common.smoke import main
+
+    raise typer.Exit(main(cfg))
+
+
+@app.command("eval")
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="Local HF causal-LM folder."),
+    data: Path = typer.Option(..., "--data", help="QA file (jsonl/parquet: question, golden_answers)."),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Greedy EM / F1 / search rate of a model through the real rollout loop."""
+    cfg = _config(config, set_, "eval", **{"actor.model": str(model)})
+    try:
+        from actors.evaluate import main
+    except ImportError:
+        _fail("`eval` is not available yet: the actor issue (#4) has not landed")
+    raise typer.Exit(main(cfg, data))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Path = typer.Argument(..., help="Folder for the key pairs."),
+    client: list[str] = typer.Option(["client"], "--client", help="Client key names to authorise."),
+):
+    """Make CurveZMQ key pairs: server + authorised clients. Point transport.curve_dir at DIR."""
+    from common.transport import generate_keys
+
+    made = generate_keys(directory, tuple(client))
+    for name, path in made.items():
+        typer.echo(f"{name}: {path}")
+    typer.echo(f"set transport.curve_dir = {str(directory)!r} on every role")
+
+
+@app.command()
+def export(ckpt: Path = typer.Argument(...), out: Path = typer.Argument(...)):
+    """Write a learner checkpoint as an HF folder (safetensors + config + tokenizer)."""
+    try:
+        from learner.checkpoint import export_hf
+    except ImportError:
+        _fail("`export` is not available yet: the learner issue (#5) has not landed")
+    export_hf(ckpt, out)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(...)):
+    """PNG plots and a text summary from what a run logged."""
+    try:
+        from common.report import main
+    except ImportError:
+        _fail("`report` is not available yet: the observability issue (#7) has not landed")
+    raise typer.Exit(main(run_dir))
+
+
+if __name__ == "__main__":
+    app()

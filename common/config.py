@@ -1,0 +1,257 @@
+"""One typed configuration for every role.
+
+Sources, later wins:  defaults  <  TOML file (--config)  <  environment  <  --set overrides
+
+    [learner]            SCOUT_LEARNER__LR=1e-6       --set learner.lr=1e-6
+    lr = 1e-6
+
+Each component owns one section. Unknown keys and invalid values fail at start with a
+message naming the key. Every process logs its resolved config (`log_config`) at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "SCOUT_"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TransportConfig(Section):
+    allow_external_bind: bool = False  # binding a non-loopback address must be asked for
+    curve_dir: str | None = None  # folder made by `cli.py keys generate`; enables CURVE auth
+    hwm: int = Field(1000, ge=1)
+    send_timeout_ms: int = Field(10_000, ge=1)
+    recv_timeout_ms: int = Field(10_000, ge=1)
+    linger_ms: int = Field(0, ge=0)
+    reconnect_ivl_ms: int = Field(100, ge=1)
+    reconnect_ivl_max_ms: int = Field(5_000, ge=1)
+
+
+class MetricsConfig(Section):
+    host: str = "127.0.0.1"
+    retriever_port: int = Field(9100, ge=0, le=65535)  # 0 disables
+    actor_port: int = Field(9200, ge=0, le=65535)  # worker i serves on actor_port + 1 + i
+    learner_port: int = Field(9300, ge=0, le=65535)
+    log_file: str | None = None  # also append metrics snapshots here (jsonl)
+
+
+class RetrieverConfig(Section):
+    index_dir: str | None = None
+    endpoint: str = "tcp://127.0.0.1:5555"  # ZeroMQ router endpoint
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)  # Search-R1 compatible /retrieve; 0 disables
+    encoder: str | None = None  # local HF folder; None = the packaged all-MiniLM-L6-v2
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_query_len: int = Field(256, ge=8)  # tokens
+    max_passage_len: int = Field(256, ge=8)  # tokens, at index build
+    max_batch: int = Field(64, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+    topk_cap: int = Field(100, ge=1, le=100)
+    gpus: str | None = None
+    shard_timeout_s: float = Field(30.0, gt=0)
+    # -- service tuning (router + shards)
+    max_inflight: int = Field(2, ge=1)  # batches searched by the shards at the same time
+    max_pending_queries: int = Field(65536, ge=1)  # queued beyond this -> "unavailable" (overload)
+    request_timeout_s: float = Field(30.0, gt=0)  # how long an HTTP request waits for its batch
+    http_default_topk: int = Field(3, ge=1, le=100)  # Search-R1 clients may omit topk
+    http_max_body_bytes: int = Field(16 << 20, ge=1024)
+    encoder_threads: int = Field(0, ge=0)  # torch threads in the router; 0 = half the cores (>=1)
+    shard_threads: int = Field(0, ge=0)  # faiss OpenMP threads per shard; 0 = cores / shards (>=1)
+    search_params: str = ""  # faiss ParameterSpace string applied in shards, e.g. "nprobe=16"
+    shard_start_timeout_s: float = Field(300.0, gt=0)
+    shard_restart_s: float = Field(2.0, ge=0)  # delay before restarting a dead shard; 0 = never
+    verify_checksums: bool = True  # sha256 of index files against the manifest at start
+    # -- index build
+    build_chunk_rows: int = Field(16384, ge=1)  # rows per resumable embedding chunk file
+    train_sample: int = Field(262144, ge=1)  # vectors used to train IVF/PQ indexes
+
+
+class ActorConfig(Section):
+    model: str | None = None  # local HF causal-LM folder
+    engine: Literal["vllm", "transformers"] = "vllm"
+    learner_endpoint: str = "tcp://127.0.0.1:5600"
+    retriever_endpoint: str = "tcp://127.0.0.1:5555"
+    retriever_url: str | None = None  # an external Search-R1 server (http://host:port/retrieve)
+    workers: int = Field(1, ge=1)
+    gpus: str | None = None
+    n_samples: int = Field(5, ge=1, le=1024)
+    prompts_per_request: int = Field(4, ge=1)
+    max_turns: int = Field(4, ge=0)
+    max_new_tokens: int = Field(500, ge=1)  # per turn
+    max_obs_tokens: int = Field(500, ge=1)
+    max_total_tokens: int = Field(4096, ge=16)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    topk: int = Field(3, ge=1, le=100)
+    reward: Literal["em", "f1", "substring"] = "em"
+    format_reward: float = Field(0.0, ge=0, le=1)
+    retrieval_timeout_s: float = Field(10.0, gt=0)
+    retrieval_retries: int = Field(5, ge=0)
+    kv_cache_gib: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class LearnerConfig(Section):
+    model: str | None = None
+    data: str | None = None  # QA file (jsonl/parquet) the dispatcher hands out
+    ingest_endpoint: str = "tcp://127.0.0.1:5600"
+    sync_endpoint: str = "tcp://127.0.0.1:5601"
+    store_host: str = "127.0.0.1"
+    store_port: int = Field(29600, ge=0, le=65535)
+    n_samples: int = Field(5, ge=1, le=1024)
+    groups_per_step: int = Field(8, ge=1)
+    micro_batch_tokens: int = Field(8192, ge=16)
+    buffer_groups: int = Field(256, ge=1)
+    max_staleness: int = Field(4, ge=0)
+    sync_every: int = Field(1, ge=1)
+    steps: int = Field(500, ge=0)
+    lr: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    correction: Literal["tis", "decoupled", "seq_mask", "none"] = "decoupled"
+    tis_cap: float = Field(2.0, gt=0)
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.28, ge=0)
+    seq_delta: float = Field(2.0, gt=1)
+    kl_coef: float = Field(0.0, ge=0)
+    std_norm: bool = True
+    bf16: bool = True  # on GPU only
+    grad_checkpointing: bool = True  # on GPU only
+    bucket_mb: float = Field(256.0, gt=0)
+    sync_timeout_s: float = Field(30.0, gt=0)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = Field(50, ge=0)
+    seed: int = 0
+
+
+class DemoConfig(Section):
+    dir: str = ".scout/demo"
+    seed: int = 0
+    steps: int = Field(60, ge=0)
+    no_search: bool = False
+
+
+class ScoutConfig(Section):
+    run_dir: str = "runs/default"
+    log_level: str = "INFO"
+    transport: TransportConfig = TransportConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    actor: ActorConfig = ActorConfig()
+    learner: LearnerConfig = LearnerConfig()
+    demo: DemoConfig = DemoConfig()
+
+
+def _parse_value(text: str) -> Any:
+    """A CLI/env value: a TOML literal when it parses as one, otherwise the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"{source}: empty key")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {dotted} is not a section")
+    node[parts[-1]] = value
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any, str]]:
+    out = []
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+            out.append((dotted, _parse_value(value), f"environment {key}"))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                environ: dict[str, str] | None = None) -> ScoutConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: {e}") from None
+    for dotted, value, source in _env_overrides(dict(os.environ if environ is None else environ)):
+        _set_path(tree, dotted, value, source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, text = item.split("=", 1)
+        _set_path(tree, dotted.strip(), _parse_value(text.strip()), f"--set {item}")
+    try:
+        return ScoutConfig.model_validate(tree)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            msgs.append(f"{key}: {err['msg']}{got}")
+        raise ConfigError("invalid configuration: " + "; ".join(msgs)) from None
+
+
+def log_config(cfg: ScoutConfig, role: str, logger: logging.Logger | None = None) -> str:
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    (logger or logging.getLogger("scout")).info("%s resolved config: %s", role, text)
+    return text
+
+
+def parse_devices(spec: str | None) -> list[str]:
+    """'0-3' -> ['0','1','2','3']; '0,2,5' -> ['0','2','5']; 'all' -> every visible GPU."""
+    if spec is None or spec == "":
+        return []
+    spec = spec.strip()
+    if spec == "all":
+        import torch  # lazy: only when GPUs are asked for
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ConfigError("--gpus all: no CUDA device is visible")
+        return [str(i) for i in range(n)]
+    out: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi or lo < 0:
+                    raise ValueError
+                out.extend(str(i) for i in range(lo, hi + 1))
+            else:
+                if int(part) < 0:
+                    raise ValueError
+                out.append(str(int(part)))
+        except ValueError:
+            raise ConfigError(f"--gpus {spec!r}: expected a list like 0-3, 0,2,5 or all") from None
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--gpus {spec!r}: a device is listed twice")
+    return out

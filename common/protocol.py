@@ -1,0 +1,559 @@
+"""Scout's wire protocol: every message that crosses a socket, as one typed schema.
+
+A message travels as a ZeroMQ multipart message:
+
+    frame 0   msgpack header  {"p": PROTOCOL_VERSION, "t": type, "v": type version,
+                               "b": {scalar / list / dict fields},
+                               "a": [[array name, dtype, shape], ...]}
+    frame 1.. raw array bytes, one frame per entry of "a", in that order (zero-copy)
+
+Arrays (token ids, logprobs, masks, versions, weights) never go through msgpack: they are sent
+from and received into numpy buffers without copies.  `decode` validates everything it is given
+(frame count, header shape, protocol and message versions, dtypes, shapes against byte counts,
+size caps, field types, cross-field lengths) and raises exactly one exception type,
+`ProtocolError`, whose message says what is wrong.  No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+
+MAX_HEADER_BYTES = 4 << 20  # 4 MiB of msgpack
+MAX_FRAMES = 4096
+MAX_ARRAY_BYTES = 2 << 30  # 2 GiB in one frame
+MAX_STR = 1 << 16  # characters in one string field
+MAX_QUERY_CHARS = 4096
+MAX_QUERIES = 4096
+MAX_TOPK = 100
+MAX_GROUP = 1024
+MAX_GROUP_TOKENS = 1 << 24
+MAX_PROMPTS = 4096
+
+# Logical dtype name -> numpy storage dtype. bfloat16 has no numpy dtype: it travels as its raw
+# 16-bit pattern (uint16 storage) and torch reinterprets it on arrival.
+DTYPES: dict[str, np.dtype] = {
+    "uint8": np.dtype("uint8"),
+    "bool": np.dtype("bool"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+}
+
+
+class ProtocolError(ValueError):
+    """Raised for any message that cannot be encoded or decoded; the text says why."""
+
+
+def numpy_dtype_name(arr: np.ndarray) -> str:
+    for name, dt in DTYPES.items():
+        if name != "bfloat16" and arr.dtype == dt:
+            return name
+    raise ProtocolError(f"arrays of dtype {arr.dtype} cannot travel on the wire")
+
+
+class ArraySpec:
+    """What one array field may hold: a set of logical dtypes and a number of dimensions."""
+
+    def __init__(self, dtypes: tuple[str, ...], ndim: int | None = 1):
+        self.dtypes = dtypes
+        self.ndim = ndim
+
+
+class Message(BaseModel):
+    """Base of every wire message. Subclasses set TYPE, VERSION and ARRAYS."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=True)
+
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+    ARRAYS: ClassVar[dict[str, ArraySpec]] = {}
+    # Logical dtype for arrays whose storage dtype is ambiguous (bfloat16 stored as uint16).
+    array_dtypes: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+
+REGISTRY: dict[str, type[Message]] = {}
+
+
+def register(cls: type[Message]) -> type[Message]:
+    if not cls.TYPE or cls.TYPE in REGISTRY:
+        raise RuntimeError(f"message type {cls.TYPE!r} is empty or registered twice")
+    REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+Str = Field(max_length=MAX_STR)
+
+
+# --------------------------------------------------------------------------- control plane
+@register
+class Hello(Message):
+    """A peer announces itself. A restarted process announces a fresh run_id."""
+
+    TYPE = "hello"
+    role: Literal["actor", "learner", "retriever", "client"]
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    worker: int = Field(default=0, ge=0)
+    gpu: str = Field(default="cpu", max_length=64)
+    host: str = Field(default="", max_length=256)
+    pid: int = Field(default=0, ge=0)
+    version: int = Field(default=-1, ge=-1)  # policy version currently loaded
+
+
+@register
+class HelloAck(Message):
+    TYPE = "hello_ack"
+    learner_run_id: str = Field(max_length=256)
+    version: int = Field(ge=0)
+    n_samples: int = Field(ge=1, le=MAX_GROUP)
+    max_staleness: int = Field(ge=0)
+    sync_endpoint: str = Field(default="", max_length=512)
+
+
+@register
+class Heartbeat(Message):
+    TYPE = "heartbeat"
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    seq: int = Field(ge=0)
+    version: int = Field(default=-1, ge=-1)
+    time: float = 0.0
+
+
+@register
+class ErrorReply(Message):
+    TYPE = "error"
+    code: Literal["bad_request", "unauthorised", "unavailable", "internal", "timeout", "stale"]
+    message: str = Field(max_length=MAX_STR)
+    request_id: str = Field(default="", max_length=256)
+
+
+# --------------------------------------------------------------------------- prompts / work
+class Prompt(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt_id: int = Field(ge=0)
+    question: str = Field(min_length=1, max_length=MAX_STR)
+    golden_answers: list[str] = Field(max_length=256)
+    data_source: str = Field(default="", max_length=256)
+
+
+@register
+class WorkRequest(Message):
+    """An actor asks for up to `max_prompts` prompts (one GRPO group each)."""
+
+    TYPE = "work_request"
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    max_prompts: int = Field(ge=1, le=MAX_PROMPTS)
+    version: int = Field(ge=-1)
+
+
+@register
+class WorkAssignment(Message):
+    """The learner hands out prompts: each is a credit for one group. Empty means wait."""
+
+    TYPE = "work_assignment"
+    prompts: list[Prompt] = Field(max_length=MAX_PROMPTS)
+    version: int = Field(ge=0)  # learner's current policy version
+    min_version: int = Field(ge=0)  # oldest policy version whose tokens will still be accepted
+    n_samples: int = Field(ge=1, le=MAX_GROUP)
+    retry_after_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+
+
+# --------------------------------------------------------------------------- trajectories
+@register
+class TrajectoryGroup(Message):
+    """n samples of one prompt (a GRPO group), flattened sample after sample.
+
+    Per token (length = sum(lengths)): tokens, loss_mask (1 = generated by the policy),
+    logprobs (behaviour logprob of generated tokens, 0 elsewhere), versions (policy version
+    that generated the token, -1 for prompt/observation tokens). Per sample: lengths, rewards.
+    """
+
+    TYPE = "trajectory_group"
+    ARRAYS = {
+        "lengths": ArraySpec(("int32",)),
+        "tokens": ArraySpec(("int32",)),
+        "loss_mask": ArraySpec(("uint8",)),
+        "logprobs": ArraySpec(("float32",)),
+        "versions": ArraySpec(("int32",)),
+        "rewards": ArraySpec(("float32",)),
+    }
+    group_id: str = Field(min_length=1, max_length=256)
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    prompt_id: int = Field(ge=0)
+    num_searches: list[int] = Field(max_length=MAX_GROUP)
+    retrieval_failed: list[bool] = Field(max_length=MAX_GROUP)
+    correct: list[bool] = Field(max_length=MAX_GROUP)
+    created_at: float = 0.0  # generation start (unix seconds), for end-to-end latency
+    lengths: np.ndarray
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    logprobs: np.ndarray
+    versions: np.ndarray
+    rewards: np.ndarray
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrajectoryGroup":
+        n = int(self.lengths.shape[0])
+        if not 1 <= n <= MAX_GROUP:
+            raise ValueError(f"group size {n} outside 1..{MAX_GROUP}")
+        for name in ("rewards",):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"{name} has {getattr(self, name).shape[0]} entries, group has {n}")
+        for name in ("num_searches", "retrieval_failed", "correct"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, group has {n}")
+        if n and int(self.lengths.min()) < 1:
+            raise ValueError("every sample needs at least one token")
+        total = int(self.lengths.astype(np.int64).sum())
+        if total > MAX_GROUP_TOKENS:
+            raise ValueError(f"group has {total} tokens, cap is {MAX_GROUP_TOKENS}")
+        for name in ("tokens", "loss_mask", "logprobs", "versions"):
+            if getattr(self, name).shape[0] != total:
+                raise ValueError(f"{name} has {getattr(self, name).shape[0]} entries, lengths sum to {total}")
+        if total and int(self.tokens.min()) < 0:
+            raise ValueError("negative token id")
+        if total and int(self.loss_mask.max()) > 1:
+            raise ValueError("loss_mask must be 0 or 1")
+        # Vectorised checks without gathers (this runs on every received group).
+        if total and np.count_nonzero((self.versions < 0).view(np.uint8) & self.loss_mask):
+            raise ValueError("generated token without a policy version")
+        if total and (not math.isfinite(float(self.logprobs.sum()))
+                      or float(self.logprobs.max()) > 1e-4):
+            raise ValueError("behaviour logprobs must be finite and <= 0")
+        if not np.isfinite(self.rewards).all():
+            raise ValueError("rewards must be finite")
+        if any(s < 0 for s in self.num_searches):
+            raise ValueError("num_searches must be >= 0")
+        return self
+
+    @property
+    def n(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def oldest_version(self) -> int:
+        """Oldest policy version among generated tokens (-1 if none were generated)."""
+        gen = self.loss_mask.view(bool)
+        return int(self.versions[gen].min()) if gen.any() else -1
+
+    def sample_slices(self) -> list[slice]:
+        ends = np.cumsum(self.lengths.astype(np.int64))
+        starts = ends - self.lengths
+        return [slice(int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+@register
+class GroupAck(Message):
+    TYPE = "group_ack"
+    group_id: str = Field(max_length=256)
+    accepted: bool
+    reason: str = Field(default="", max_length=1024)
+    version: int = Field(ge=0)
+
+
+# --------------------------------------------------------------------------- retrieval
+class Passage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(max_length=1024)
+    title: str = Field(max_length=MAX_STR)
+    text: str = Field(max_length=1 << 20)
+    score: float
+
+
+@register
+class RetrieveRequest(Message):
+    TYPE = "retrieve_request"
+    request_id: str = Field(min_length=1, max_length=256)
+    queries: list[str] = Field(min_length=1, max_length=MAX_QUERIES)
+    topk: int = Field(ge=1, le=MAX_TOPK)
+
+    @model_validator(mode="after")
+    def _queries(self) -> "RetrieveRequest":
+        for i, q in enumerate(self.queries):
+            if not q.strip():
+                raise ValueError(f"query {i} is empty")
+            if len(q) > MAX_QUERY_CHARS:
+                raise ValueError(f"query {i} has {len(q)} characters, cap is {MAX_QUERY_CHARS}")
+        return self
+
+
+@register
+class RetrieveReply(Message):
+    TYPE = "retrieve_reply"
+    request_id: str = Field(max_length=256)
+    results: list[list[Passage]] = Field(max_length=MAX_QUERIES)
+
+
+# Internal to the retriever service: router <-> shard processes (DEALER shard -> ROUTER router).
+@register
+class ShardHello(Message):
+    """A shard process has loaded its index and is ready to search."""
+
+    TYPE = "shard_hello"
+    shard: int = Field(ge=0)
+    pid: int = Field(ge=0)
+    count: int = Field(ge=0)  # vectors held by this shard
+    dim: int = Field(ge=1)
+    device: str = Field(default="cpu", max_length=64)
+
+
+@register
+class ShardSearch(Message):
+    """Router -> shard: search these (already encoded, normalised) query vectors."""
+
+    TYPE = "shard_search"
+    ARRAYS = {"vectors": ArraySpec(("float32",), ndim=2)}
+    seq: int = Field(ge=0)
+    topk: int = Field(ge=1, le=MAX_TOPK)
+    vectors: np.ndarray
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardSearch":
+        if not 1 <= self.vectors.shape[0] <= MAX_QUERIES:
+            raise ValueError(f"{self.vectors.shape[0]} query vectors, expected 1..{MAX_QUERIES}")
+        return self
+
+
+@register
+class ShardResult(Message):
+    """Shard -> router: top-k per query. ids are global corpus rows, -1 where none."""
+
+    TYPE = "shard_result"
+    ARRAYS = {"scores": ArraySpec(("float32",), ndim=2), "ids": ArraySpec(("int64",), ndim=2)}
+    seq: int = Field(ge=0)
+    shard: int = Field(ge=0)
+    scores: np.ndarray
+    ids: np.ndarray
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardResult":
+        if self.scores.shape != self.ids.shape:
+            raise ValueError(f"scores {self.scores.shape} and ids {self.ids.shape} differ in shape")
+        return self
+
+
+# --------------------------------------------------------------------------- weight sync
+class TensorMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=1024)
+    dtype: str
+    shape: list[int] = Field(max_length=8)
+    offset: int = Field(ge=0)  # byte offset inside the bucket
+
+    @model_validator(mode="after")
+    def _check(self) -> "TensorMeta":
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown tensor dtype {self.dtype!r}")
+        if any(d < 0 for d in self.shape):
+            raise ValueError("negative dimension")
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@register
+class SyncJoin(Message):
+    """An actor worker asks to join the weight-sync group at the next sync."""
+
+    TYPE = "sync_join"
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    version: int = Field(ge=-1)
+    transports: list[Literal["gloo", "nccl", "zmq"]] = Field(min_length=1, max_length=3)
+
+
+@register
+class SyncPlan(Message):
+    """The learner's answer to a join: where and how the next broadcast happens."""
+
+    TYPE = "sync_plan"
+    version: int = Field(ge=0)
+    generation: int = Field(ge=0)  # group incarnation; changes whenever membership changes
+    transport: Literal["gloo", "nccl", "zmq"]
+    store_host: str = Field(max_length=256)
+    store_port: int = Field(ge=0, le=65535)
+    rank: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)
+
+
+@register
+class WeightUpdateHeader(Message):
+    """Announces one bucket of a weight update. Over gloo/nccl the bucket bytes follow on the
+    process group; over zmq they travel as the `data` frame of this message."""
+
+    TYPE = "weight_update"
+    ARRAYS = {"data": ArraySpec(("uint8",))}
+    version: int = Field(ge=0)
+    bucket: int = Field(ge=0)
+    num_buckets: int = Field(ge=1)
+    dtype: str
+    nbytes: int = Field(ge=0)
+    tensors: list[TensorMeta] = Field(max_length=1 << 16)
+    data: np.ndarray | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "WeightUpdateHeader":
+        if self.bucket >= self.num_buckets:
+            raise ValueError(f"bucket {self.bucket} of {self.num_buckets}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown bucket dtype {self.dtype!r}")
+        for t in self.tensors:
+            if t.dtype != self.dtype:
+                raise ValueError(f"tensor {t.name} is {t.dtype} in a {self.dtype} bucket")
+            if t.offset + t.nbytes > self.nbytes:
+                raise ValueError(f"tensor {t.name} runs past the end of the bucket")
+        if self.data is not None and self.data.nbytes != self.nbytes:
+            raise ValueError(f"data has {self.data.nbytes} bytes, header says {self.nbytes}")
+        return self
+
+
+@register
+class SyncDone(Message):
+    """A receiver reports that it loaded `version` (or failed to)."""
+
+    TYPE = "sync_done"
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    version: int = Field(ge=0)
+    ok: bool
+    seconds: float = Field(ge=0.0)
+    message: str = Field(default="", max_length=MAX_STR)
+
+
+# --------------------------------------------------------------------------- encode / decode
+def encode(msg: Message) -> list[Any]:
+    """Message -> list of frames (bytes header + memoryviews of the arrays, no copies)."""
+    body = msg.model_dump(mode="python", exclude=set(msg.ARRAYS) | {"array_dtypes"})
+    specs, frames = [], []
+    for name, spec in msg.ARRAYS.items():
+        arr = getattr(msg, name)
+        if arr is None:
+            continue
+        if not isinstance(arr, np.ndarray):
+            raise ProtocolError(f"{msg.TYPE}.{name} must be a numpy array")
+        dtype = msg.array_dtypes.get(name) or numpy_dtype_name(arr)
+        if dtype not in spec.dtypes:
+            raise ProtocolError(f"{msg.TYPE}.{name} must be one of {spec.dtypes}, got {dtype}")
+        arr = np.ascontiguousarray(arr)
+        specs.append([name, dtype, list(arr.shape)])
+        frames.append(arr.data.cast("B") if arr.size else b"")
+    header = {"p": PROTOCOL_VERSION, "t": msg.TYPE, "v": msg.VERSION, "b": body, "a": specs}
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"cannot encode {msg.TYPE}: {e}") from None
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"{msg.TYPE} header is {len(packed)} bytes, cap is {MAX_HEADER_BYTES}")
+    return [packed, *frames]
+
+
+def _buffer(frame: Any) -> memoryview:
+    if hasattr(frame, "buffer"):  # zmq.Frame received with copy=False
+        frame = frame.buffer
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"frame of type {type(frame).__name__} is not bytes")
+    view = memoryview(frame)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _read_header(frames: Any) -> tuple[type[Message], dict, list]:
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ProtocolError("a message needs at least one frame")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{len(frames)} frames, cap is {MAX_FRAMES}")
+    raw = _buffer(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header is {len(raw)} bytes, cap is {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises many types for malformed input
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict) or set(header) != {"p", "t", "v", "b", "a"}:
+        raise ProtocolError("header must be a map with keys p, t, v, b, a")
+    if header["p"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header['p']!r} is not supported (this build speaks {PROTOCOL_VERSION})")
+    cls = REGISTRY.get(header["t"]) if isinstance(header["t"], str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {header['t']!r}")
+    if header["v"] != cls.VERSION:
+        raise ProtocolError(f"{cls.TYPE} version {header['v']!r} is not supported (this build speaks {cls.VERSION})")
+    if not isinstance(header["b"], dict) or not isinstance(header["a"], list):
+        raise ProtocolError("header fields b and a must be a map and a list")
+    if len(header["a"]) != len(frames) - 1:
+        raise ProtocolError(f"header names {len(header['a'])} arrays but {len(frames) - 1} frames follow")
+    return cls, header["b"], header["a"]
+
+
+def _read_array(cls: type[Message], spec_entry: Any, frame: Any) -> tuple[str, str, np.ndarray]:
+    if not (isinstance(spec_entry, list) and len(spec_entry) == 3):
+        raise ProtocolError("array spec must be [name, dtype, shape]")
+    name, dtype, shape = spec_entry
+    spec = cls.ARRAYS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ProtocolError(f"{cls.TYPE} has no array field {name!r}")
+    if dtype not in spec.dtypes:
+        raise ProtocolError(f"{cls.TYPE}.{name} must be one of {spec.dtypes}, got {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
+        raise ProtocolError(f"{cls.TYPE}.{name} shape must be a list of non-negative ints")
+    if spec.ndim is not None and len(shape) != spec.ndim:
+        raise ProtocolError(f"{cls.TYPE}.{name} must have {spec.ndim} dimensions, got {len(shape)}")
+    np_dtype = DTYPES[dtype]
+    nbytes = math.prod(shape) * np_dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise ProtocolError(f"{cls.TYPE}.{name} is {nbytes} bytes, cap is {MAX_ARRAY_BYTES}")
+    buf = _buffer(frame)
+    if len(buf) != nbytes:
+        raise ProtocolError(f"{cls.TYPE}.{name} frame has {len(buf)} bytes, shape {shape} of {dtype} needs {nbytes}")
+    return name, dtype, np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+
+
+def decode(frames: Any, expect: type[Message] | tuple[type[Message], ...] | None = None) -> Message:
+    """Frames -> validated Message. Raises ProtocolError and nothing else."""
+    try:
+        cls, body, arrays_spec = _read_header(frames)
+        if expect is not None and not issubclass(cls, expect):
+            names = expect.TYPE if isinstance(expect, type) else [e.TYPE for e in expect]
+            raise ProtocolError(f"expected {names}, got {cls.TYPE}")
+        arrays, dtypes = {}, {}
+        for entry, frame in zip(arrays_spec, frames[1:]):
+            name, dtype, arr = _read_array(cls, entry, frame)
+            if name in arrays:
+                raise ProtocolError(f"array {name!r} sent twice")
+            arrays[name], dtypes[name] = arr, dtype
+        overlap = set(arrays) & set(body)
+        if overlap or "array_dtypes" in body:
+            raise ProtocolError(f"fields sent both as body and array: {sorted(overlap)}")
+        return cls.model_validate({**body, **arrays, "array_dtypes": dtypes})
+    except ProtocolError:
+        raise
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<message>'}: {err['msg']}" for err in e.errors()[:5])
+        raise ProtocolError(f"invalid {frames_type(frames)}: {errs}") from None
+    except Exception as e:  # last line of defence: a decoder never lets anything else escape
+        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
+
+
+def frames_type(frames: Any) -> str:
+    try:
+        return msgpack.unpackb(_buffer(frames[0]), raw=False).get("t", "message")
+    except Exception:
+        return "message"
+
+
+def error_frames(code: str, message: str, request_id: str = "") -> list[Any]:
+    return encode(ErrorReply(code=code, message=message[:MAX_STR], request_id=request_id[:256]))

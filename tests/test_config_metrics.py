@@ -1,0 +1,100 @@
+"""Config loading and overrides, metrics serving, CLI start-up time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from common.config import ConfigError, load_config, parse_devices
+from common.metrics import Metrics
+from tests.conftest import ROOT
+
+
+def test_toml_env_and_cli_overrides(tmp_path):
+    f = tmp_path / "scout.toml"
+    f.write_text('[learner]\nlr = 3e-6\nmax_staleness = 2\n[retriever]\nmax_batch = 16\n')
+    cfg = load_config(f, ["learner.max_staleness=0", "actor.reward='f1'"],
+                      environ={"SCOUT_LEARNER__LR": "1e-5", "SCOUT_ACTOR__N_SAMPLES": "8", "OTHER": "x"})
+    assert cfg.learner.lr == 1e-5  # env beats file
+    assert cfg.learner.max_staleness == 0  # --set beats env and file
+    assert cfg.retriever.max_batch == 16 and cfg.actor.n_samples == 8 and cfg.actor.reward == "f1"
+    assert load_config(None, ["actor.model=/tmp/some model"], environ={}).actor.model == "/tmp/some model"
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("learner.lr=-1", "learner.lr"),
+    ("learner.correction='magic'", "learner.correction"),
+    ("learner.nope=1", "learner.nope"),
+    ("actor.n_samples='many'", "actor.n_samples"),
+    ("nokey", "expected section.key=value"),
+])
+def test_invalid_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override], environ={})
+    assert fragment in str(e.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", environ={})
+    (tmp_path / "bad.toml").write_text("[learner\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_config(tmp_path / "bad.toml", environ={})
+
+
+def test_parse_devices():
+    assert parse_devices("0-3") == ["0", "1", "2", "3"]
+    assert parse_devices("0,2,5") == ["0", "2", "5"]
+    assert parse_devices(None) == []
+    for bad in ("3-1", "a", "0,0", "-1"):
+        with pytest.raises(ConfigError, match="--gpus"):
+            parse_devices(bad)
+
+
+def test_metrics_and_health_endpoints(free_port):
+    m = Metrics("actor", {"worker": "3", "gpu": "cuda:1"})
+    tokens = m.counter("scout_actor_generated_tokens_total", "tokens sampled")
+    lat = m.histogram("scout_test_latency_seconds", "latency", labels=("stage",))
+    tokens.inc(5)
+    lat.labels(stage="encode").observe(0.01)
+    port = m.serve("127.0.0.1", 0, health=lambda: {"engine": "ready"})
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert 'scout_actor_generated_tokens_total{gpu="cuda:1",role="actor",worker="3"} 5.0' in body
+    assert 'stage="encode"' in body
+    h = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())
+    assert h["status"] == "ok" and h["engine"] == "ready" and h["worker"] == "3"
+    m2 = Metrics("learner")
+    port2 = m2.serve("127.0.0.1", 0, health=lambda: {"status": "degraded"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port2}/health")
+    assert e.value.code == 503
+    m.close()
+    m2.close()
+
+
+def test_cli_help_is_fast_and_lists_roles():
+    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for role in ("retriever", "actor", "learner", "demo", "eval", "index", "keys", "export", "report"):
+        assert role in out.stdout
+    # no heavy imports behind --help
+    probe = subprocess.run([sys.executable, "-c", "import sys, cli; print(any(m in sys.modules for m in ('torch','vllm','faiss','transformers')))"],
+                           cwd=ROOT, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False"  # start-up time itself is measured in bench/protocol_bench.py
+
+
+def test_cli_rejects_bad_config_value():
+    out = subprocess.run([sys.executable, "cli.py", "learner", "--set", "learner.lr=-1"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "learner.lr" in out.stderr
+
+
+def test_keys_generate(tmp_path):
+    out = subprocess.run([sys.executable, "cli.py", "keys", "generate", str(tmp_path / "k"), "--client", "actor",
+                          "--client", "learner"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert (tmp_path / "k" / "server.key_secret").is_file()
+    assert sorted(p.name for p in (tmp_path / "k" / "authorized").iterdir()) == ["actor.key", "learner.key"]
+    assert "curve_dir" in out.stdout

@@ -1,0 +1,198 @@
+"""Wire protocol: round trips for every message type, and fuzzing of every decoder."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import protocol as P
+
+
+def _group(n: int = 3, seed: int = 0) -> P.TrajectoryGroup:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 20, size=n).astype(np.int32)
+    total = int(lengths.sum())
+    mask = (rng.random(total) < 0.6).astype(np.uint8)
+    return P.TrajectoryGroup(
+        group_id="g-1", peer_id="actor-0", run_id="run-a", prompt_id=7,
+        num_searches=[1] * n, retrieval_failed=[False] * n, correct=[True] + [False] * (n - 1),
+        created_at=123.5, lengths=lengths, tokens=rng.integers(0, 1000, total).astype(np.int32),
+        loss_mask=mask, logprobs=np.where(mask == 1, -rng.random(total), 0).astype(np.float32),
+        versions=np.where(mask == 1, 3, -1).astype(np.int32), rewards=rng.random(n).astype(np.float32))
+
+
+SAMPLES: list[P.Message] = [
+    P.Hello(role="actor", peer_id="a0", run_id="r1", worker=1, gpu="cuda:1", host="h", pid=42, version=3),
+    P.HelloAck(learner_run_id="L", version=2, n_samples=5, max_staleness=4, sync_endpoint="tcp://127.0.0.1:1"),
+    P.Heartbeat(peer_id="a0", run_id="r1", seq=9, version=1, time=1.5),
+    P.ErrorReply(code="bad_request", message="topk must be >= 1", request_id="x"),
+    P.WorkRequest(peer_id="a0", run_id="r1", max_prompts=4, version=0),
+    P.WorkAssignment(prompts=[P.Prompt(prompt_id=1, question="who?", golden_answers=["me", "you"], data_source="nq")],
+                     version=3, min_version=0, n_samples=5, retry_after_s=0.5),
+    _group(),
+    P.GroupAck(group_id="g-1", accepted=False, reason="stale", version=9),
+    P.RetrieveRequest(request_id="q1", queries=["capital of zorland", "b"], topk=3),
+    P.RetrieveReply(request_id="q1", results=[[P.Passage(id="1", title="Z", text="t", score=0.5)], []]),
+    P.SyncJoin(peer_id="a0", run_id="r1", version=-1, transports=["gloo", "zmq"]),
+    P.SyncPlan(version=1, generation=2, transport="gloo", store_host="127.0.0.1", store_port=29500,
+               rank=1, world_size=3, timeout_s=30.0),
+    P.WeightUpdateHeader(version=1, bucket=0, num_buckets=2, dtype="bfloat16", nbytes=12,
+                         tensors=[P.TensorMeta(name="w", dtype="bfloat16", shape=[2, 3], offset=0)],
+                         data=np.arange(12, dtype=np.uint8)),
+    P.SyncDone(peer_id="a0", run_id="r1", version=1, ok=True, seconds=0.25),
+]
+
+
+def _equal(a: P.Message, b: P.Message) -> bool:
+    if type(a) is not type(b):
+        return False
+    for name in type(a).model_fields:
+        if name == "array_dtypes":
+            continue
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == y.dtype
+                    and np.array_equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_every_registered_type_has_a_sample():
+    assert {type(m).TYPE for m in SAMPLES} >= set(P.REGISTRY)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TYPE)
+def test_round_trip(msg):
+    frames = P.encode(msg)
+    assert isinstance(frames[0], bytes)
+    out = P.decode([bytes(f) for f in frames])
+    assert _equal(msg, out)
+    assert P.decode(frames, expect=type(msg)).TYPE == msg.TYPE
+
+
+def test_arrays_travel_as_raw_frames_without_copies():
+    g = _group(4)
+    frames = P.encode(g)
+    header = msgpack.unpackb(frames[0])
+    assert [a[0] for a in header["a"]] == list(P.TrajectoryGroup.ARRAYS)
+    assert "tokens" not in header["b"]
+    # encode hands out views of the arrays' own memory
+    assert np.shares_memory(np.frombuffer(frames[2], dtype=np.int32), g.tokens)
+    # decode wraps the received buffers without copying
+    buf = bytearray(frames[2])
+    frames2 = list(frames)
+    frames2[2] = buf
+    out = P.decode(frames2)
+    buf[0:4] = (99).to_bytes(4, "little")
+    assert out.tokens[0] == 99
+
+
+def _bad(frames, fragment: str):
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(frames)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_clear_errors():
+    good = P.encode(_group())
+    hdr = msgpack.unpackb(good[0])
+    _bad([], "at least one frame")
+    _bad([b"\xc1"], "not valid msgpack")
+    _bad([msgpack.packb({**hdr, "p": 99}), *good[1:]], "protocol version 99")
+    _bad([msgpack.packb({**hdr, "t": "nope"}), *good[1:]], "unknown message type")
+    _bad([msgpack.packb({**hdr, "v": 7}), *good[1:]], "version 7 is not supported")
+    _bad(good[:-1], "frames follow")
+    _bad([good[0], *good[1:-1], b"abc"], "frame has 3 bytes")
+    wrong_dtype = {**hdr, "a": [[a[0], "float64" if a[0] == "tokens" else a[1], a[2]] for a in hdr["a"]]}
+    _bad([msgpack.packb(wrong_dtype), *good[1:]], "tokens must be one of")
+    short = dict(hdr)
+    short["b"] = {**hdr["b"], "num_searches": [1]}
+    _bad([msgpack.packb(short), *good[1:]], "num_searches has 1 entries")
+    extra = dict(hdr)
+    extra["b"] = {**hdr["b"], "evil": 1}
+    _bad([msgpack.packb(extra), *good[1:]], "evil")
+    req = P.encode(P.RetrieveRequest(request_id="r", queries=["a"], topk=3))
+    rh = msgpack.unpackb(req[0])
+    _bad([msgpack.packb({**rh, "b": {**rh["b"], "topk": 0}})], "topk")
+    _bad([msgpack.packb({**rh, "b": {**rh["b"], "queries": ["  "]}})], "query 0 is empty")
+    _bad([msgpack.packb({**rh, "b": {**rh["b"], "queries": ["x" * 5000]}})], "cap is 4096")
+    with pytest.raises(P.ProtocolError, match="expected"):
+        P.decode(req, expect=P.TrajectoryGroup)
+
+
+def test_semantic_checks_on_trajectories():
+    g = _group()
+    frames = P.encode(g)
+    hdr = msgpack.unpackb(frames[0])
+    idx = [a[0] for a in hdr["a"]].index("logprobs") + 1
+    lp = g.logprobs.copy()
+    lp[g.loss_mask == 1] = 0.5
+    bad = list(frames)
+    bad[idx] = lp.tobytes()
+    _bad(bad, "logprobs must be finite and <= 0")
+    idx = [a[0] for a in hdr["a"]].index("versions") + 1
+    bad = list(frames)
+    bad[idx] = np.full_like(g.versions, -1).tobytes()
+    _bad(bad, "without a policy version")
+
+
+def test_oldest_version_and_slices():
+    g = _group(3)
+    assert g.oldest_version() == 3
+    sl = g.sample_slices()
+    assert sl[0].start == 0 and sl[-1].stop == int(g.lengths.sum())
+
+
+# ------------------------------------------------------------------ fuzzing: only ProtocolError escapes
+ALL_FRAMES = [P.encode(m) for m in SAMPLES]
+
+
+def _decode_only_protocol_errors(frames):
+    try:
+        P.decode(frames)
+    except P.ProtocolError:
+        pass
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(max_size=256), max_size=6))
+def test_fuzz_random_frames(frames):
+    _decode_only_protocol_errors(frames)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats() | st.text(max_size=20)
+                    | st.binary(max_size=20),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                    max_leaves=20))
+def test_fuzz_random_msgpack_headers(obj):
+    _decode_only_protocol_errors([msgpack.packb(obj, use_bin_type=True)])
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, len(ALL_FRAMES) - 1), st.data())
+def test_fuzz_mutated_messages(which, data):
+    frames = [bytearray(bytes(f)) for f in ALL_FRAMES[which]]
+    op = data.draw(st.sampled_from(["flip", "truncate", "drop", "dup", "header"]))
+    i = data.draw(st.integers(0, len(frames) - 1))
+    if op == "flip" and frames[i]:
+        j = data.draw(st.integers(0, len(frames[i]) - 1))
+        frames[i][j] ^= data.draw(st.integers(1, 255))
+    elif op == "truncate":
+        frames[i] = frames[i][: data.draw(st.integers(0, len(frames[i])))]
+    elif op == "drop" and len(frames) > 1:
+        frames.pop(i)
+    elif op == "dup":
+        frames.insert(i, frames[i])
+    elif op == "header":
+        hdr = msgpack.unpackb(bytes(frames[0]))
+        key = data.draw(st.sampled_from(sorted(hdr["b"]) or ["x"]))
+        hdr["b"][key] = data.draw(st.none() | st.integers(-(1 << 63), (1 << 63) - 1) | st.text(max_size=5) | st.lists(st.integers(), max_size=3)
+                                  | st.floats())
+        frames[0] = bytearray(msgpack.packb(hdr))
+    _decode_only_protocol_errors(frames)
