@@ -73,9 +73,16 @@ def index_build(
 ):
     """Embed a corpus and write a sharded FAISS index with a manifest (resumable)."""
     cfg = _config(config, set_, "index", **{"retriever.encoder": encoder})
-    from retriever.index import build_index
+    from retriever.docstore import CorpusError
+    from retriever.index import IndexFolderError, build_index
 
-    build_index(cfg.retriever, corpus=corpus, out=out, shards=shards, factory=factory, batch_size=batch_size)
+    try:
+        build_index(cfg.retriever, corpus=corpus, out=out, shards=shards, factory=factory, batch_size=batch_size)
+    except (CorpusError, IndexFolderError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: run the same command again to resume the build in {out}", err=True)
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -101,9 +108,14 @@ def learner(
 ):
     """Train with importance-corrected GRPO (FSDP2; launch under torchrun for several ranks)."""
     cfg = _config(config, set_, "learner", **{"learner.model": str(model) if model else None})
+    from common.config import ConfigError
     from learner.main import main
 
-    raise typer.Exit(main(cfg, resume=resume))
+    try:
+        code = main(cfg, resume=resume)
+    except ConfigError as e:
+        _fail(str(e))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -155,7 +167,11 @@ def export(ckpt: Path = typer.Argument(...), out: Path = typer.Argument(...)):
         from learner.checkpoint import export_hf
     except ImportError:
         _fail("`export` is not available yet: the learner issue (#5) has not landed")
-    export_hf(ckpt, out)
+    try:
+        export_hf(ckpt, out)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"exported to {out}")
 
 
 @app.command()

@@ -74,6 +74,7 @@ class RetrieverConfig(Section):
     http_default_topk: int = Field(3, ge=1, le=100)  # Search-R1 clients may omit topk
     http_max_body_bytes: int = Field(16 << 20, ge=1024)
     encoder_threads: int = Field(0, ge=0)  # torch threads in the router; 0 = half the cores (>=1)
+    query_cache_size: int = Field(4096, ge=0)  # LRU of query vectors (GRPO groups repeat queries); 0 = off
     shard_threads: int = Field(0, ge=0)  # faiss OpenMP threads per shard; 0 = cores / shards (>=1)
     search_params: str = ""  # faiss ParameterSpace string applied in shards, e.g. "nprobe=16"
     shard_start_timeout_s: float = Field(300.0, gt=0)
@@ -107,6 +108,16 @@ class ActorConfig(Section):
     retrieval_retries: int = Field(5, ge=0)
     kv_cache_gib: float = Field(1.0, gt=0)
     seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM on GPU
+    recompute_kv_on_update: bool = True  # rebuild in-flight KV under new weights after a load
+    max_groups_in_flight: int = Field(8, ge=1)  # credits (groups) a worker holds at most
+    request_timeout_s: float = Field(30.0, gt=0)  # learner reply deadline
+    heartbeat_s: float = Field(5.0, gt=0)
+    restart_backoff_s: float = Field(2.0, ge=0)  # supervisor: pause before restarting a worker
+    max_restarts: int = Field(20, ge=0)  # per worker slot; then the slot stays down
+    eval_limit: int = Field(0, ge=0)  # eval: first N questions (0 = all)
+    eval_batch: int = Field(64, ge=1)  # eval: questions in flight at once
 
 
 class LearnerConfig(Section):
@@ -115,7 +126,8 @@ class LearnerConfig(Section):
     ingest_endpoint: str = "tcp://127.0.0.1:5600"
     sync_endpoint: str = "tcp://127.0.0.1:5601"
     store_host: str = "127.0.0.1"
-    store_port: int = Field(29600, ge=0, le=65535)
+    store_port: int = Field(29600, ge=0, le=65535)  # weight-sync TCPStore; 0 = pick a free port
+    store_advertise_host: str | None = None  # host actors use to reach the store (default store_host)
     n_samples: int = Field(5, ge=1, le=1024)
     groups_per_step: int = Field(8, ge=1)
     micro_batch_tokens: int = Field(8192, ge=16)
@@ -138,9 +150,18 @@ class LearnerConfig(Section):
     grad_checkpointing: bool = True  # on GPU only
     bucket_mb: float = Field(256.0, gt=0)
     sync_timeout_s: float = Field(30.0, gt=0)
+    sync_chunk_mb: float = Field(8.0, ge=0)  # bucket bytes go as broadcasts of about this size (0 = whole)
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(50, ge=0)
     seed: int = 0
+    minibatches: int = Field(1, ge=1)  # optimizer updates per step (>1: the clip bounds the later ones)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    keep_checkpoints: int = Field(3, ge=1)  # complete checkpoints kept; older ones are deleted
+    peer_timeout_s: float = Field(120.0, gt=0)  # prompts held by a silent actor run are re-queued
+    retry_after_s: float = Field(0.5, ge=0, le=60)  # told to actors when no credit is free
+    batch_wait_s: float = Field(2.0, gt=0)  # rank 0 re-checks (stop, pending syncs) this often
+    sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = model config dtype
+    cpu_threads: int = Field(0, ge=0)  # torch threads per rank on CPU; 0 = torch's default (shared CPUs: 1)
 
 
 class DemoConfig(Section):

@@ -399,6 +399,8 @@ class WeightUpdateHeader(Message):
     TYPE = "weight_update"
     ARRAYS = {"data": ArraySpec(("uint8",))}
     version: int = Field(ge=0)
+    generation: int = Field(default=0, ge=0)  # the SyncPlan generation whose group carries the bytes
+    chunk_bytes: int = Field(default=0, ge=0)  # >0: the group bytes come as broadcasts of this size
     bucket: int = Field(ge=0)
     num_buckets: int = Field(ge=1)
     dtype: str
@@ -420,6 +422,18 @@ class WeightUpdateHeader(Message):
         if self.data is not None and self.data.nbytes != self.nbytes:
             raise ValueError(f"data has {self.data.nbytes} bytes, header says {self.nbytes}")
         return self
+
+
+@register
+class SyncAbort(Message):
+    """The learner abandoned `version` for this member (its group failed or it was too slow).
+    rejoin=True: the learner dropped the member, which must send SyncJoin again to get updates."""
+
+    TYPE = "sync_abort"
+    version: int = Field(ge=0)
+    generation: int = Field(ge=0)
+    reason: str = Field(default="", max_length=MAX_STR)
+    rejoin: bool = False
 
 
 @register

@@ -43,6 +43,10 @@ SAMPLES: list[P.Message] = [
                          tensors=[P.TensorMeta(name="w", dtype="bfloat16", shape=[2, 3], offset=0)],
                          data=np.arange(12, dtype=np.uint8)),
     P.SyncDone(peer_id="a0", run_id="r1", version=1, ok=True, seconds=0.25),
+    P.SyncAbort(version=3, generation=2, reason="member too slow", rejoin=True),
+    P.ShardHello(shard=1, pid=42, count=100, dim=384, device="cpu"),
+    P.ShardSearch(seq=3, topk=5, vectors=np.ones((2, 4), np.float32)),
+    P.ShardResult(seq=3, shard=1, scores=np.ones((2, 5), np.float32), ids=np.arange(10, dtype=np.int64).reshape(2, 5)),
 ]
 
 
@@ -192,7 +196,7 @@ def test_fuzz_mutated_messages(which, data):
     elif op == "header":
         hdr = msgpack.unpackb(bytes(frames[0]))
         key = data.draw(st.sampled_from(sorted(hdr["b"]) or ["x"]))
-        hdr["b"][key] = data.draw(st.none() | st.integers(-(1 << 63), (1 << 63) - 1) | st.text(max_size=5) | st.lists(st.integers(), max_size=3)
+        hdr["b"][key] = data.draw(st.none() | st.integers(-(1 << 63), (1 << 63) - 1) | st.text(max_size=5) | st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=3)
                                   | st.floats())
         frames[0] = bytearray(msgpack.packb(hdr))
     _decode_only_protocol_errors(frames)

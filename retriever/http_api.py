@@ -1,0 +1,167 @@
+"""Search-R1 compatible HTTP API, served next to the ZeroMQ endpoint, through the same batcher.
+
+    POST /retrieve  {"queries": [str, ...], "topk": k, "return_scores": bool}
+      -> 200 {"result": [[{"document": {"id": str, "contents": str}, "score": float}, ...], ...]}
+         (return_scores false: the inner items are the documents alone)
+      -> 400 / 404 / 405 / 413 / 503 / 504 {"error": {"code": ..., "message": ...}}
+    GET /health     the service health (same JSON as the metrics port's /health)
+
+`topk` may be omitted or null (then `retriever.http_default_topk`, as Search-R1 falls back to
+its configured top-k); 0, negatives, or values above the cap are refused with 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pydantic import ValidationError
+
+from common.protocol import RetrieveRequest
+from common.transport import check_host_bind
+from retriever.docstore import DocStore
+from retriever.router import Router, ServiceError
+
+log = logging.getLogger("scout.retriever.http")
+
+STATUS = {"bad_request": 400, "unauthorised": 401, "unavailable": 503, "timeout": 504, "internal": 500, "stale": 409}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, counted: bool = False):
+        super().__init__(message)
+        self.status, self.code, self.counted = status, code, counted
+
+
+def parse_body(raw: bytes, default_topk: int, cap: int) -> tuple[list[str], int, bool]:
+    """Validate a /retrieve body -> (queries, topk, return_scores); raises HttpError(400)."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HttpError(400, "bad_request", f"body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "body must be a JSON object with 'queries'")
+    unknown = set(body) - {"queries", "topk", "return_scores"}
+    if unknown:
+        raise HttpError(400, "bad_request", f"unknown field(s) {sorted(unknown)}")
+    queries = body.get("queries")
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise HttpError(400, "bad_request", "'queries' must be a list of strings")
+    topk = body.get("topk")
+    if topk is None:
+        topk = default_topk
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise HttpError(400, "bad_request", f"'topk' must be an integer, got {type(topk).__name__}")
+    if not 1 <= topk <= cap:
+        raise HttpError(400, "bad_request", f"'topk' must be between 1 and {cap}, got {topk}")
+    scores = body.get("return_scores", False)
+    if not isinstance(scores, bool):
+        raise HttpError(400, "bad_request", "'return_scores' must be true or false")
+    try:  # the same limits as the ZeroMQ path (non-empty, length caps, count caps)
+        RetrieveRequest(request_id="http", queries=queries, topk=topk)
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in e.errors()[:3])
+        raise HttpError(400, "bad_request", msg) from None
+    return queries, topk, scores
+
+
+def render_result(docs: DocStore, scores, rows, return_scores: bool) -> list[list[dict]]:
+    out = []
+    for qi in range(rows.shape[0]):
+        valid = rows[qi][rows[qi] >= 0]
+        ids, contents = docs.ids(valid), docs.contents(valid)
+        items = []
+        for j, (i, c) in enumerate(zip(ids, contents)):
+            doc = {"id": i, "contents": c}
+            items.append({"document": doc, "score": float(scores[qi, j])} if return_scores else doc)
+        out.append(items)
+    return out
+
+
+class SearchR1Server:
+    def __init__(self, cfg, router: Router, docs: DocStore):
+        rc = cfg.retriever
+        check_host_bind(rc.http_host, cfg.transport, "retriever.http_host")
+        self.rc, self.router, self.docs = rc, router, docs
+        self.server = ThreadingHTTPServer((rc.http_host, rc.http_port), self._handler())
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        self.thread = threading.Thread(target=self.server.serve_forever, name="retriever-http", daemon=True)
+        self.thread.start()
+        log.info("Search-R1 HTTP API on http://%s:%d/retrieve", self.rc.http_host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def retrieve(self, raw: bytes) -> dict:
+        queries, topk, return_scores = parse_body(raw, self.rc.http_default_topk, self.rc.topk_cap)
+        fut = self.router.submit(queries, topk, source="http")
+        try:
+            scores, rows = fut.result(timeout=self.rc.request_timeout_s)
+        except ServiceError as e:
+            raise HttpError(STATUS.get(e.code, 500), e.code, str(e), counted=True) from None
+        except TimeoutError:
+            fut.cancel()
+            raise HttpError(504, "timeout", f"no answer within {self.rc.request_timeout_s:.0f} s") from None
+        return {"result": render_result(self.docs, scores, rows, return_scores)}
+
+    def _handler(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _send(self, status: int, obj) -> None:
+                body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, e: HttpError) -> None:
+                self.close_connection = True  # the body may be unread: do not reuse the connection
+                self._send(e.status, {"error": {"code": e.code, "message": str(e)}})
+
+            def do_POST(self):  # noqa: N802 (http.server API)
+                try:
+                    if self.path.split("?", 1)[0] != "/retrieve":
+                        raise HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve")
+                    raw = self._body()
+                    self._send(200, api.retrieve(raw))
+                except HttpError as e:
+                    if not e.counted:  # refused before reaching the batcher
+                        api.router.m_requests.labels(source="http", outcome="bad_request").inc()
+                    self._error(e)
+                except Exception as e:  # never leave a caller without an answer
+                    log.exception("HTTP /retrieve failed")
+                    self._error(HttpError(500, "internal", f"{type(e).__name__}: {e}"))
+
+            def _body(self) -> bytes:
+                length = self.headers.get("Content-Length")
+                if length is None or not length.isdigit():
+                    raise HttpError(411, "bad_request", "a Content-Length header is required")
+                if int(length) > api.rc.http_max_body_bytes:
+                    raise HttpError(413, "bad_request", f"body of {length} bytes, cap is {api.rc.http_max_body_bytes}")
+                return self.rfile.read(int(length))
+
+            def do_GET(self):  # noqa: N802
+                if self.path.split("?", 1)[0] == "/health":
+                    h = api.router.health()
+                    self._send(200 if h["status"] == "ok" else 503, h)
+                elif self.path.split("?", 1)[0] == "/retrieve":
+                    self._error(HttpError(405, "bad_request", "use POST /retrieve with a JSON body"))
+                else:
+                    self._error(HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve"))
+
+            def log_message(self, *args):
+                pass
+
+        return Handler

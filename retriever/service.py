@@ -1,0 +1,132 @@
+"""`python cli.py retriever --index DIR`: the retrieval service, one process tree.
+
+    main(cfg)
+      ├─ metrics + /health on metrics.retriever_port          (status "starting" until ready)
+      ├─ router back ROUTER on ipc://<private tmp dir>/shards
+      ├─ shard processes, one per shard (python -m retriever.shard), faiss-gpu with --gpus
+      ├─ query encoder (loads while the shards load)
+      ├─ wait for every ShardHello, then bind retriever.endpoint (ZeroMQ ROUTER)
+      ├─ Search-R1 HTTP API on retriever.http_host:http_port (0 = off)
+      └─ router loop until SIGTERM / SIGINT, then: stop HTTP, answer what is pending
+         "unavailable", SIGTERM the shards (SIGKILL after 10 s), remove the ipc folder.
+
+Exit codes: 0 clean shutdown, 1 shards failed to start, 2 bad configuration or index.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from common.config import ConfigError, parse_devices
+from common.metrics import Metrics
+from common.transport import check_bind_address, check_host_bind
+from retriever.docstore import DocStore
+from retriever.index import IndexFolderError, encoder_for, load_manifest, verify_checksums
+from retriever.router import Router
+from retriever.shards import ShardSet
+
+log = logging.getLogger("scout.retriever.service")
+
+
+def _gpus(spec: str | None) -> list[str]:
+    gpus = parse_devices(spec)
+    if not gpus:
+        return []
+    try:
+        import faiss
+
+        ok = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:
+        ok = False
+    if not ok:
+        log.warning("--gpus %s given but faiss-gpu or a GPU is not available: shards use faiss-cpu", spec)
+        return []
+    return gpus
+
+
+def _open_index(rc) -> tuple[dict, DocStore]:
+    if not rc.index_dir:
+        raise ConfigError("retriever.index_dir (--index) is required")
+    t0 = time.time()
+    manifest = load_manifest(rc.index_dir)
+    if rc.verify_checksums:
+        verify_checksums(rc.index_dir, manifest)
+        log.info("index checksums verified in %.1f s", time.time() - t0)
+    docs = DocStore(Path(rc.index_dir) / "docs")
+    if len(docs) != manifest["count"]:
+        raise IndexFolderError(f"document store holds {len(docs)} passages, manifest says {manifest['count']}")
+    log.info("index %s: %d passages, %d shards, factory %s, encoder %s", rc.index_dir, manifest["count"],
+             len(manifest["shards"]), manifest["factory"], manifest["encoder"]["path"])
+    return manifest, docs
+
+
+def main(cfg) -> int:
+    rc = cfg.retriever
+    try:
+        check_bind_address(rc.endpoint, cfg.transport)
+        if rc.http_port:
+            check_host_bind(rc.http_host, cfg.transport, "retriever.http_host")
+        if cfg.metrics.retriever_port:
+            check_host_bind(cfg.metrics.host, cfg.transport, "metrics.host")
+        gpus = _gpus(rc.gpus)
+        manifest, docs = _open_index(rc)
+    except (ConfigError, IndexFolderError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    metrics = Metrics(role="retriever")
+    ipc_dir = Path(tempfile.mkdtemp(prefix="scout-retriever-"))
+    router = Router(cfg, manifest, docs, metrics, ctx=zmq.Context.instance())
+    shards = ShardSet(rc, rc.index_dir, manifest, router.bind_back(f"ipc://{ipc_dir}/shards"), gpus,
+                      log_level=cfg.log_level, metrics=metrics)
+    router.shards = shards
+    http = None
+
+    def _stop(signum, _frame):
+        log.info("signal %d: shutting down", signum)
+        router.stop.set()
+        router.wake()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        if cfg.metrics.retriever_port:
+            port = metrics.serve(cfg.metrics.host, cfg.metrics.retriever_port, health=router.health)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, port)
+        shards.start_all()
+        device = f"cuda:{gpus[0]}" if gpus else "cpu"
+        router.encoder = encoder_for(manifest, rc.encoder, threads=rc.encoder_threads, device=device)
+        router.start_encoder()
+        if not router.wait_ready(rc.shard_start_timeout_s):
+            return 0 if router.stop.is_set() else 1
+        router.bind_front(cfg.transport)
+        if rc.http_port:
+            from retriever.http_api import SearchR1Server
+
+            http = SearchR1Server(cfg, router, docs)
+            http.start()
+        log.info("retriever ready: %d shards up, ZeroMQ %s", len(shards.shards), rc.endpoint)
+        router.run()
+        return 0
+    except (ConfigError, IndexFolderError) as e:
+        log.error("%s", e)
+        return 2
+    except Exception:
+        log.exception("retriever failed")
+        return 1
+    finally:
+        if http is not None:
+            http.close()
+        router.stop.set()
+        router._drain_on_stop()
+        shards.stop_all()
+        router.close()
+        metrics.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+        log.info("retriever stopped")

@@ -1,0 +1,181 @@
+"""Supervision of the shard processes: start, watch (by PID), restart with backoff, stop.
+
+The router calls `poll()` from its loop; a shard whose process has exited is reported once
+(metrics, log, callers of the batches it held get ErrorReply "unavailable") and restarted after
+`retriever.shard_restart_s` (doubling on repeated deaths, at most 60 s; 0 = never restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.protocol import ShardHello
+
+log = logging.getLogger("scout.retriever.shards")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class ShardProc:
+    idx: int
+    entry: dict
+    gpu: str | None
+    proc: subprocess.Popen | None = None
+    ready: bool = False
+    deaths: int = 0
+    restart_at: float | None = None
+    backoff: float = 0.0
+    started_at: float = 0.0
+    last_exit: int | None = None
+    device: str = "cpu"
+    history: list = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def up(self) -> bool:
+        return self.ready and self.alive
+
+
+class ShardSet:
+    def __init__(self, rcfg, index_dir: str, manifest: dict, endpoint: str, gpus: list[str],
+                 log_level: str = "INFO", metrics=None):
+        self.rcfg, self.index_dir, self.endpoint = rcfg, index_dir, endpoint
+        self.log_level = log_level
+        n = len(manifest["shards"])
+        self.threads = rcfg.shard_threads or max(1, (os.cpu_count() or 1) // n)
+        self.shards = [ShardProc(i, e, gpus[i % len(gpus)] if gpus else None) for i, e in enumerate(manifest["shards"])]
+        self.m_up = metrics.gauge("scout_retriever_shard_up", "1 while the shard process is alive and ready",
+                                  ("shard",)) if metrics else None
+        self.m_deaths = metrics.counter("scout_retriever_shard_deaths_total",
+                                        "shard processes that exited unexpectedly", ("shard",)) if metrics else None
+        self.stopping = False
+        for s in self.shards:
+            self._gauge(s)
+
+    def _gauge(self, s: ShardProc) -> None:
+        if self.m_up is not None:
+            self.m_up.labels(shard=str(s.idx)).set(1 if s.up else 0)
+
+    def _spawn(self, s: ShardProc) -> None:
+        args = [sys.executable, "-m", "retriever.shard", "--index", str(self.index_dir), "--shard", str(s.idx),
+                "--endpoint", self.endpoint, "--threads", str(self.threads), "--params", self.rcfg.search_params,
+                "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
+        if s.gpu is not None:
+            args += ["--gpu", s.gpu]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        s.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env)
+        s.ready, s.restart_at, s.started_at = False, None, time.monotonic()
+        log.info("shard %d started (pid %d, rows %d..%d%s)", s.idx, s.proc.pid, s.entry["start"], s.entry["end"],
+                 f", gpu {s.gpu}" if s.gpu is not None else "")
+
+    def start_all(self) -> None:
+        for s in self.shards:
+            self._spawn(s)
+
+    def on_hello(self, hello: ShardHello) -> None:
+        if not 0 <= hello.shard < len(self.shards):
+            log.warning("hello from unknown shard %d ignored", hello.shard)
+            return
+        s = self.shards[hello.shard]
+        if s.pid != hello.pid:
+            log.warning("hello from shard %d pid %d, expected pid %s: ignored", hello.shard, hello.pid, s.pid)
+            return
+        if hello.count != s.entry["count"]:
+            log.error("shard %d reports %d vectors, manifest says %d", hello.shard, hello.count, s.entry["count"])
+            return
+        s.ready, s.device = True, hello.device
+        log.info("shard %d ready (pid %d, %d vectors, %s) after %.1f s", s.idx, hello.pid, hello.count, hello.device,
+                 time.monotonic() - s.started_at)
+        self._gauge(s)
+
+    def poll(self, now: float) -> list[int]:
+        """Detect exited shards (returns the newly dead ones) and restart those that are due."""
+        dead = []
+        for s in self.shards:
+            if s.proc is not None and s.restart_at is None and s.proc.poll() is not None:
+                s.last_exit, s.ready = s.proc.returncode, False
+                s.deaths += 1
+                s.history.append(time.time())
+                if self.m_deaths is not None:
+                    self.m_deaths.labels(shard=str(s.idx)).inc()
+                self._gauge(s)
+                dead.append(s.idx)
+                if self.rcfg.shard_restart_s > 0 and not self.stopping:
+                    recent = now - s.started_at < MAX_BACKOFF_S
+                    base = self.rcfg.shard_restart_s
+                    s.backoff = min(MAX_BACKOFF_S, s.backoff * 2 if (recent and s.backoff) else base)
+                    s.restart_at = now + s.backoff
+                    log.error("shard %d (pid %d) exited with code %s; restarting in %.1f s", s.idx, s.proc.pid,
+                              s.last_exit, s.backoff)
+                else:
+                    s.restart_at = float("inf")
+                    log.error("shard %d (pid %d) exited with code %s; not restarting (retriever.shard_restart_s = 0)",
+                              s.idx, s.proc.pid, s.last_exit)
+            elif s.restart_at is not None and now >= s.restart_at and not self.stopping:
+                self._spawn(s)
+        return dead
+
+    def all_up(self) -> bool:
+        return all(s.up for s in self.shards)
+
+    def down(self) -> list[int]:
+        return [s.idx for s in self.shards if not s.up]
+
+    def describe_down(self) -> str:
+        parts = []
+        now = time.monotonic()
+        for s in self.shards:
+            if s.up:
+                continue
+            if s.restart_at is None:
+                parts.append(f"shard {s.idx} is starting")
+            elif s.restart_at == float("inf"):
+                parts.append(f"shard {s.idx} is down (exit code {s.last_exit})")
+            else:
+                wait = max(0.0, s.restart_at - now)
+                parts.append(f"shard {s.idx} is down (exit code {s.last_exit}, restart in {wait:.1f} s)")
+        return f"{'; '.join(parts)}; {len(self.shards) - len(parts)} of {len(self.shards)} shards up"
+
+    def health(self) -> list[dict]:
+        return [{"shard": s.idx, "pid": s.pid, "up": s.up, "alive": s.alive, "ready": s.ready, "deaths": s.deaths,
+                 "count": s.entry["count"], "rows": [s.entry["start"], s.entry["end"]], "device": s.device,
+                 "last_exit": s.last_exit} for s in self.shards]
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        for s in self.shards:
+            if s.alive:
+                try:
+                    s.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for s in self.shards:
+            if s.proc is None:
+                continue
+            try:
+                s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("shard %d (pid %d) did not stop in %.0f s: killing it", s.idx, s.proc.pid, timeout)
+                s.proc.kill()
+                s.proc.wait(timeout=5)
+            s.ready = False
+            self._gauge(s)

@@ -1,0 +1,86 @@
+"""Retriever clients without a service: the formatting helper, Search-R1 answer parsing, and the
+clear failure (RetrievalError, never an empty list) when nothing answers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+
+import pytest
+
+from common.config import load_config
+from common.protocol import Passage
+from retriever.client import (HttpRetrievalClient, RetrievalError, RetrieverClient, SyncRetriever, _Fail,
+                              format_passages, make_client, parse_search_r1)
+
+
+def test_format_passages_search_r1_style():
+    ps = [Passage(id="1", title="Zorland", text="The capital is Mirabel.", score=0.9),
+          Passage(id="2", title="Mirabel", text="A city.", score=0.5)]
+    assert format_passages(ps) == "Doc 1(Title: Zorland) The capital is Mirabel.\nDoc 2(Title: Mirabel) A city.\n"
+    assert format_passages([]) == ""
+
+
+def test_parse_search_r1_both_modes():
+    doc = {"id": "7", "contents": '"Zorland"\nThe capital is Mirabel.'}
+    with_scores = parse_search_r1({"result": [[{"document": doc, "score": 0.25}], []]}, 2)
+    assert with_scores[0][0] == Passage(id="7", title="Zorland", text="The capital is Mirabel.", score=0.25)
+    assert with_scores[1] == []
+    plain = parse_search_r1({"result": [[doc]]}, 1)
+    assert plain[0][0].title == "Zorland" and math.isnan(plain[0][0].score)
+    for bad in ({"result": [[doc]]}, {"nope": []}, {"result": [["x"]]}, [1, 2]):
+        with pytest.raises(_Fail):
+            parse_search_r1(bad, 2 if bad == {"result": [[doc]]} else 1)
+
+
+def test_zmq_client_raises_when_service_is_down(ipc_path):
+    async def go():
+        client = RetrieverClient(ipc_path(), timeout_s=0.2, retries=2, backoff_s=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(RetrievalError) as err:
+            await client.search(["where is zorland"], topk=3)
+        await client.close()
+        return err.value, time.monotonic() - t0
+
+    err, _ = asyncio.run(go())
+    assert err.code == "timeout" and err.attempts == 3 and "after 3 attempt(s)" in str(err)
+
+
+def test_client_refuses_bad_input_without_retrying(ipc_path):
+    async def go():
+        client = RetrieverClient(ipc_path(), timeout_s=5, retries=5)
+        for queries, topk in ((["  "], 3), (["ok"], 0), (["ok"], 101), (["x" * 5000], 3)):
+            with pytest.raises(RetrievalError) as err:
+                await client.search(queries, topk)
+            assert err.value.code == "bad_request" and err.value.attempts == 0
+        assert await client.search([], 3) == []
+        await client.close()
+
+    asyncio.run(go())
+
+
+def test_http_client_raises_when_server_is_down():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    client = SyncRetriever(HttpRetrievalClient(f"http://127.0.0.1:{port}", timeout_s=0.5, retries=1, backoff_s=0.01))
+    try:
+        assert client.client.url.endswith("/retrieve")
+        with pytest.raises(RetrievalError) as err:
+            client.search(["where is zorland"], topk=3)
+        assert err.value.code == "unavailable" and err.value.attempts == 2
+    finally:
+        client.close()
+    with pytest.raises(ValueError):
+        HttpRetrievalClient("ftp://somewhere")
+
+
+def test_make_client_follows_actor_config():
+    cfg = load_config(None, ["actor.retriever_url='http://127.0.0.1:8000/retrieve'", "actor.retrieval_retries=2"])
+    c = make_client(cfg)
+    assert isinstance(c, HttpRetrievalClient) and c.retries == 2
+    cfg = load_config(None, ["actor.retriever_endpoint='ipc:///tmp/x'", "actor.retrieval_timeout_s=3.5"])
+    c = make_client(cfg)
+    assert isinstance(c, RetrieverClient) and c.endpoint == "ipc:///tmp/x" and c.timeout_s == 3.5
