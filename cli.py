@@ -126,7 +126,7 @@ def demo(
 ):
     """Embedded default: build the toy world and run the whole system on this machine."""
     cfg = _config(config, set_, "demo", **{"demo.no_search": no_search or None, "demo.steps": steps})
-    from common.smoke import main
+    from common.demo import main
 
     raise typer.Exit(main(cfg))
 

@@ -1,0 +1,465 @@
+"""Learner rank 0's side of the actor exchange: prompts out, whole groups in.
+
+    QA file ─▶ Dispatcher (seeded permutation + cursor, re-queue of lost prompts)
+                  │ take()                                         ▲ requeue (dead / restarted run,
+                  ▼                                                │          stale or refused group)
+    actor DEALER ─── Hello / WorkRequest / TrajectoryGroup / Heartbeat ──▶ ROUTER (thread)
+                 ◀── HelloAck / WorkAssignment / GroupAck / Heartbeat / ErrorReply
+                                                   │ accepted whole groups
+                                                   ▼
+                          bounded buffer ──take_groups(k)──▶ trainer ──release(version)──┘
+
+Credits: a prompt handed out is a credit for one group. Assigned + buffered + in training
+never exceeds (max_staleness + 1) · groups_per_step (and the buffer size), so actors cannot
+run more than `max_staleness` versions ahead. Groups in training keep their credits until the
+trainer calls `release` after the step (and the weight sync that follows it), which is what
+makes max_staleness = 0 truly synchronous. A group whose oldest generated token is older than
+version − max_staleness is dropped and counted, on arrival and again when taken.
+
+The socket lives in its own thread; the trainer only touches the lock-protected buffer.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from common.config import ConfigError, ScoutConfig
+from common.metrics import Metrics
+from common.protocol import (MAX_STR, ErrorReply, error_frames, GroupAck, Heartbeat, Hello, HelloAck, Message, Prompt,
+                             ProtocolError, TrajectoryGroup, WorkAssignment, WorkRequest, decode, encode)
+from common.transport import bind, bound_endpoint
+
+log = logging.getLogger("scout.learner.ingest")
+
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+
+
+# --------------------------------------------------------------------------- data
+def _as_answers(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [v[:MAX_STR] for v in value[:256]]  # the wire caps a prompt at 256 answers
+    raise ConfigError(f"{where}: golden_answers must be a string or a list of strings")
+
+
+def load_qa(path: str | Path) -> list[dict]:
+    """Rows of `question`, `golden_answers` (str or list) and optional `data_source`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"learner.data: {p} does not exist")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p).to_pylist()
+    else:
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"learner.data: {p} line {i}: {e}") from None
+    out = []
+    for i, row in enumerate(rows):
+        where = f"learner.data: {p} row {i}"
+        q = row.get("question") if isinstance(row, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise ConfigError(f"{where}: needs a non-empty `question`")
+        out.append({"question": q[:MAX_STR], "golden_answers": _as_answers(row.get("golden_answers", []), where),
+                    "data_source": str(row.get("data_source") or "")[:256]})
+    if not out:
+        raise ConfigError(f"learner.data: {p} holds no rows")
+    return out
+
+
+class Dispatcher:
+    """Prompt order: a seeded permutation per epoch and a cursor, plus prompts to hand out again.
+
+    Each run (peer_id, run_id) holds a multiset of prompt ids until their groups come back.
+    `state_dict` stores the cursor and every prompt not yet trained on (re-queued, in flight,
+    buffered): after a restart those are handed out first, nothing else repeats or is skipped.
+    """
+
+    def __init__(self, rows: list[dict], seed: int = 0):
+        self.rows, self.seed = rows, seed
+        self.epoch, self.cursor = 0, 0
+        self.requeue: collections.deque[int] = collections.deque()
+        self.held: dict[tuple[str, str], collections.Counter] = {}
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+
+    def prompt(self, pid: int) -> Prompt:
+        r = self.rows[pid]
+        return Prompt(prompt_id=pid, question=r["question"], golden_answers=r["golden_answers"],
+                      data_source=r["data_source"])
+
+    def _next_id(self) -> int:
+        if self.requeue:
+            return self.requeue.popleft()
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        pid = int(self._order[self.cursor])
+        self.cursor += 1
+        return pid
+
+    def take(self, run: tuple[str, str], k: int) -> list[int]:
+        ids = [self._next_id() for _ in range(k)]
+        self.held.setdefault(run, collections.Counter()).update(ids)
+        return ids
+
+    def returned(self, run: tuple[str, str], pid: int) -> bool:
+        """A group for `pid` came back from `run`. True when it settles a credit this run held."""
+        held = self.held.get(run)
+        if held and held[pid] > 0:
+            held[pid] -= 1
+            if held[pid] == 0:
+                del held[pid]
+            return True
+        if pid in self.requeue:  # handed back after a restart, but its group arrived after all
+            self.requeue.remove(pid)
+        return False
+
+    def give_back(self, pids: list[int]) -> None:
+        self.requeue.extend(pids)
+
+    def release_run(self, run: tuple[str, str]) -> int:
+        """A run died or restarted: everything it held goes back to the front of the queue."""
+        held = self.held.pop(run, None)
+        if not held:
+            return 0
+        ids = list(held.elements())
+        self.requeue.extendleft(reversed(ids))
+        return len(ids)
+
+    def in_flight(self) -> int:
+        return sum(sum(c.values()) for c in self.held.values())
+
+    def state_dict(self, pending: list[int] = ()) -> dict:
+        held = [pid for c in self.held.values() for pid in c.elements()]
+        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor, "rows": len(self.rows),
+                "pending": [*list(pending), *held, *self.requeue]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rows") != len(self.rows) or state.get("seed") != self.seed:
+            log.warning("dispatcher state is for %s rows / seed %s; data has %d rows / seed %d: starting the order afresh",
+                        state.get("rows"), state.get("seed"), len(self.rows), self.seed)
+            return
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+        self.held = {}
+        self.requeue = collections.deque(int(p) for p in state["pending"] if 0 <= int(p) < len(self.rows))
+
+
+# --------------------------------------------------------------------------- server
+class _Peer:
+    __slots__ = ("run_id", "last_seen", "version", "info")
+
+    def __init__(self, run_id: str, version: int, info: str):
+        self.run_id, self.last_seen, self.version, self.info = run_id, time.monotonic(), version, info
+
+
+class IngestServer:
+    """ROUTER on `learner.ingest_endpoint` in a daemon thread, plus the bounded group buffer."""
+
+    def __init__(self, cfg: ScoutConfig, dispatcher: Dispatcher, vocab_size: int, version: int = 0,
+                 metrics: Metrics | None = None, ctx: zmq.Context | None = None, sync_endpoint: str | None = None):
+        self.cfg, self.lc = cfg, cfg.learner
+        self.dispatcher, self.vocab_size, self.version = dispatcher, vocab_size, version
+        self.run_id = uuid.uuid4().hex
+        self.cap = min((self.lc.max_staleness + 1) * self.lc.groups_per_step, self.lc.buffer_groups)
+        if self.lc.buffer_groups < self.lc.groups_per_step:
+            raise ConfigError("learner.buffer_groups must be >= learner.groups_per_step")
+        self.buffer: collections.deque[TrajectoryGroup] = collections.deque()
+        self.in_training: list[int] = []  # prompt ids of groups handed to the trainer, not yet released
+        self.peers: dict[str, _Peer] = {}
+        self.seen_groups: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._ctx = ctx or zmq.Context.instance()
+        self._thread: threading.Thread | None = None
+        self.endpoint = self.lc.ingest_endpoint
+        self.sync_endpoint = sync_endpoint or self.lc.sync_endpoint  # told to actors in HelloAck
+        self._metrics(metrics or Metrics("learner"))
+
+    def _metrics(self, m: Metrics) -> None:
+        self.m_groups = m.counter("scout_learner_groups_received_total", "groups received, by result", ("result",))
+        self.m_dropped = m.counter("scout_learner_groups_dropped_stale_total", "groups dropped for staleness")
+        self.m_bad = m.counter("scout_learner_bad_messages_total", "malformed or unexpected messages")
+        self.m_assigned = m.counter("scout_learner_prompts_assigned_total", "prompts handed to actors")
+        self.m_requeued = m.counter("scout_learner_prompts_requeued_total", "prompts handed back for another try")
+        self.m_buffer = m.gauge("scout_learner_buffer_groups", "groups waiting in the buffer")
+        self.m_inflight = m.gauge("scout_learner_inflight_prompts", "prompts assigned and not yet returned")
+        self.m_peers = m.gauge("scout_learner_actor_peers", "actor runs heard from within peer_timeout_s")
+        self.m_staleness = m.histogram("scout_learner_group_staleness", "learner version minus the group's oldest "
+                                       "token version, at training time", buckets=STALENESS_BUCKETS)
+        self.counts = collections.Counter()  # plain numbers for metrics.jsonl
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> "IngestServer":
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                sock = bind(self._ctx, zmq.ROUTER, self.lc.ingest_endpoint, self.cfg.transport)
+            except BaseException as e:  # reported to start()
+                errors.append(e)
+                ready.set()
+                return
+            self.endpoint = bound_endpoint(sock)
+            ready.set()
+            try:
+                self._serve(sock)
+            finally:
+                sock.close(0)
+
+        self._thread = threading.Thread(target=run, name="learner-ingest", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if errors:
+            raise errors[0]
+        log.info("ingest listening on %s (credits %d, learner run %s)", self.endpoint, self.cap, self.run_id)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _serve(self, sock: zmq.Socket) -> None:
+        last_sweep = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if sock.poll(100):
+                    self._reply(sock, sock.recv_multipart(copy=False))
+                if time.monotonic() - last_sweep > 1.0:
+                    last_sweep = time.monotonic()
+                    self._sweep_dead_peers()
+            except zmq.Again:
+                continue
+            except Exception:  # the ingest thread must outlive any single bad moment
+                log.exception("ingest loop error (still serving)")
+                time.sleep(0.1)
+
+    def _reply(self, sock: zmq.Socket, frames: list) -> None:
+        env, reply = self._handle(frames)
+        if env is None:
+            return
+        try:
+            out = encode(reply)
+        except ProtocolError as e:  # e.g. an assignment too large for one header
+            log.error("cannot encode %s: %s", reply.TYPE, e)
+            out = error_frames("internal", f"reply could not be encoded: {e}")
+        try:
+            sock.send_multipart([*env, *out], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("reply %s dropped: %s", reply.TYPE, e)
+
+    # ----------------------------------------------------------------- messages
+    def _handle(self, frames: list) -> tuple[list | None, Message | None]:
+        """One request → (envelope, reply). Never raises: bad input gets an ErrorReply."""
+        if not frames:
+            return None, None
+        env, body = frames[:1], frames[1:]
+        try:
+            msg = decode(body)
+        except ProtocolError as e:
+            self.m_bad.inc()
+            return env, ErrorReply(code="bad_request", message=str(e))
+        try:
+            with self._cond:
+                if isinstance(msg, Hello):
+                    return env, self._on_hello(msg)
+                if isinstance(msg, WorkRequest):
+                    return env, self._on_work(msg)
+                if isinstance(msg, TrajectoryGroup):
+                    return env, self._on_group(msg)
+                if isinstance(msg, Heartbeat):
+                    self._touch(msg.peer_id, msg.run_id, msg.version)
+                    return env, Heartbeat(peer_id="learner", run_id=self.run_id, seq=msg.seq,
+                                          version=self.version, time=time.time())
+        except _Refuse as e:
+            self.m_bad.inc()
+            return env, ErrorReply(code="bad_request", message=str(e))
+        except Exception as e:  # a bug in one request must not take the learner down
+            log.exception("ingest failed on %s", msg.TYPE)
+            return env, ErrorReply(code="internal", message=f"{type(e).__name__}: {e}")
+        self.m_bad.inc()
+        return env, ErrorReply(code="bad_request", message=f"the learner's ingest endpoint does not take {msg.TYPE!r}")
+
+    def _touch(self, peer_id: str, run_id: str, version: int | None, info: str = "") -> _Peer:
+        """Record that (peer, run) is alive; a new run_id for a known peer releases the old run's prompts."""
+        peer = self.peers.get(peer_id)
+        if peer is not None and peer.run_id != run_id:
+            n = self.dispatcher.release_run((peer_id, peer.run_id))
+            self.m_requeued.inc(n)
+            log.info("actor %s restarted (run %s -> %s): %d prompts re-queued", peer_id, peer.run_id, run_id, n)
+            peer = None
+        if peer is None:
+            peer = self.peers[peer_id] = _Peer(run_id, -1 if version is None else version, info)
+        peer.last_seen = time.monotonic()
+        if version is not None:
+            peer.version = version
+        return peer
+
+    def _on_hello(self, msg: Hello) -> HelloAck:
+        if msg.role != "actor":
+            raise _Refuse(f"only actors talk to the ingest endpoint, not {msg.role!r}")
+        self._touch(msg.peer_id, msg.run_id, msg.version, f"{msg.host}:{msg.pid} worker {msg.worker} gpu {msg.gpu}")
+        log.info("actor %s run %s said hello (version %d)", msg.peer_id, msg.run_id, msg.version)
+        return HelloAck(learner_run_id=self.run_id, version=self.version, n_samples=self.lc.n_samples,
+                        max_staleness=self.lc.max_staleness, sync_endpoint=self.sync_endpoint)
+
+    def min_version(self) -> int:
+        return max(0, self.version - self.lc.max_staleness)
+
+    def outstanding(self) -> int:
+        return self.dispatcher.in_flight() + len(self.buffer) + len(self.in_training)
+
+    def _on_work(self, msg: WorkRequest) -> WorkAssignment:
+        self._touch(msg.peer_id, msg.run_id, msg.version)
+        free = self.cap - self.outstanding()
+        behind = 0 <= msg.version < self.min_version()  # its groups would be dropped: wait for a sync
+        k = 0 if behind else max(0, min(msg.max_prompts, free))
+        ids = self.dispatcher.take((msg.peer_id, msg.run_id), k) if k else []
+        self.m_assigned.inc(len(ids))
+        self.m_inflight.set(self.dispatcher.in_flight())
+        return WorkAssignment(prompts=[self.dispatcher.prompt(i) for i in ids], version=self.version,
+                              min_version=self.min_version(), n_samples=self.lc.n_samples,
+                              retry_after_s=0.0 if ids else self.lc.retry_after_s)
+
+    def _check_group(self, g: TrajectoryGroup) -> str:
+        """Why this group cannot be trained on ('' if it can)."""
+        if g.n != self.lc.n_samples:
+            return f"group has {g.n} samples, the learner trains on groups of {self.lc.n_samples}"
+        if g.prompt_id >= len(self.dispatcher.rows):
+            return f"prompt_id {g.prompt_id} is not in the learner's data ({len(self.dispatcher.rows)} rows)"
+        if g.tokens.size and int(g.tokens.max()) >= self.vocab_size:
+            return f"token id {int(g.tokens.max())} outside the model's vocabulary of {self.vocab_size}"
+        if int(g.lengths.max()) > self.lc.micro_batch_tokens:
+            return f"a sample has {int(g.lengths.max())} tokens, more than learner.micro_batch_tokens"
+        if not g.loss_mask.any():
+            return "no generated tokens in the group"
+        return ""
+
+    def _on_group(self, g: TrajectoryGroup) -> GroupAck:
+        self._touch(g.peer_id, g.run_id, None)
+        if g.group_id in self.seen_groups:  # a retry of a group already accepted
+            self.m_groups.labels(result="duplicate").inc()
+            return GroupAck(group_id=g.group_id, accepted=True, reason="duplicate", version=self.version)
+        problem = self._check_group(g)
+        known = g.prompt_id < len(self.dispatcher.rows)
+        held = self.dispatcher.returned((g.peer_id, g.run_id), g.prompt_id) if known else False
+        result, reason = "accepted", problem
+        if problem:
+            result = "rejected"
+        elif g.oldest_version() < self.min_version():
+            result, reason = "stale", (f"oldest token version {g.oldest_version()} is older than "
+                                       f"{self.min_version()} (version {self.version}, max_staleness {self.lc.max_staleness})")
+            self.m_dropped.inc()
+        elif len(self.buffer) >= self.lc.buffer_groups:
+            result, reason = "rejected", "buffer full"
+        if result != "accepted" and held:
+            self.dispatcher.give_back([g.prompt_id])
+            self.m_requeued.inc()
+        self.counts[result] += 1
+        self.m_groups.labels(result=result).inc()
+        if result == "accepted":
+            self.buffer.append(g)
+            self.seen_groups[g.group_id] = None
+            while len(self.seen_groups) > 65536:
+                self.seen_groups.popitem(last=False)
+            self.m_buffer.set(len(self.buffer))
+            self._cond.notify_all()
+        elif result == "rejected":
+            log.warning("group %s from %s rejected: %s", g.group_id, g.peer_id, reason)
+        return GroupAck(group_id=g.group_id, accepted=result == "accepted", reason=reason, version=self.version)
+
+    def _sweep_dead_peers(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for peer_id, peer in list(self.peers.items()):
+                if now - peer.last_seen > self.lc.peer_timeout_s:
+                    n = self.dispatcher.release_run((peer_id, peer.run_id))
+                    self.m_requeued.inc(n)
+                    del self.peers[peer_id]
+                    log.warning("actor %s (run %s) silent for %.0f s: %d prompts re-queued",
+                                peer_id, peer.run_id, now - peer.last_seen, n)
+            self.m_peers.set(len(self.peers))
+            self.m_inflight.set(self.dispatcher.in_flight())
+
+    # ----------------------------------------------------------------- trainer side
+    def take_groups(self, k: int, timeout: float) -> list[TrajectoryGroup] | None:
+        """k whole groups, oldest first, or None if they are not there within `timeout`.
+        Groups that went stale while buffered are dropped here (counted, prompts re-queued)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._drop_stale_buffered()
+                if len(self.buffer) >= k:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(min(left, 0.5))
+            groups = [self.buffer.popleft() for _ in range(k)]
+            self.in_training.extend(g.prompt_id for g in groups)
+            for g in groups:
+                self.m_staleness.observe(max(0, self.version - g.oldest_version()))
+            self.m_buffer.set(len(self.buffer))
+            return groups
+
+    def _drop_stale_buffered(self) -> None:
+        keep = collections.deque()
+        for g in self.buffer:
+            if g.oldest_version() < self.min_version():
+                self.m_dropped.inc()
+                self.counts["stale"] += 1
+                self.dispatcher.give_back([g.prompt_id])
+            else:
+                keep.append(g)
+        self.buffer = keep
+
+    def release(self, version: int) -> None:
+        """The step that used the taken groups is done (weights synced): free their credits."""
+        with self._cond:
+            self.in_training.clear()
+            self.version = version
+            self._cond.notify_all()
+
+    def set_version(self, version: int) -> None:
+        with self._cond:
+            self.version = version
+
+    def dispatcher_state(self) -> dict:
+        """Checkpointable prompt order: cursor + every prompt not yet trained on."""
+        with self._cond:
+            pending = [*self.in_training, *(g.prompt_id for g in self.buffer)]
+            return self.dispatcher.state_dict(pending)
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {"buffer": len(self.buffer), "in_flight": self.dispatcher.in_flight(),
+                    "peers": len(self.peers), "version": self.version, **dict(self.counts)}
+
+
+class _Refuse(Exception):
+    """A well-formed request the learner will not serve (answered with ErrorReply)."""

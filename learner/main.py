@@ -1,0 +1,273 @@
+"""The learner process: `python cli.py learner` (one process) or under torchrun (N ranks).
+
+    rank 0: IngestServer (thread) ─groups─▶ next_command() ─┐        WeightSender ◀─ actors join
+                                                            │ CTRL_* + batch tensors (gloo)
+    every rank:  ┌──────────────────────────────────────────┘
+                 ▼
+      loop:  command = next_command()           wait / stop / sync-now / batch
+             stats = trainer.train_step(batch)  FSDP2 forward/backward, AdamW
+             step += 1
+             every sync_every steps: version += 1; sync_weights()  (all ranks gather, rank 0 sends)
+             ingest.release(version)            credits of the trained groups come back
+             log_step()                         Prometheus + <run_dir>/metrics.jsonl
+             every checkpoint_every steps: save_checkpoint()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.config import ConfigError, ScoutConfig
+from common.metrics import Metrics
+from learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from learner.trainer import (CTRL_BATCH, CTRL_STOP, CTRL_SYNC, CTRL_WAIT, Batch, Dist, Trainer, assemble,
+                             broadcast_command, init_distributed)
+
+log = logging.getLogger("scout.learner")
+
+RESYNC_EVERY_S = 10.0  # at most this often, push the current version to members that lack it
+
+
+def _broadcast_str(d: Dist, text: str | None) -> str:
+    data = (text or "").encode()
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(n, 0, group=d.cpu_group)
+    buf = torch.tensor(list(data), dtype=torch.uint8) if d.rank == 0 else torch.empty(int(n), dtype=torch.uint8)
+    if int(n):
+        dist.broadcast(buf, 0, group=d.cpu_group)
+    return bytes(buf.tolist()).decode()
+
+
+class Learner:
+    def __init__(self, cfg: ScoutConfig, d: Dist, resume: bool):
+        self.cfg, self.lc, self.d = cfg, cfg.learner, d
+        self.rank0 = d.rank == 0
+        if not self.lc.model or not (Path(self.lc.model) / "config.json").is_file():
+            raise ConfigError(f"learner.model: {self.lc.model!r} is not a local HF model folder (config.json missing)")
+        if self.rank0 and not self.lc.data:
+            raise ConfigError("learner.data: the QA file the dispatcher hands out is not set")
+        if resume and not self.lc.checkpoint_dir:
+            raise ConfigError("--resume needs learner.checkpoint_dir")
+        self.trainer = Trainer(self.lc, d)
+        self.step, self.version, self.last_ckpt = 0, 0, -1
+        self.stop_requested = False
+        self.synced: tuple[int, set[str]] = (-1, set())  # (version, members that loaded it)
+        self.last_sync_t = 0.0
+        self.batch_version = 0  # learner version when the current batch was taken
+        self.ingest = self.sender = self.metrics = None
+        dispatcher = None
+        if self.rank0:
+            from learner.ingest import Dispatcher, load_qa
+
+            dispatcher = Dispatcher(load_qa(self.lc.data), seed=self.lc.seed)
+            self.metrics = Metrics("learner", labels={"rank": "0"})
+            self._make_metrics(self.metrics)
+        if resume:
+            self._resume(dispatcher)
+        if self.rank0:
+            self._start_services(dispatcher)
+
+    # ----------------------------------------------------------------- set-up
+    def _make_metrics(self, m: Metrics) -> None:
+        self.m_step = m.histogram("scout_learner_step_seconds", "wall time of one learner step")
+        self.m_steps = m.counter("scout_learner_steps_total", "learner steps done")
+        self.m_version = m.gauge("scout_learner_policy_version", "current policy version")
+        self.m_tokens = m.counter("scout_learner_tokens_total", "tokens trained on (prompt + generated)")
+        self.m_tps = m.gauge("scout_learner_tokens_per_second", "tokens per second over the last step")
+        self.m_groups = m.counter("scout_learner_groups_consumed_total", "groups trained on")
+        self.m_gps = m.gauge("scout_learner_groups_per_second", "groups per second over the last step")
+        self.m_stat = m.gauge("scout_learner_loss_stat", "loss statistics of the last step", ("stat",))
+        self.m_reward = m.gauge("scout_learner_reward_mean", "mean reward of the last batch")
+
+    def _start_services(self, dispatcher) -> None:
+        from common.weightsync import WeightSender
+        from learner.ingest import IngestServer
+
+        port = self.cfg.metrics.learner_port
+        if port:
+            self.metrics.serve(self.cfg.metrics.host, port, health=self._health)
+        self.sender = WeightSender(self.lc, self.cfg.transport, metrics=self.metrics)
+        self.sender.start()
+        self.ingest = IngestServer(self.cfg, dispatcher, self.trainer.vocab_size, version=self.version,
+                                   metrics=self.metrics, sync_endpoint=self.sender.endpoint).start()
+        self.m_version.set(self.version)
+
+    def _health(self) -> dict:
+        snap = self.ingest.snapshot() if self.ingest else {}
+        return {"step": self.step, "version": self.version, **snap}
+
+    def _resume(self, dispatcher) -> None:
+        path = _broadcast_str(self.d, str(find_latest(self.lc.checkpoint_dir) or "") if self.rank0 else None)
+        if not path:
+            log.warning("--resume: no complete checkpoint in %s: starting from step 0", self.lc.checkpoint_dir)
+            return
+        meta = load_checkpoint(path, self.trainer.model, self.trainer.optimizer, self.d.rank)
+        self.trainer.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.version = int(meta["step"]), int(meta["version"])
+        self.last_ckpt = self.step
+        if dispatcher is not None and meta.get("dispatcher"):
+            dispatcher.load_state_dict(meta["dispatcher"])
+        log.info("resumed from %s: step %d, version %d", path, self.step, self.version)
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("learner rank %d/%d on %s: training steps %d..%d", self.d.rank, self.d.world, self.d.device,
+                 self.step, self.lc.steps)
+        while self.step < self.lc.steps:
+            code, batch, groups = self._next_command()
+            if code == CTRL_STOP:
+                break
+            if code == CTRL_SYNC:
+                self._sync_weights()
+            if code != CTRL_BATCH:
+                continue
+            t0 = time.monotonic()
+            stats = self.trainer.train_step(batch)
+            self.step += 1
+            sync = None
+            if self.step % self.lc.sync_every == 0:
+                self.version += 1
+                sync = self._sync_weights()
+            if self.ingest is not None:
+                self.ingest.release(self.version)
+            if self.rank0:
+                self._log_step(stats, batch, groups, time.monotonic() - t0, sync)
+            if self.lc.checkpoint_dir and self.lc.checkpoint_every and self.step % self.lc.checkpoint_every == 0:
+                self._checkpoint()
+        if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
+            self._checkpoint()
+        log.info("learner done at step %d, version %d", self.step, self.version)
+        return 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("signal %d: stopping after the current step", signum)
+        self.stop_requested = True
+
+    def _next_command(self) -> tuple[int, Batch | None, list | None]:
+        """Rank 0 decides (stop / push weights / train / keep waiting) and tells every rank."""
+        code, batch, groups = CTRL_WAIT, None, None
+        if self.rank0:
+            if self.stop_requested:
+                code = CTRL_STOP
+            elif self._members_need_weights():
+                code = CTRL_SYNC
+            else:
+                groups = self.ingest.take_groups(self.lc.groups_per_step, timeout=self.lc.batch_wait_s)
+                if groups is not None:
+                    code, batch = CTRL_BATCH, assemble(groups, self.lc.std_norm)
+                    self.batch_version = self.version
+        code, batch = broadcast_command(self.d, code, batch)
+        return code, batch, groups
+
+    def _members_need_weights(self) -> bool:
+        """Some weight-sync member has not loaded the current version (joined late, restarted,
+        or the learner resumed): push it, at most every RESYNC_EVERY_S."""
+        if self.sender is None or time.monotonic() - self.last_sync_t < RESYNC_EVERY_S:
+            return False
+        members = set(self.sender.members())
+        version, ok = self.synced
+        return bool(members) and (version != self.version or not members <= ok)
+
+    # ----------------------------------------------------------------- weights, logs, checkpoints
+    def _sync_weights(self) -> dict | None:
+        """Every rank gathers full parameters one by one; rank 0 feeds them to the sender."""
+        flag = torch.tensor([int(self.rank0 and self.sender is not None and bool(self.sender.members()))])
+        dist.broadcast(flag, 0, group=self.d.cpu_group)
+        self.last_sync_t = time.monotonic()
+        if not int(flag):
+            self.synced = (self.version, set())
+            return None
+        params = self.trainer.full_parameters()
+        report = None
+        if self.rank0:
+            try:
+                report = self.sender.broadcast(self.version, params)
+            except Exception as e:  # a failed sync never stops training
+                log.error("weight sync of version %d failed: %s", self.version, e)
+                report = {"error": str(e), "ok": [], "seconds": time.monotonic() - self.last_sync_t, "bytes": 0}
+        for _ in params:  # the gathers are collectives: run them to the end on every rank
+            pass
+        if self.rank0:
+            self.synced = (self.version, set(report.get("ok", [])))
+            log.info("version %d sent to %d/%d members in %.2fs (%s)", self.version, len(report.get("ok", [])),
+                     len(report.get("members", [])), report.get("seconds", 0.0), report.get("error") or "ok")
+        return report
+
+    def _log_step(self, stats: dict, batch: Batch, groups: list, seconds: float, sync: dict | None) -> None:
+        now = time.time()
+        stale = [self.batch_version - g.oldest_version() for g in groups]
+        tokens = int(batch.lengths.sum())
+        rec = {
+            "time": now, "step": self.step, "version": self.version,
+            "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std(unbiased=False)),
+            "correct_frac": float(np.mean([c for g in groups for c in g.correct])),
+            "searches_mean": float(np.mean([s for g in groups for s in g.num_searches])),
+            "retrieval_failed_frac": float(np.mean([f for g in groups for f in g.retrieval_failed])),
+            "groups": len(groups), "samples": int(len(batch.lengths)), "tokens": tokens,
+            "gen_tokens_mean": float(batch.mask.sum()) / max(1, len(batch.lengths)),
+            "sample_tokens_mean": tokens / max(1, len(batch.lengths)),
+            "step_s": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "groups_per_s": len(groups) / max(seconds, 1e-9),
+            "staleness_mean": float(np.mean(stale)), "staleness_max": int(max(stale)),
+            "dropped_stale_total": int(self.ingest.counts.get("stale", 0)),
+            "latency_mean_s": float(np.mean([now - g.created_at for g in groups if g.created_at > 0] or [0.0])),
+            "sync_s": (sync or {}).get("seconds", 0.0), "sync_bytes": (sync or {}).get("bytes", 0),
+            "sync_ok": len((sync or {}).get("ok", [])),
+            **{k: v for k, v in stats.items()},
+        }
+        self.m_step.observe(seconds)
+        self.m_steps.inc()
+        self.m_version.set(self.version)
+        self.m_tokens.inc(tokens)
+        self.m_tps.set(rec["tokens_per_s"])
+        self.m_groups.inc(len(groups))
+        self.m_gps.set(rec["groups_per_s"])
+        self.m_reward.set(rec["reward_mean"])
+        for k, v in stats.items():
+            self.m_stat.labels(stat=k).set(v)
+        run_dir = Path(self.cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        log.info("step %d v%d reward %.3f loss %.4f clip %.3f isw %.3f kl %.4f grad %.3f %.0f tok/s stale %.1f",
+                 self.step, self.version, rec["reward_mean"], stats.get("loss", 0.0), stats.get("clip_frac", 0.0),
+                 stats.get("is_weight_mean", 0.0), stats.get("behav_kl", 0.0), stats.get("grad_norm", 0.0),
+                 rec["tokens_per_s"], rec["staleness_mean"])
+
+    def _checkpoint(self) -> None:
+        meta = {"version": self.version, "scheduler": self.trainer.scheduler.state_dict(),
+                "dispatcher": self.ingest.dispatcher_state() if self.ingest is not None else None}
+        save_checkpoint(self.lc.checkpoint_dir, self.step, self.trainer.model, self.trainer.optimizer, meta,
+                        self.lc.model, self.d.rank, keep=self.lc.keep_checkpoints)
+        self.last_ckpt = self.step
+
+    def close(self) -> None:
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self.sender is not None:
+            self.sender.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def main(cfg: ScoutConfig, resume: bool = False) -> int:
+    d = init_distributed()
+    learner = None
+    try:
+        learner = Learner(cfg, d, resume)
+        return learner.run()
+    finally:
+        if learner is not None:
+            learner.close()
+        if d.owns_group:
+            dist.destroy_process_group()
