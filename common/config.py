@@ -150,7 +150,7 @@ class LearnerConfig(Section):
     grad_checkpointing: bool = True  # on GPU only
     bucket_mb: float = Field(256.0, gt=0)
     sync_timeout_s: float = Field(30.0, gt=0)
-    sync_chunk_mb: float = Field(32.0, ge=0)  # bucket bytes go as broadcasts of about this size (0 = whole)
+    sync_chunk_mb: float = Field(0.0, ge=0)  # >0: a bucket goes as broadcasts of about this size (0 = one)
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(50, ge=0)
     seed: int = 0

@@ -1,0 +1,342 @@
+"""Weight sync: real TCPStore + ProcessGroupGloo, real ZeroMQ, real member processes.
+
+The learner side (WeightSender) runs in the test process; members are tests/weightsync_peer.py
+processes that record a sha256 per received tensor, so every check is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import LearnerConfig, TransportConfig
+from common.metrics import Metrics
+from common.protocol import SyncAbort, SyncDone, SyncJoin, WeightUpdateHeader, decode, encode
+from common.weightsync import (DIRECT_DIVISOR, BucketReceiver, SyncError, WeightSender, bucket_segments,
+                               iter_buckets, plan_buckets, unpack_bucket)
+from tests.weightsync_peer import describe, make_weights
+
+PEER = "tests/weightsync_peer.py"
+
+
+def expected(version: int) -> dict:
+    return describe(make_weights(version).items())
+
+
+def sender_cfg(free_port, timeout_s: float = 10.0, bucket_mb: float = 0.012, chunk_mb: float = 0.0
+               ) -> LearnerConfig:
+    """Buckets of ~12 KB, so every sync has several. chunk_mb=0.004: tensors of 4 KB and more go
+    as broadcasts of their own, smaller ones packed (the segment path); 0: one per bucket."""
+    return LearnerConfig(sync_endpoint=f"tcp://127.0.0.1:{free_port()}", store_port=0,
+                         bucket_mb=bucket_mb, sync_chunk_mb=chunk_mb, sync_timeout_s=timeout_s)
+
+
+def start_peer(procs, sender, tmp_path, peer_id, **opts):
+    out = tmp_path / f"{peer_id}-{len(procs.procs)}.jsonl"
+    args = [PEER, "--endpoint", sender.endpoint, "--peer-id", peer_id, "--out", str(out)]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return procs.start(args), out
+
+
+def results(path) -> dict[int, dict]:
+    if not os.path.exists(path):
+        return {}
+    lines = [json.loads(x) for x in open(path).read().splitlines() if x.strip()]
+    return {r["version"]: r for r in lines}
+
+
+def wait_results(path, version: int, timeout_s: float = 30.0) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        r = results(path).get(version)
+        if r is not None:
+            return r
+        time.sleep(0.05)
+    raise AssertionError(f"{path} has no result for version {version}")
+
+
+@pytest.fixture
+def sender_factory():
+    made = []
+
+    def make(cfg, metrics=None):
+        s = WeightSender(cfg, TransportConfig(), metrics)
+        s.start()
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+# --------------------------------------------------------------------------- packing (no processes)
+def test_buckets_group_by_dtype_and_respect_size():
+    w = make_weights(1)
+    buckets = plan_buckets(w.items(), 10_000)
+    names = [n for b in buckets for n, _, _ in b.items]
+    assert sorted(names) == sorted(w)
+    for b in buckets:
+        assert len({str(t.dtype) for _, t, _ in b.items}) == 1
+        # a bucket only exceeds the size when it holds a single larger tensor
+        assert b.nbytes <= 10_000 or len(b.items) == 1
+        offsets = [o for _, _, o in b.items]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+    assert len(buckets) > 3
+
+
+def test_iter_buckets_round_trip_is_bit_exact():
+    w = make_weights(2)
+    got = {}
+    for dtype, items, flat in iter_buckets(w.items(), 4096):
+        assert flat.dtype == torch.uint8 and flat.dim() == 1
+        metas = plan_buckets(items, 1 << 40)[0].metas()
+        got.update(unpack_bucket(flat.clone(), metas))
+    assert describe(got.items()) == expected(2)
+
+
+def test_segments_cover_every_tensor_and_send_big_ones_directly():
+    w = make_weights(1)
+    for chunk in (0, 256, 4096, 1 << 16, 1 << 20):
+        for b in plan_buckets(w.items(), 30_000):
+            segs = bucket_segments(b.metas(), b.nbytes, chunk)
+            assert segs[0][0] == 0 and segs[-1][1] == b.nbytes
+            assert all(e0 == s1 for (_, e0, _), (s1, _, _) in zip(segs, segs[1:]))  # contiguous, no overlap
+            for s, e, direct in segs:
+                if direct:  # exactly one tensor, and a big one
+                    assert [o for _, _, o in b.items if s <= o < e] == [s] and e - s >= chunk // DIRECT_DIVISOR
+                elif chunk:
+                    assert all(t.numel() * t.element_size() < chunk // DIRECT_DIVISOR
+                               for _, t, o in b.items if s <= o < e)
+
+
+def test_bad_tensors_are_refused_clearly():
+    with pytest.raises(SyncError, match="appears twice"):
+        plan_buckets([("a", torch.zeros(2)), ("a", torch.zeros(2))], 100)
+    with pytest.raises(SyncError, match="dtype"):
+        plan_buckets([("c", torch.zeros(2, dtype=torch.complex64))], 100)
+    with pytest.raises(SyncError, match="torch.Tensor"):
+        plan_buckets([("n", np.zeros(2))], 100)
+
+
+def test_header_with_data_frame_round_trips():
+    w = make_weights(3)
+    dtype, items, flat = next(iter_buckets(w.items(), 1 << 20))
+    b = plan_buckets(items, 1 << 40)[0]
+    h = WeightUpdateHeader(version=3, generation=2, bucket=0, num_buckets=1, dtype=dtype, nbytes=b.nbytes,
+                           tensors=b.metas(), data=flat.numpy())
+    back = decode([bytes(f) for f in encode(h)], expect=WeightUpdateHeader)
+    got = BucketReceiver().receive(back.model_dump(exclude={"data"}), back.data)
+    assert describe(got) == describe(items)
+
+
+# --------------------------------------------------------------------------- real processes
+@pytest.mark.slow
+def test_two_gloo_members_several_versions(procs, free_port, tmp_path, sender_factory):
+    metrics = Metrics("learner")
+    sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004), metrics)
+    outs = [start_peer(procs, sender, tmp_path, "actor-a", until=3)[1],
+            start_peer(procs, sender, tmp_path, "actor-b", until=3, reuse_buffer=1)[1]]
+    assert sender.wait_members(2, 60)
+    for v in (1, 2, 3):
+        rep = sender.broadcast(v, make_weights(v).items())
+        assert rep["ok"] == ["actor-a", "actor-b"], rep
+        assert rep["dropped"] == [] and rep["backend"] == "gloo" and rep["buckets"] > 3
+    assert rep["generation"] == 1  # membership never changed: one group for all three versions
+    for out in outs:
+        for v in (1, 2, 3):
+            r = wait_results(out, v)
+            assert r["ok"] and r["tensors"] == expected(v)
+    text = metrics.render().decode()
+    assert "scout_learner_weight_sync_seconds_count" in text
+    assert 'scout_learner_weight_sync_members{role="learner"} 2.0' in text
+
+
+@pytest.mark.slow
+def test_sender_under_a_default_group_leaves_it_alone(procs, free_port, tmp_path):
+    """The learner runs under torchrun with its own default group: the sync group is separate."""
+    import subprocess
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    learner = procs.start(["tests/weightsync_learner.py", "--endpoint", endpoint, "--init-port", str(free_port()),
+                           "--members", "1", "--versions", "2"], stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "member.jsonl"
+    procs.start([PEER, "--endpoint", endpoint, "--peer-id", "actor-a", "--out", str(out), "--until", "2"])
+    stdout, _ = learner.communicate(timeout=90)
+    assert learner.returncode == 0, stdout
+    lines = stdout.strip().splitlines()
+    reports = [json.loads(x) for x in lines[:-1]]
+    assert [r["ok"] for r in reports] == [["actor-a"], ["actor-a"]]
+    assert lines[-1] == "DEFAULT OK"
+    for v in (1, 2):
+        assert wait_results(out, v)["tensors"] == expected(v)
+    assert not torch.distributed.is_initialized()  # and this (test) process never had one
+
+
+@pytest.mark.slow
+def test_zmq_only_member_next_to_a_gloo_member(procs, free_port, tmp_path, sender_factory):
+    sender = sender_factory(sender_cfg(free_port))
+    _, out_g = start_peer(procs, sender, tmp_path, "gloo-member", until=2)
+    _, out_z = start_peer(procs, sender, tmp_path, "zmq-member", until=2, transports="zmq")
+    assert sender.wait_members(2, 60)
+    for v in (1, 2):
+        rep = sender.broadcast(v, make_weights(v).items())
+        assert rep["ok"] == ["gloo-member", "zmq-member"], rep
+    assert rep["generation"] == 1
+    for out in (out_g, out_z):
+        for v in (1, 2):
+            assert wait_results(out, v)["tensors"] == expected(v)
+
+
+@pytest.mark.slow
+def test_kill9_mid_sync_then_restart_rejoins(procs, free_port, tmp_path, sender_factory):
+    timeout_s = 8.0
+    sender = sender_factory(sender_cfg(free_port, timeout_s=timeout_s))
+    _, out_a = start_peer(procs, sender, tmp_path, "actor-a", until=4)
+    victim, out_b = start_peer(procs, sender, tmp_path, "actor-b", die_at="2:2")
+    assert sender.wait_members(2, 60)
+    assert sender.broadcast(1, make_weights(1).items())["ok"] == ["actor-a", "actor-b"]
+
+    t0 = time.monotonic()
+    rep = sender.broadcast(2, make_weights(2).items())  # actor-b kill -9's itself at bucket 2
+    assert time.monotonic() - t0 < 1.25 * timeout_s + 5  # bounded: the learner never hangs on it
+    assert victim.wait(10) == -signal.SIGKILL
+    assert "actor-b" in rep["dropped"] and "actor-b" not in sender.members(), rep
+    assert "actor-a" in rep["ok"] + rep["failed"]  # a survivor answers either way
+
+    rep = sender.broadcast(3, make_weights(3).items())
+    assert rep["ok"] == ["actor-a"] and rep["dropped"] == [], rep
+    assert wait_results(out_a, 3)["tensors"] == expected(3)
+
+    # the supervisor restarts actor-b: same peer id, fresh run id -> admitted to the next version
+    _, out_b2 = start_peer(procs, sender, tmp_path, "actor-b", until=4)
+    end = time.monotonic() + 60
+    while "actor-b" not in sender.members() and time.monotonic() < end:
+        time.sleep(0.05)
+    rep = sender.broadcast(4, make_weights(4).items())
+    assert rep["ok"] == ["actor-a", "actor-b"], rep
+    assert wait_results(out_b2, 4)["tensors"] == expected(4)
+    assert wait_results(out_a, 4)["tensors"] == expected(4)
+    assert 2 not in results(out_b2)
+
+
+@pytest.mark.slow
+def test_slow_member_is_dropped_and_comes_back(procs, free_port, tmp_path, sender_factory):
+    timeout_s = 4.0
+    sender = sender_factory(sender_cfg(free_port, timeout_s=timeout_s))
+    _, out_a = start_peer(procs, sender, tmp_path, "actor-a", until=3)
+    _, out_s = start_peer(procs, sender, tmp_path, "slow", until=3, stall_at=f"1:1:{2 * timeout_s}")
+    assert sender.wait_members(2, 60)
+    t0 = time.monotonic()
+    rep = sender.broadcast(1, make_weights(1).items())
+    assert time.monotonic() - t0 < 1.25 * timeout_s + 5
+    assert "slow" in rep["dropped"], rep
+    # it is alive: told it was dropped, it joins again by itself and gets the next versions
+    end = time.monotonic() + 3 * timeout_s
+    while "slow" not in sender.members() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert "slow" in sender.members()
+    for v in (2, 3):
+        rep = sender.broadcast(v, make_weights(v).items())
+        assert "actor-a" in rep["ok"], rep
+    assert rep["ok"] == ["actor-a", "slow"], rep
+    assert wait_results(out_s, 3)["tensors"] == expected(3)
+    assert wait_results(out_a, 3)["tensors"] == expected(3)
+
+
+@pytest.mark.slow
+def test_member_missing_the_rendezvous_is_dropped_and_the_rest_go_on(procs, free_port, tmp_path, sender_factory):
+    """A member that joined but never answers its plan: the learner gives up on it at the
+    rendezvous, re-plans the others in the same sync, and they get this version."""
+    import zmq
+
+    timeout_s = 4.0
+    sender = sender_factory(sender_cfg(free_port, timeout_s=timeout_s, chunk_mb=0.004))
+    _, out = start_peer(procs, sender, tmp_path, "actor-a", until=1)
+    ctx = zmq.Context()
+    deaf = ctx.socket(zmq.DEALER)
+    deaf.connect(sender.endpoint)
+    try:
+        deaf.send_multipart(encode(SyncJoin(peer_id="deaf", run_id="r", version=-1, transports=["gloo"])))
+        assert sender.wait_members(2, 60)
+        t0 = time.monotonic()
+        rep = sender.broadcast(1, make_weights(1).items())
+        assert time.monotonic() - t0 < 1.25 * timeout_s + 5
+        assert rep["ok"] == ["actor-a"] and rep["dropped"] == ["deaf"], rep
+        assert rep["generation"] == 2  # re-formed without it inside the same sync
+        assert wait_results(out, 1)["tensors"] == expected(1)
+    finally:
+        deaf.close(0)
+        ctx.term()
+
+
+def test_broadcast_without_members_still_consumes_the_tensors(free_port, sender_factory):
+    sender = sender_factory(sender_cfg(free_port))
+    seen = []
+
+    def gen():
+        for n, t in make_weights(1).items():
+            seen.append(n)  # on the learner this would be a full_tensor() collective
+            yield n, t
+    rep = sender.broadcast(1, gen())
+    assert seen == list(make_weights(1)) and rep["members"] == [] and rep["bytes"] > 0
+
+
+def test_bad_messages_get_errors_and_sender_keeps_serving(free_port, sender_factory):
+    import zmq
+
+    sender = sender_factory(sender_cfg(free_port))
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(sender.endpoint)
+    try:
+        s.send_multipart([b"\x93garbage"])
+        s.send_multipart(encode(SyncDone(peer_id="ghost", run_id="r", version=1, ok=True, seconds=0.1)))
+        for _ in range(100):  # the sender answers while it drains its socket
+            sender.members()
+            if s.poll(50):
+                break
+        err = decode(s.recv_multipart())
+        assert err.TYPE == "error" and err.code == "bad_request"
+        for _ in range(100):
+            sender.members()
+            if s.poll(50):
+                break
+        abort = decode(s.recv_multipart(), expect=SyncAbort)
+        assert abort.rejoin  # an unknown peer is told to join
+        s.send_multipart(encode(SyncJoin(peer_id="p", run_id="r", version=-1, transports=["zmq"])))
+        assert sender.wait_members(1, 10) and sender.members() == ["p"]
+    finally:
+        s.close(0)
+        ctx.term()
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_reach_a_cpu_gloo_member(procs, free_port, tmp_path, sender_factory):
+    """The learner's tensors on CUDA, the member on gloo: bytes are staged through the CPU."""
+    sender = sender_factory(sender_cfg(free_port))
+    _, out = start_peer(procs, sender, tmp_path, "cpu-member", until=1)
+    assert sender.wait_members(1, 60)
+    rep = sender.broadcast(1, [(n, t.cuda()) for n, t in make_weights(1).items()])
+    assert rep["ok"] == ["cpu-member"] and rep["backend"] == "gloo", rep
+    assert wait_results(out, 1)["tensors"] == expected(1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL needs two GPUs (one rank per device)")
+def test_nccl_group_between_two_gpus(procs, free_port, tmp_path, sender_factory):
+    sender = sender_factory(sender_cfg(free_port, timeout_s=60.0))
+    _, out = start_peer(procs, sender, tmp_path, "gpu-member", until=2, transports="nccl,gloo", cuda_device=1)
+    assert sender.wait_members(1, 60)
+    torch.cuda.set_device(0)
+    for v in (1, 2):
+        rep = sender.broadcast(v, [(n, t.cuda()) for n, t in make_weights(v).items()])
+        assert rep["ok"] == ["gpu-member"] and rep["backend"] == "nccl", rep
+        assert wait_results(out, v)["tensors"] == expected(v)
