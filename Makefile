@@ -9,15 +9,24 @@ REQ := requirements/$(EXTRA).txt
 STAMP := $(VENV)/.installed-$(EXTRA)-$(shell sha1sum $(REQ) | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean prometheus
 setup: $(STAMP)
 
 $(STAMP): $(REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r $(REQ)
 	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@command -v promtool >/dev/null || $(MAKE) --no-print-directory prometheus
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
+
+# Debian's prometheus server + promtool, used by the deployment tests (skipped without them).
+prometheus:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1; } || \
+	  echo "note: could not install Debian's prometheus package; the Prometheus tests will be skipped"; \
+	else echo "note: run 'sudo apt-get install prometheus' for the Prometheus tests"; fi
 
 demo: setup
 	$(PY) cli.py demo

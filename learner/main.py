@@ -86,6 +86,12 @@ class Learner:
         self.m_gps = m.gauge("scout_learner_groups_per_second", "groups per second over the last step")
         self.m_stat = m.gauge("scout_learner_loss_stat", "loss statistics of the last step", ("stat",))
         self.m_reward = m.gauge("scout_learner_reward_mean", "mean reward of the last batch")
+        self.m_latency = m.histogram("scout_learner_sample_latency_seconds",
+                                     "generation start to trained, per group",
+                                     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
+        self.m_correct = m.gauge("scout_learner_correct_fraction", "exact-match share of the last trained batch")
+        self.m_idle = m.gauge("scout_learner_idle_fraction", "share of wall time between steps not spent training")
+        self._last_log_t: float | None = None
 
     def _start_services(self, dispatcher) -> None:
         from common.weightsync import WeightSender
@@ -233,6 +239,13 @@ class Learner:
         self.m_groups.inc(len(groups))
         self.m_gps.set(rec["groups_per_s"])
         self.m_reward.set(rec["reward_mean"])
+        self.m_correct.set(rec["correct_frac"])
+        for g in groups:
+            if g.created_at > 0:
+                self.m_latency.observe(max(0.0, now - g.created_at))
+        if self._last_log_t is not None and now > self._last_log_t:
+            self.m_idle.set(max(0.0, 1.0 - seconds / (now - self._last_log_t)))
+        self._last_log_t = now
         for k, v in stats.items():
             self.m_stat.labels(stat=k).set(v)
         run_dir = Path(self.cfg.run_dir)
