@@ -139,10 +139,8 @@ def evaluate(
 ):
     """Greedy EM / F1 / search rate of a model through the real rollout loop."""
     cfg = _config(config, set_, "eval", **{"actor.model": str(model)})
-    try:
-        from actors.evaluate import main
-    except ImportError:
-        _fail("`eval` is not available yet: the actor issue (#4) has not landed")
+    from actors.evaluate import main
+
     raise typer.Exit(main(cfg, data))
 
 

@@ -1,0 +1,486 @@
+"""One actor worker process: one engine, many rollouts, a line to the learner and to weight sync.
+
+    learner ingest ROUTER ◀──DEALER── LearnerLink: Hello → HelloAck, WorkRequest → WorkAssignment,
+         │                                          TrajectoryGroup → GroupAck, Heartbeat → Heartbeat
+         │ prompts (= credits)                      (replies in request order; each has a deadline)
+         ▼
+    RolloutRunner.poll()  ── one engine step ── searches batched through the retriever client
+         │ finished group (n samples, per-token mask / logprob / version)
+         ▼
+    TrajectoryGroup ──▶ learner;  GroupAck frees the credit
+
+    learner sync ROUTER ◀──DEALER── SyncClient: SyncJoin; SyncPlan / WeightUpdateHeader → the
+    engine's BucketReceiver → load_weights, applied only between two engine steps → SyncDone
+
+Credits: the worker never holds more groups (generating + sent but unacked) than
+`actor.max_groups_in_flight`, and it only generates prompts the learner handed out, so the
+learner's credit window bounds how far ahead it can run. A lost learner link (no reply within
+`actor.request_timeout_s`, or a learner that restarted) ends this *run*: the worker drops its
+in-flight work, takes a fresh run_id (the learner re-queues the old run's prompts) and says hello
+again. A failed weight load exits with code 3 (the engine may hold half-loaded weights); the
+supervisor restarts the process.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import zmq
+
+from actors.engine import make_engine
+from actors.rollout import GroupState, RolloutRunner, Trajectory, make_searcher
+from common.config import ScoutConfig
+from common.metrics import Metrics
+from common.protocol import (ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, Message, ProtocolError,
+                             SyncAbort, WorkAssignment, WorkRequest, decode)
+from common.transport import TransportTimeout, connect, send
+
+log = logging.getLogger("scout.actors.worker")
+
+EXIT_WEIGHT_LOAD_FAILED = 3
+EXIT_NO_LEARNER = 4
+
+
+class LinkLost(RuntimeError):
+    """The learner stopped answering (or restarted): this run's in-flight work is void."""
+
+
+class LearnerLink:
+    """DEALER to the learner's ingest endpoint. Requests are pipelined; the learner answers each
+    one, in order, so replies are matched first-in first-out; every request has a deadline."""
+
+    def __init__(self, cfg: ScoutConfig, ctx: zmq.Context, stop: threading.Event):
+        self.cfg, self.ctx, self.stop = cfg, ctx, stop
+        self.timeout_s = cfg.actor.request_timeout_s
+        self.sock: zmq.Socket | None = None
+        self.pending: collections.deque[tuple[str, Any, float]] = collections.deque()
+        self.last_sent = 0.0
+
+    def open(self) -> None:
+        self.close()
+        self.sock = connect(self.ctx, zmq.DEALER, self.cfg.actor.learner_endpoint, self.cfg.transport)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        self.pending.clear()
+
+    def request(self, msg: Message, kind: str, key: Any = None) -> None:
+        try:
+            send(self.sock, msg, flags=zmq.NOBLOCK)
+        except (TransportTimeout, zmq.Again):
+            raise LinkLost(f"cannot send {msg.TYPE} to the learner (queue full)") from None
+        self.last_sent = time.monotonic()
+        self.pending.append((kind, key, self.last_sent))
+
+    def overdue(self) -> bool:
+        return bool(self.pending) and time.monotonic() - self.pending[0][2] > self.timeout_s
+
+    def replies(self, timeout_ms: int) -> list[tuple[str, Any, Message]]:
+        """Every reply that arrives within `timeout_ms` (first one) / already waiting (rest)."""
+        out = []
+        wait = timeout_ms
+        while self.sock is not None and self.sock.poll(wait, zmq.POLLIN):
+            wait = 0
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                msg = decode(frames)
+            except ProtocolError as e:
+                log.warning("unreadable message from the learner: %s", e)
+                continue
+            if not self.pending:
+                log.warning("unexpected %s from the learner (nothing pending)", msg.TYPE)
+                continue
+            kind, key, _ = self.pending.popleft()
+            out.append((kind, key, msg))
+        return out
+
+    def call(self, msg: Message, timeout_s: float) -> Message:
+        """Blocking request (used for Hello)."""
+        self.request(msg, "call")
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not self.stop.is_set():
+            for _, _, reply in self.replies(int(min(200, (end - time.monotonic()) * 1000)) or 1):
+                return reply
+        self.pending.clear()
+        raise LinkLost(f"no answer to {msg.TYPE} from {self.cfg.actor.learner_endpoint} within {timeout_s:.0f}s")
+
+
+class WorkerMetrics:
+    """Prometheus metrics of one worker (labels worker, gpu) plus windowed rates."""
+
+    def __init__(self, worker: int, gpu: str):
+        m = self.m = Metrics(role="actor", labels={"worker": str(worker), "gpu": gpu})
+        self.tokens = m.counter("scout_actor_generated_tokens_total", "tokens sampled by the engine")
+        self.groups = m.counter("scout_actor_groups_total", "groups finished, by learner verdict", ("result",))
+        self.rollouts = m.counter("scout_actor_rollouts_total", "rollouts finished, by how they ended", ("finish",))
+        self.searches = m.counter("scout_actor_searches_total", "search calls made by rollouts")
+        self.retrieval_failed = m.counter("scout_actor_retrieval_failed_total", "rollouts ended by a retrieval failure")
+        self.searches_per = m.histogram("scout_actor_searches_per_rollout", "searches in one rollout",
+                                        buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10))
+        self.reward = m.histogram("scout_actor_reward", "reward of a finished rollout",
+                                  buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
+        self.reward_mean = m.gauge("scout_actor_reward_mean", "mean reward over the last 10 s window")
+        self.tokens_per_s = m.gauge("scout_actor_tokens_per_second", "tokens/s over the last window")
+        self.groups_per_s = m.gauge("scout_actor_groups_per_second", "groups/s over the last window")
+        self.idle = m.gauge("scout_actor_engine_idle_fraction", "share of wall time not spent in engine steps")
+        self.version = m.gauge("scout_actor_policy_version", "policy version loaded in the engine")
+        self.lag = m.gauge("scout_actor_version_lag", "learner version minus the engine's version")
+        self.load_s = m.histogram("scout_actor_weight_load_seconds", "wall time of one weight update")
+        self.inflight = m.gauge("scout_actor_groups_in_flight", "groups generating or awaiting an ack")
+        self.links = m.counter("scout_actor_link_resets_total", "learner link resets (fresh run_id)")
+        self.window_t = time.monotonic()
+        self.window = collections.Counter()
+        self.rewards: list[float] = []
+        self.snapshot: dict[str, float] = {}
+
+    def roll(self) -> bool:
+        """Close a 10 s window: rates and idle fraction. Returns True when a window closed."""
+        now = time.monotonic()
+        dt = now - self.window_t
+        if dt < 10.0:
+            return False
+        w = self.window
+        snap = {"tokens_per_s": w["tokens"] / dt, "groups_per_s": w["groups"] / dt,
+                "engine_idle_fraction": max(0.0, 1.0 - w["step_us"] / 1e6 / dt),
+                "reward_mean": float(np.mean(self.rewards)) if self.rewards else 0.0,
+                "searches_per_rollout": w["searches"] / max(1, w["rollouts"])}
+        self.tokens_per_s.set(snap["tokens_per_s"])
+        self.groups_per_s.set(snap["groups_per_s"])
+        self.idle.set(snap["engine_idle_fraction"])
+        self.reward_mean.set(snap["reward_mean"])
+        self.snapshot = snap
+        self.window_t, self.window, self.rewards = now, collections.Counter(), []
+        return True
+
+
+class ActorWorker:
+    def __init__(self, cfg: ScoutConfig, worker: int = 0, gpu: str = "cpu"):
+        self.cfg, self.acfg = cfg, cfg.actor
+        self.worker, self.gpu = worker, gpu
+        self.peer_id = f"actor-{socket.gethostname()}-{worker}"
+        self.run_id = uuid.uuid4().hex
+        self.stop = threading.Event()
+        self.ctx = zmq.Context()
+        self.link = LearnerLink(cfg, self.ctx, self.stop)
+        self.metrics = WorkerMetrics(worker, gpu)
+        self.engine = self.runner = self.sync = self.searcher = None
+        self.learner_run_id = ""
+        self.learner_version = self.min_version = 0
+        self.n_samples = 1
+        self.sync_endpoint = ""
+        self.unacked: dict[str, float] = {}  # group_id -> sent at (monotonic)
+        self.work_pending = False
+        self.retry_at = 0.0
+        self.parent = os.getppid()
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        acfg = self.acfg
+        t0 = time.monotonic()
+        self.engine = make_engine(acfg)
+        self.searcher = make_searcher(self.cfg)
+        self.runner = RolloutRunner(self.engine, self.searcher, acfg, on_finished=self._on_rollout)
+        log.info("worker %d (gpu %s) ready in %.1fs: engine %s, model %s", self.worker, self.gpu,
+                 time.monotonic() - t0, self.engine.name, acfg.model)
+        self._serve_metrics()
+        self.metrics.window_t = time.monotonic()  # rates count from here, not from engine load
+        try:
+            return self._loop()
+        finally:
+            self._shutdown()
+
+    def _serve_metrics(self) -> None:
+        mc = self.cfg.metrics
+        if mc.actor_port:
+            port = self.metrics.m.serve(mc.host, mc.actor_port + 1 + self.worker, health=self._health)
+            log.info("worker %d metrics on http://%s:%d/metrics", self.worker, mc.host, port)
+
+    def _health(self) -> dict:
+        return {"pid": os.getpid(), "run_id": self.run_id, "version": self.engine.version if self.engine else -1,
+                "learner_run_id": self.learner_run_id, "groups_in_flight": self._in_flight()}
+
+    def _shutdown(self) -> None:
+        for closer in (lambda: self.runner.close(), lambda: self.searcher.close(), lambda: self.sync.close(),
+                       lambda: self.link.close(), lambda: self.engine.close(), lambda: self.metrics.m.close()):
+            try:
+                closer()
+            except Exception:  # shutting down: keep closing the rest
+                pass
+        self.ctx.term()
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self) -> int:
+        while not self.stop.is_set():
+            try:
+                self._connect()
+                while not self.stop.is_set():
+                    self._tick()
+                    if os.getppid() != self.parent:
+                        log.error("supervisor is gone: stopping")
+                        return 1
+            except LinkLost as e:
+                if self.stop.is_set():
+                    break
+                log.warning("learner link lost (%s): dropping in-flight work, new run", e)
+                self._new_run()
+                self.stop.wait(1.0)
+        return 0
+
+    def _tick(self) -> None:
+        if self.link.overdue():
+            raise LinkLost(f"no reply within {self.acfg.request_timeout_s:.0f}s")
+        busy = self.runner.busy()
+        for kind, key, reply in self.link.replies(0 if busy else 20):
+            self._on_reply(kind, key, reply)
+        self._maybe_request_work()
+        self._maybe_heartbeat()
+        self._sync_between_steps()
+        steps0 = self.runner.stats.step_seconds
+        for g in self.runner.poll():
+            self._send_group(g)
+        self.metrics.window["step_us"] += int((self.runner.stats.step_seconds - steps0) * 1e6)
+        if not self.engine.has_unfinished() and self.runner.in_search:
+            self.runner.wait_searches(0.02)
+        self._roll_metrics()
+
+    def _connect(self) -> None:
+        """(Re)open the link and say hello until the learner answers or we are stopped."""
+        while not self.stop.is_set():
+            self.link.open()
+            hello = Hello(role="actor", peer_id=self.peer_id, run_id=self.run_id, worker=self.worker, gpu=self.gpu,
+                          host=socket.gethostname(), pid=os.getpid(), version=self.engine.version)
+            try:
+                ack = self.link.call(hello, self.acfg.request_timeout_s)
+            except LinkLost as e:
+                log.warning("%s; retrying", e)
+                continue
+            if isinstance(ack, HelloAck):
+                return self._on_hello(ack)
+            log.error("learner refused hello: %s", getattr(ack, "message", ack.TYPE))
+            self.stop.wait(5.0)
+
+    def _on_hello(self, ack: HelloAck) -> None:
+        if self.learner_run_id and ack.learner_run_id != self.learner_run_id:
+            log.warning("learner restarted (run %s -> %s)", self.learner_run_id[:8], ack.learner_run_id[:8])
+        self.learner_run_id = ack.learner_run_id
+        self.learner_version, self.n_samples = ack.version, ack.n_samples
+        self.min_version = max(0, ack.version - ack.max_staleness)
+        log.info("learner run %s: version %d, n_samples %d, max_staleness %d, sync %s", ack.learner_run_id[:8],
+                 ack.version, ack.n_samples, ack.max_staleness, ack.sync_endpoint or "-")
+        if ack.sync_endpoint and (self.sync is None or ack.sync_endpoint != self.sync_endpoint):
+            self._open_sync(ack.sync_endpoint)
+
+    def _open_sync(self, endpoint: str) -> None:
+        from common.weightsync import SyncClient
+
+        if self.sync is not None:
+            self.sync.close()
+        transports = ("nccl", "gloo", "zmq") if self.gpu != "cpu" else ("gloo", "zmq")
+        self.sync = SyncClient(endpoint, self.peer_id, self.run_id, self.cfg.transport, transports=transports)
+        self.sync.join(self.engine.version)
+        self.sync_endpoint = endpoint
+
+    def _new_run(self) -> None:
+        """Void this run: abort rollouts, forget unacked groups, fresh run_id (and sync join)."""
+        self.metrics.links.inc()
+        self.runner.abort_all()
+        self.unacked.clear()
+        self.work_pending = False
+        self.link.close()
+        self.run_id = uuid.uuid4().hex
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+
+    # ------------------------------------------------------------------ learner messages
+    def _in_flight(self) -> int:
+        return (self.runner.active_groups() if self.runner else 0) + len(self.unacked)
+
+    def _maybe_request_work(self) -> None:
+        if self.work_pending or time.monotonic() < self.retry_at:
+            return
+        room = min(self.acfg.prompts_per_request, self.acfg.max_groups_in_flight - self._in_flight())
+        if room <= 0 or self.engine.version < self.min_version:
+            return
+        self.link.request(WorkRequest(peer_id=self.peer_id, run_id=self.run_id, max_prompts=room,
+                                      version=self.engine.version), "work")
+        self.work_pending = True
+
+    def _maybe_heartbeat(self) -> None:
+        if time.monotonic() - self.link.last_sent >= self.acfg.heartbeat_s:
+            self._hb_seq = getattr(self, "_hb_seq", 0) + 1
+            self.link.request(Heartbeat(peer_id=self.peer_id, run_id=self.run_id, seq=self._hb_seq,
+                                        version=self.engine.version, time=time.time()), "heartbeat")
+
+    def _on_reply(self, kind: str, key: Any, reply: Message) -> None:
+        if isinstance(reply, ErrorReply):
+            log.error("learner answered %s with %s: %s", kind, reply.code, reply.message)
+            if kind == "work":
+                self.work_pending = False
+                self.retry_at = time.monotonic() + 1.0
+            elif kind == "group":
+                self.unacked.pop(key, None)
+                self.metrics.groups.labels(result="error").inc()
+            return
+        if kind == "work" and isinstance(reply, WorkAssignment):
+            self._on_assignment(reply)
+        elif kind == "group" and isinstance(reply, GroupAck):
+            self._on_ack(key, reply)
+        elif kind == "heartbeat" and isinstance(reply, Heartbeat):
+            if self.learner_run_id and reply.run_id != self.learner_run_id:
+                raise LinkLost(f"learner restarted (run {reply.run_id[:8]})")
+            self.learner_version = max(self.learner_version, reply.version)
+        else:
+            log.warning("learner answered %s with %s", kind, reply.TYPE)
+
+    def _on_assignment(self, a: WorkAssignment) -> None:
+        self.work_pending = False
+        self.learner_version, self.min_version, self.n_samples = a.version, a.min_version, a.n_samples
+        if not a.prompts:
+            self.retry_at = time.monotonic() + max(0.05, a.retry_after_s)
+            return
+        for p in a.prompts:
+            self.runner.start_group(p, a.n_samples)
+
+    def _on_ack(self, group_id: str, ack: GroupAck) -> None:
+        self.unacked.pop(group_id, None)
+        self.learner_version = max(self.learner_version, ack.version)
+        result = "accepted" if ack.accepted else ("stale" if "older than" in ack.reason else "rejected")
+        self.metrics.groups.labels(result=result).inc()
+        if not ack.accepted:
+            log.warning("group %s not accepted: %s", group_id, ack.reason)
+
+    def _send_group(self, g: GroupState) -> None:
+        msg = g.to_message(self.peer_id, self.run_id)
+        self.link.request(msg, "group", g.group_id)
+        self.unacked[g.group_id] = time.monotonic()
+        self.metrics.window["groups"] += 1
+
+    def _on_rollout(self, t: Trajectory) -> None:
+        mm = self.metrics
+        gen = sum(t.mask)
+        mm.tokens.inc(gen)
+        mm.window["tokens"] += gen
+        mm.window["rollouts"] += 1
+        mm.window["searches"] += t.num_searches
+        mm.rollouts.labels(finish=t.finish).inc()
+        mm.searches.inc(t.num_searches)
+        mm.searches_per.observe(t.num_searches)
+        if t.retrieval_failed:
+            mm.retrieval_failed.inc()
+        if t.result is not None:
+            mm.reward.observe(t.result.reward)
+            mm.rewards.append(t.result.reward)
+
+    # ------------------------------------------------------------------ weights
+    def _sync_between_steps(self) -> None:
+        """Apply a weight update if one is announced; the engine is between two steps here."""
+        if self.sync is None:
+            return
+        report = poll_sync(self.sync, self.engine)
+        if report is None:
+            return
+        if not report["ok"]:
+            log.error("weight update to version %s failed: %s", report["version"], report["message"])
+            if report["begun"]:
+                raise SystemExit(EXIT_WEIGHT_LOAD_FAILED)  # half-loaded engine: restart the process
+            return
+        self.metrics.load_s.observe(report["seconds"])
+        log.info("policy version %d loaded in %.3fs (%d buckets)", report["version"], report["seconds"],
+                 report["buckets"])
+
+    def _roll_metrics(self) -> None:
+        mm = self.metrics
+        mm.version.set(self.engine.version)
+        mm.lag.set(max(0, self.learner_version - self.engine.version))
+        mm.inflight.set(self._in_flight())
+        if mm.roll():
+            self._log_snapshot(mm.snapshot)
+
+    def _log_snapshot(self, snap: dict) -> None:
+        line = {"time": time.time(), "role": "actor", "worker": self.worker, "gpu": self.gpu,
+                "version": self.engine.version, "learner_version": self.learner_version,
+                **{k: round(v, 4) for k, v in snap.items()}}
+        log.info("stats %s", json.dumps(line))
+        path = self.cfg.metrics.log_file
+        if path:
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            except OSError as e:
+                log.warning("cannot append to metrics.log_file %s: %s", path, e)
+
+
+def poll_sync(sync, engine) -> dict | None:
+    """If the learner announced an update, receive all of it into `engine` and answer SyncDone.
+
+    Returns None when nothing was announced, else follow_sync's report plus `begun` (True once
+    the engine started loading: after a failure it may hold half-loaded weights)."""
+    from common.weightsync import SyncError, follow_sync
+
+    try:
+        first = sync.poll(0)
+    except SyncError as e:
+        log.error("weight sync: %s", e)
+        return None
+    if first is None or isinstance(first, SyncAbort):
+        return None
+    begun = False
+
+    def receive(header: dict, data: Any) -> None:
+        nonlocal begun
+        if header["bucket"] == 0:
+            engine.begin_update()
+            begun = True
+        engine.load_bucket(header, data)
+        if header["bucket"] == header["num_buckets"] - 1:
+            engine.finish_update(header["version"])
+
+    report = follow_sync(sync, first, engine.sync_setup, receive)
+    if report is not None:
+        report["begun"] = begun
+    return report
+
+
+def worker_main(cfg: ScoutConfig, worker: int, gpu: str) -> int:
+    w = ActorWorker(cfg, worker, gpu)
+
+    def on_signal(signum, _frame):
+        log.info("worker %d: signal %d, stopping", worker, signum)
+        w.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return w.run()
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def _main() -> int:
+    """Entry point of a worker process started by the supervisor (actors/main.py)."""
+    from common.config import log_config
+    from common.log import setup_logging
+
+    cfg = ScoutConfig.model_validate_json(os.environ["SCOUT_WORKER_CONFIG"])
+    worker = int(os.environ["SCOUT_WORKER_INDEX"])
+    gpu = os.environ.get("SCOUT_WORKER_GPU", "cpu")
+    setup_logging(f"actor-w{worker}", cfg.log_level)
+    log_config(cfg, f"actor worker {worker} (gpu {gpu})")
+    return worker_main(cfg, worker, gpu)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

