@@ -350,11 +350,4 @@ def make_searcher(cfg) -> Searcher:
     server) when set, else the scout retriever service at `actor.retriever_endpoint`."""
     from retriever.client import SyncRetriever, make_client  # lazy: actors import without it
 
-    return SyncRetriever(make_client(cfg.model_copy(update={"transport": retriever_transport(cfg.transport)})))
-
-
-def retriever_transport(tcfg):
-    """The transport settings for the asyncio retriever client. Its calls carry their own
-    deadlines; the socket-level receive timeout is lifted because the client's reader task ends
-    on the first EAGAIN, so an idle spell longer than recv_timeout_ms would silence it for good."""
-    return tcfg.model_copy(update={"recv_timeout_ms": 2**31 - 1})
+    return SyncRetriever(make_client(cfg))

@@ -127,6 +127,7 @@ class WorkerMetrics:
         self.rollouts = m.counter("scout_actor_rollouts_total", "rollouts finished, by how they ended", ("finish",))
         self.searches = m.counter("scout_actor_searches_total", "search calls made by rollouts")
         self.retrieval_failed = m.counter("scout_actor_retrieval_failed_total", "rollouts ended by a retrieval failure")
+        self.correct = m.counter("scout_actor_correct_total", "rollouts whose answer exactly matches a gold answer")
         self.searches_per = m.histogram("scout_actor_searches_per_rollout", "searches in one rollout",
                                         buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10))
         self.reward = m.histogram("scout_actor_reward", "reward of a finished rollout",
@@ -381,6 +382,8 @@ class ActorWorker:
         if t.retrieval_failed:
             mm.retrieval_failed.inc()
         if t.result is not None:
+            if t.result.correct:
+                mm.correct.inc()
             mm.reward.observe(t.result.reward)
             mm.rewards.append(t.result.reward)
 

@@ -160,6 +160,8 @@ class RetrieverClient(_RetryingClient):
         while True:
             try:
                 frames = await sock.recv_multipart(copy=False)
+            except zmq.Again:
+                continue  # the socket's receive timeout passed while idle: keep listening
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
             try:

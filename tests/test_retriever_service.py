@@ -155,6 +155,22 @@ def test_zmq_client_matches_in_process_search(service, local):
     assert np.mean([got[0].title == NAMES[10 * i] for i, got in enumerate(many)]) >= 0.8
 
 
+def test_client_keeps_listening_after_an_idle_spell(service):
+    """The socket's receive timeout passing while idle must not silence the client's reader."""
+    from common.config import TransportConfig
+
+    async def go():
+        async with RetrieverClient(service["endpoint"], TransportConfig(recv_timeout_ms=200), timeout_s=30,
+                                   retries=0) as c:
+            first = await c.search(["capital of x"], topk=1)
+            await asyncio.sleep(1.0)  # several receive timeouts pass with nothing to read
+            second = await c.search(["capital of x"], topk=1)
+            return first, second
+
+    first, second = asyncio.run(go())
+    assert first[0][0].id == second[0][0].id
+
+
 def test_http_search_r1_schema(service):
     q = [f"capital of {NAMES[3]}", f"who founded {NAMES[4]}"]
     status, body = post(service, {"queries": q, "topk": 2, "return_scores": True})
