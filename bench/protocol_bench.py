@@ -1,7 +1,7 @@
 """Trajectory-group transport benchmark: encode + send + receive + decode over loopback tcp and
 ipc, next to a raw ZeroMQ send of the same bytes, in the same run. Also times `cli.py --help`.
 
-    python bench/protocol_bench.py [--samples 16] [--tokens 2048] [--messages 2000]
+    python bench/protocol_bench.py [--samples 16] [--tokens 2048] [--messages 2000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved raw/scout rounds; medians reported")
     args = ap.parse_args()
     group = make_group(args.samples, args.tokens)
     size = sum(len(f) for f in encode(group)) / 1e6
@@ -105,14 +107,16 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     tmp = tempfile.mkdtemp(prefix="scout-bench-")
     for name in ("tcp", "ipc"):
-        results = {}
-        for mode in ("raw", "scout"):
-            if name == "tcp":
-                from common.transport import free_tcp_port
-                ep = f"tcp://127.0.0.1:{free_tcp_port()}"
-            else:
-                ep = f"ipc://{tmp}/{mode}.sock"
-            results[mode] = run(ep, mode, group, args.messages)
+        runs: dict[str, list[tuple[float, float]]] = {"raw": [], "scout": []}
+        for r in range(args.rounds):
+            for mode in ("raw", "scout"):  # interleaved, so load changes hit both alike
+                if name == "tcp":
+                    from common.transport import free_tcp_port
+                    ep = f"tcp://127.0.0.1:{free_tcp_port()}"
+                else:
+                    ep = f"ipc://{tmp}/{mode}-{r}.sock"
+                runs[mode].append(run(ep, mode, group, args.messages))
+        results = {m: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for m, v in runs.items()}
         for mode in ("raw", "scout"):
             mbps, us = results[mode]
             ratio = f"{results['scout'][0] / results['raw'][0]:.0%}" if mode == "scout" else ""
