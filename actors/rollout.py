@@ -345,9 +345,22 @@ class RolloutRunner:
         return self._encode_cached("\n\n<information>") + body + self._encode_cached("</information>\n\n")
 
 
+class NoSearch:
+    """Retrieval disabled (`actor.no_search`, the demo's control run): every search finds nothing."""
+
+    def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
+        return [[] for _ in queries]
+
+    def close(self) -> None:
+        pass
+
+
 def make_searcher(cfg) -> Searcher:
     """Synchronous retriever client from config: `actor.retriever_url` (an external Search-R1
-    server) when set, else the scout retriever service at `actor.retriever_endpoint`."""
+    server) when set, else the scout retriever service at `actor.retriever_endpoint`; with
+    `actor.no_search`, a searcher that finds nothing."""
+    if cfg.actor.no_search:
+        return NoSearch()
     from retriever.client import SyncRetriever, make_client  # lazy: actors import without it
 
     return SyncRetriever(make_client(cfg))

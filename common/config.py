@@ -118,6 +118,7 @@ class ActorConfig(Section):
     max_restarts: int = Field(20, ge=0)  # per worker slot; then the slot stays down
     eval_limit: int = Field(0, ge=0)  # eval: first N questions (0 = all)
     eval_batch: int = Field(64, ge=1)  # eval: questions in flight at once
+    no_search: bool = False  # control runs: every search returns an empty <information> block
 
 
 class LearnerConfig(Section):
@@ -162,6 +163,7 @@ class LearnerConfig(Section):
     batch_wait_s: float = Field(2.0, gt=0)  # rank 0 re-checks (stop, pending syncs) this often
     sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = model config dtype
     cpu_threads: int = Field(0, ge=0)  # torch threads per rank on CPU; 0 = torch's default (shared CPUs: 1)
+    dump_groups_dir: str | None = None  # tests/debugging: every accepted group as <dir>/<seq>.npz
 
 
 class DemoConfig(Section):

@@ -29,10 +29,9 @@ def engine(tmp_path_factory):
 @pytest.fixture
 def dead_searcher():
     """The real retriever client pointed at an endpoint nobody serves: every call fails."""
-    from actors.rollout import retriever_transport
     from retriever.client import RetrieverClient, SyncRetriever
 
-    s = SyncRetriever(RetrieverClient("ipc:///nonexistent/scout-retriever", retriever_transport(TransportConfig()),
+    s = SyncRetriever(RetrieverClient("ipc:///nonexistent/scout-retriever", TransportConfig(),
                                       timeout_s=0.3, retries=0))
     yield s
     s.close()
@@ -200,3 +199,12 @@ def test_chat_template_is_applied(engine):
     finally:
         tok.chat_template = None
     assert not tok.decode(build_prompt_ids(tok, "q?")).startswith("<|bos|>user")
+
+
+def test_no_search_control_finds_nothing():
+    from actors.rollout import NoSearch, make_searcher
+    from common.config import load_config
+
+    searcher = make_searcher(load_config(None, ["actor.no_search=true"], environ={}))
+    assert isinstance(searcher, NoSearch)
+    assert searcher.search(["capital of zorland", "river of x"], 3) == [[], []]

@@ -157,11 +157,10 @@ def retriever_endpoint(tmp_path_factory, procs_mod):
 
 @pytest.fixture(scope="module")
 def searcher(retriever_endpoint):
-    from actors.rollout import retriever_transport
     from common.config import TransportConfig
     from retriever.client import RetrieverClient, SyncRetriever
 
-    s = SyncRetriever(RetrieverClient(retriever_endpoint, retriever_transport(TransportConfig()), timeout_s=30.0,
+    s = SyncRetriever(RetrieverClient(retriever_endpoint, TransportConfig(), timeout_s=30.0,
                                       retries=2))
     yield s
     s.close()
