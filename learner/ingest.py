@@ -389,9 +389,25 @@ class IngestServer:
                 self.seen_groups.popitem(last=False)
             self.m_buffer.set(len(self.buffer))
             self._cond.notify_all()
+            if self.lc.dump_groups_dir:
+                self._dump(g)
         elif result == "rejected":
             log.warning("group %s from %s rejected: %s", g.group_id, g.peer_id, reason)
         return GroupAck(group_id=g.group_id, accepted=result == "accepted", reason=reason, version=self.version)
+
+    def _dump(self, g: TrajectoryGroup) -> None:
+        """learner.dump_groups_dir (tests/debugging): the accepted group's arrays and ids as .npz
+        (plain arrays, no pickle), numbered in acceptance order. A failed write is only logged."""
+        d = Path(self.lc.dump_groups_dir)
+        self._dumped = getattr(self, "_dumped", 0) + 1
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            np.savez(d / f"{self._dumped:06d}.npz", group_id=np.str_(g.group_id), lengths=g.lengths, tokens=g.tokens,
+                     loss_mask=g.loss_mask, logprobs=g.logprobs, versions=g.versions, rewards=g.rewards,
+                     prompt_id=np.int64(g.prompt_id), peer_id=np.str_(g.peer_id), run_id=np.str_(g.run_id),
+                     learner_version=np.int64(self.version))
+        except OSError as e:
+            log.warning("learner.dump_groups_dir: could not write group %s: %s", g.group_id, e)
 
     def _sweep_dead_peers(self) -> None:
         now = time.monotonic()
