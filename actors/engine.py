@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from common.config import ConfigError
+
 log = logging.getLogger("scout.actors.engine")
 
 STOP_WINDOW = 24  # tokens decoded to look for a stop string completed by the newest token
@@ -476,8 +478,24 @@ class TransformersEngine(Engine):
             self._receiver = None
 
 
+def check_context_length(acfg) -> None:
+    """actor.max_total_tokens must fit the model's context (max_position_embeddings)."""
+    import json
+
+    cfg_path = Path(acfg.model or "") / "config.json"
+    try:
+        limit = int(json.loads(cfg_path.read_text()).get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        return  # a missing or unreadable config is reported by the engine itself
+    if limit and acfg.max_total_tokens > limit:
+        raise ConfigError(f"actor.max_total_tokens ({acfg.max_total_tokens}) exceeds the model's context of "
+                          f"{limit} tokens (max_position_embeddings in {cfg_path}); set actor.max_total_tokens "
+                          f"<= {limit}")
+
+
 def make_engine(acfg, version: int = 0) -> Engine:
     """Engine from the actor config section (`actor.engine`)."""
+    check_context_length(acfg)
     if acfg.engine == "vllm":
         return VllmEngine(acfg.model, max_model_len=acfg.max_total_tokens, seed=acfg.seed, dtype=acfg.dtype,
                           kv_cache_gib=acfg.kv_cache_gib, gpu_memory_utilization=acfg.gpu_memory_utilization,

@@ -56,6 +56,9 @@ def check_model(cfg: ScoutConfig) -> None:
         raise ConfigError("actor.model: no model given (use --model PATH, a local HF causal-LM folder)")
     if not (Path(m) / "config.json").is_file():
         raise ConfigError(f"actor.model: {m} is not a local HF model folder (no config.json)")
+    from actors.engine import check_context_length
+
+    check_context_length(cfg.actor)
 
 
 class Supervisor:

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "SCOUT_"
 
@@ -119,6 +119,14 @@ class ActorConfig(Section):
     eval_limit: int = Field(0, ge=0)  # eval: first N questions (0 = all)
     eval_batch: int = Field(64, ge=1)  # eval: questions in flight at once
     no_search: bool = False  # control runs: every search returns an empty <information> block
+    prompt_template: str | None = None  # format string with {question}; None = the built-in instruction
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, v: str | None) -> str | None:
+        if v is not None and "{question}" not in v:
+            raise ValueError("must contain {question}")
+        return v
 
 
 class LearnerConfig(Section):
@@ -171,6 +179,8 @@ class DemoConfig(Section):
     seed: int = 0
     steps: int = Field(60, ge=0)
     no_search: bool = False
+    pretrain_steps: int | None = Field(None, ge=0)  # None: the recipe's default
+    eval_limit: int = Field(0, ge=0)  # held-out questions evaluated (0 = all)
 
 
 class ScoutConfig(Section):

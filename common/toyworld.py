@@ -1,0 +1,348 @@
+"""Deterministic toy world for the embedded demo: invented entities, one fact per passage.
+
+    WorldSpec(seed) ──make_world──▶ World: entities (two invented syllables, "zor vak"),
+         │                          relations (capital, founder, river), one invented value
+         │                          per (entity, relation); entities split train / held-out
+         ├─▶ corpus.jsonl           "the capital of zor vak is mel ba ." one fact per passage
+         ├─▶ corpus_swapped.jsonl   same passages, every value replaced by another one
+         ├─▶ train.jsonl            questions on train entities (Search-R1 QA format)
+         ├─▶ heldout.jsonl          questions on held-out entities
+         ├─▶ heldout_swapped.jsonl  held-out questions, gold = the swapped corpus value
+         └─▶ world.json             the spec and a digest (the cache key)
+
+    World ──pretraining_transcripts──▶ copy-prior transcripts for base-model pretraining:
+         question → <think> → either <search> random span of the question </search> + an
+         <information> block of training-entity passages whose values are all re-drawn at
+         random → <answer> a random name of that block </answer>, or <answer> a random name
+         </answer> without searching. No true fact and no held-out entity ever appears in them,
+         and no answer is ever the gold value (checked by tests/test_toyworld.py).
+
+The prompt and observation formats here are the ones the actors must use for the demo model:
+`make_prompt(question)` and `format_information(docs)` (Search-R1's `Doc i(Title: T) text`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROMPT_TEMPLATE = "question: {question}\n"
+DATA_SOURCE = "toyworld"
+RELATIONS = ("capital", "founder", "river")
+THINK_PHRASES = ("let me think", "i am not sure", "hmm", "what do i know", "let me see")
+WORLD_FORMAT = 1
+
+_ONSETS = "b d f g k l m n p r s t v z".split()
+_VOWELS = "a e i o u".split()
+_CODAS = "k l m n r s x".split()
+# syllables that are English words or tag-like pieces would blur the encoder / template
+_BANNED = {"bus", "gas", "gun", "his", "kin", "man", "men", "nun", "pal", "pen", "pun", "run", "sin",
+           "sun", "ten", "tin", "van", "ban", "bin", "bun", "den", "din", "fan", "fin", "fun", "gum",
+           "him", "kim", "lil", "mal", "mil", "mom", "mum", "nil", "pin", "ram", "rim", "rum", "sam",
+           "sir", "sis", "tim", "tom", "ton", "tux", "fix", "fox", "lax", "lex", "max", "mix", "box",
+           "sex", "six", "tax", "vex", "wax", "kos", "dos", "bos", "los", "mas", "nos", "pas", "ras",
+           "tas", "vas", "gus", "bal", "del", "dal", "gel", "sol", "pol", "tel", "vol", "bel", "mel",
+           "nel", "sal", "val", "vel", "don", "dan", "son", "ron", "lon", "lin", "lan", "ren", "zen"}
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    seed: int = 0
+    n_entities: int = 600
+    heldout_entities: int = 100
+    entity_syllables: int = 150  # inventory sizes (names are two syllables: "zor vak"); a large
+    value_syllables: int = 40  # entity inventory keeps names apart for the dense encoder
+
+    def digest(self) -> str:
+        blob = json.dumps({"format": WORLD_FORMAT, **asdict(self)}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class World:
+    spec: WorldSpec
+    entities: list[str]  # index = entity id
+    heldout: set[int]  # entity ids held out (never in pretraining, never trained on)
+    values: dict[tuple[int, str], str]  # (entity id, relation) -> value
+    swapped: dict[tuple[int, str], str]  # (entity id, relation) -> a different value
+    value_names: list[str] = field(default_factory=list)  # the value inventory
+
+    @property
+    def train_ids(self) -> list[int]:
+        return [i for i in range(len(self.entities)) if i not in self.heldout]
+
+    @property
+    def heldout_ids(self) -> list[int]:
+        return sorted(self.heldout)
+
+
+# --------------------------------------------------------------------------- text formats
+def question_text(entity: str, relation: str) -> str:
+    return f"what is the {relation} of {entity} ?"
+
+
+def passage_text(entity: str, relation: str, value: str) -> str:
+    return f"the {relation} of {entity} is {value} ."
+
+
+def make_prompt(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+def format_information(docs: list[tuple[str, str]]) -> str:
+    """Search-R1 observation for (title, text) passages, best first."""
+    body = "\n".join(f"Doc {i + 1}(Title: {t}) {x}" for i, (t, x) in enumerate(docs))
+    return f"\n\n<information>{body.strip()}</information>\n\n"
+
+
+def passage_id(eid: int, relation: str) -> str:
+    return f"e{eid}-{relation}"
+
+
+# --------------------------------------------------------------------------- the world
+def _syllables(rng: random.Random, n_entity: int, n_value: int) -> tuple[list[str], list[str]]:
+    pool = sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS} - _BANNED)
+    rng.shuffle(pool)
+    if n_entity + n_value > len(pool):
+        raise ValueError(f"only {len(pool)} syllables available, asked for {n_entity + n_value}")
+    return pool[:n_entity], pool[n_entity:n_entity + n_value]
+
+
+def _pick_heldout(rng: random.Random, entities: list[str], k: int) -> set[int]:
+    """k held-out entities, each of whose syllables also occurs in some training entity (so
+    pretraining has seen every token a held-out name is made of)."""
+    order = list(range(len(entities)))
+    rng.shuffle(order)
+    count: dict[str, int] = {}
+    for name in entities:
+        for s in set(name.split()):
+            count[s] = count.get(s, 0) + 1
+    held: set[int] = set()
+    for eid in order:
+        syl = set(entities[eid].split())
+        if all(count[s] > 1 for s in syl):
+            held.add(eid)
+            for s in syl:
+                count[s] -= 1
+            if len(held) == k:
+                return held
+    raise ValueError(f"cannot hold out {k} entities and keep every syllable in training")
+
+
+def make_world(spec: WorldSpec) -> World:
+    """The world of `spec`, identical on every machine for the same spec."""
+    if not 0 < spec.heldout_entities < spec.n_entities:
+        raise ValueError("heldout_entities must be between 1 and n_entities - 1")
+    rng = random.Random(f"toyworld/{spec.seed}")
+    ent_syl, val_syl = _syllables(rng, spec.entity_syllables, spec.value_syllables)
+    names = [f"{a} {b}" for a in ent_syl for b in ent_syl if a != b]
+    if spec.n_entities > len(names):
+        raise ValueError(f"{spec.entity_syllables} syllables give only {len(names)} entity names")
+    entities = rng.sample(names, spec.n_entities)
+    value_names = [f"{a} {b}" for a in val_syl for b in val_syl if a != b]
+    values: dict[tuple[int, str], str] = {}
+    swapped: dict[tuple[int, str], str] = {}
+    for eid in range(spec.n_entities):
+        vals = rng.sample(value_names, 2 * len(RELATIONS))  # distinct true and swapped values
+        for k, rel in enumerate(RELATIONS):
+            values[(eid, rel)] = vals[k]
+            swapped[(eid, rel)] = vals[len(RELATIONS) + k]
+    heldout = _pick_heldout(rng, entities, spec.heldout_entities)
+    return World(spec, entities, heldout, values, swapped, value_names)
+
+
+def corpus_records(world: World, swapped: bool = False) -> list[dict]:
+    table = world.swapped if swapped else world.values
+    out = []
+    for eid, name in enumerate(world.entities):
+        for rel in RELATIONS:
+            text = passage_text(name, rel, table[(eid, rel)])
+            out.append({"id": passage_id(eid, rel), "contents": f'"{name}"\n{text}'})
+    return out
+
+
+def qa_records(world: World, ids: list[int], swapped: bool = False) -> list[dict]:
+    table = world.swapped if swapped else world.values
+    return [{"question": question_text(world.entities[eid], rel), "golden_answers": [table[(eid, rel)]],
+             "data_source": DATA_SOURCE, "passage_id": passage_id(eid, rel)}
+            for eid in ids for rel in RELATIONS]
+
+
+@dataclass(frozen=True)
+class WorldPaths:
+    dir: Path
+    corpus: Path
+    train: Path
+    heldout: Path
+    corpus_swapped: Path
+    heldout_swapped: Path
+    meta: Path
+
+    @classmethod
+    def under(cls, d: Path) -> "WorldPaths":
+        return cls(d, d / "corpus.jsonl", d / "train.jsonl", d / "heldout.jsonl", d / "corpus_swapped.jsonl",
+                   d / "heldout_swapped.jsonl", d / "world.json")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def build_world(out_dir: str | Path, seed: int = 0, **spec_kw) -> WorldPaths:
+    """Write the world's files under `out_dir` (skipped when world.json already records the
+    same spec); returns their paths."""
+    spec = WorldSpec(seed=seed, **spec_kw)
+    paths = WorldPaths.under(Path(out_dir))
+    if paths.meta.is_file():
+        try:
+            meta = json.loads(paths.meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        files = (paths.corpus, paths.train, paths.heldout, paths.corpus_swapped, paths.heldout_swapped)
+        if meta.get("digest") == spec.digest() and all(p.is_file() for p in files):
+            return paths
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    world = make_world(spec)
+    _write_jsonl(paths.corpus, corpus_records(world))
+    _write_jsonl(paths.corpus_swapped, corpus_records(world, swapped=True))
+    _write_jsonl(paths.train, qa_records(world, world.train_ids))
+    _write_jsonl(paths.heldout, qa_records(world, world.heldout_ids))
+    _write_jsonl(paths.heldout_swapped, qa_records(world, world.heldout_ids, swapped=True))
+    meta = {"digest": spec.digest(), "spec": asdict(spec), "format": WORLD_FORMAT,
+            "passages": len(world.entities) * len(RELATIONS), "relations": list(RELATIONS),
+            "prompt_template": PROMPT_TEMPLATE}
+    tmp = paths.meta.with_name("world.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(paths.meta)
+    return paths
+
+
+def load_world(world_dir: str | Path) -> World:
+    """Rebuild the World recorded in `world_dir/world.json`."""
+    meta = json.loads((Path(world_dir) / "world.json").read_text())
+    return make_world(WorldSpec(**meta["spec"]))
+
+
+# --------------------------------------------------------------------------- pretraining prior
+@dataclass(frozen=True)
+class PriorSpec:
+    """Shape of the copy prior taught in pretraining (never the task)."""
+
+    p_search: float = 0.45  # first action is a search; otherwise an answer at once
+    p_search_again: float = 0.0  # after an information block, search once more (then answer)
+    topk: int = 3  # passages per information block (as the actors will retrieve)
+    answer_from: str = "values"  # after a search: a random "values" (value-like names) or any "names"
+    p_copy_entity: float = 0.0  # an answer without search copies the question's entity (else a random value)
+
+
+@dataclass
+class Transcript:
+    """One pretraining sequence as the rollout would build it: `segments` alternate between
+    text the policy generates (`True`) and text the environment adds (`False`)."""
+
+    segments: list[tuple[str, bool]]
+    question: str
+    gold: str
+    answer: str
+    searched: bool
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.segments)
+
+
+class _Prior:
+    """Samples transcripts about training entities only, with re-drawn values everywhere."""
+
+    def __init__(self, world: World, prior: PriorSpec, rng: random.Random):
+        self.w, self.p, self.rng = world, prior, rng
+        self.train = world.train_ids
+        self.by_name = {world.entities[i]: i for i in self.train}
+        self.by_syl: dict[str, list[int]] = {}
+        for i in self.train:
+            for s in world.entities[i].split():
+                self.by_syl.setdefault(s, []).append(i)
+
+    def value_not(self, banned: set[str]) -> str:
+        while True:
+            v = self.rng.choice(self.w.value_names)
+            if v not in banned:
+                return v
+
+    def span(self, words: list[str]) -> list[str]:
+        spans = [(a, b) for a in range(len(words)) for b in range(a + 1, len(words) + 1)]
+        a, b = self.rng.choice(spans)
+        return words[a:b]
+
+    def retrieve(self, span: list[str]) -> list[tuple[int, str]]:
+        """Imitates what the dense retriever returns for `span` (lexically): the named entity's
+        passages (asked relation first), else passages sharing a syllable or the relation."""
+        k = self.p.topk
+        rels = [r for r in RELATIONS if r in span]
+        named = [self.by_name[b] for b in (" ".join(span[j:j + 2]) for j in range(len(span) - 1))
+                 if b in self.by_name]
+        out: list[tuple[int, str]] = []
+        if named:
+            order = rels + [r for r in self.rng.sample(RELATIONS, len(RELATIONS)) if r not in rels]
+            out = [(named[0], r) for r in order]
+        else:
+            near = [i for s in span for i in self.by_syl.get(s, [])]
+            for i in self.rng.sample(near, min(k, len(near))):
+                out.append((i, rels[0] if rels else self.rng.choice(RELATIONS)))
+        while len(out) < k:
+            out.append((self.rng.choice(self.train), rels[0] if rels else self.rng.choice(RELATIONS)))
+        return out[:k]
+
+    def information(self, span: list[str], gold: str) -> tuple[str, list[str]]:
+        """Observation text (values re-drawn, never a true one) and the answer candidates it holds."""
+        docs, names = [], []
+        for eid, rel in self.retrieve(span):
+            name = self.w.entities[eid]
+            value = self.value_not({gold, self.w.values[(eid, rel)]})
+            docs.append((name, passage_text(name, rel, value)))
+            names += [n for n in ((value,) if self.p.answer_from == "values" else (name, value)) if n not in names]
+        return format_information(docs), names
+
+    def sample(self) -> Transcript:
+        rng, w = self.rng, self.w
+        eid, rel = rng.choice(self.train), rng.choice(RELATIONS)
+        question, gold = question_text(w.entities[eid], rel), w.values[(eid, rel)]
+        segs: list[tuple[str, bool]] = [(make_prompt(question), False)]
+        think = f"<think> {rng.choice(THINK_PHRASES)} </think>\n"
+        if rng.random() >= self.p.p_search:
+            answer = w.entities[eid] if rng.random() < self.p.p_copy_entity else self.value_not({gold})
+            segs.append((f"{think}<answer> {answer} </answer>", True))
+            return Transcript(segs, question, gold, answer, False)
+        words = question.split()
+        names: list[str] = []
+        for turn in range(2):
+            span = self.span(words)
+            segs.append(((think if turn == 0 else "") + f"<search> {' '.join(span)} </search>", True))
+            obs, names = self.information(span, gold)
+            segs.append((obs, False))
+            if rng.random() >= self.p.p_search_again:
+                break
+        answer = rng.choice(names)
+        segs.append((f"<answer> {answer} </answer>", True))
+        return Transcript(segs, question, gold, answer, True)
+
+
+def pretraining_transcripts(world: World, n: int, seed: int = 0, prior: PriorSpec = PriorSpec()) -> list[Transcript]:
+    """n copy-prior transcripts (deterministic for (world, seed, prior))."""
+    sampler = _Prior(world, prior, random.Random(f"prior/{world.spec.digest()}/{seed}"))
+    return [sampler.sample() for _ in range(n)]
+
+
+def world_words(world: World) -> list[str]:
+    """Every word the world and its templates use (the tokenizer must keep each whole)."""
+    words = set(" ".join(world.entities + world.value_names).split())
+    words |= set(question_text("x", "y").split()) | set(passage_text("x", "y", "z").split()) | set(RELATIONS)
+    words |= set(" ".join(THINK_PHRASES).split()) | set(PROMPT_TEMPLATE.format(question="").replace(":", " ").split())
+    return sorted(words - {"x", "y", "z"})

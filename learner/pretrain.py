@@ -1,0 +1,172 @@
+"""Pretrain the embedded demo's base model on CPU: language, tags and a generic copy prior.
+
+    world_dir (common.toyworld) ──load_world──▶ World
+         │ pretraining_transcripts(seed): training entities only, values re-drawn, answers
+         │ never gold (see common/toyworld.py)
+         ▼
+    build_tiny_model (common.tinymodel): byte-level BPE trained on those transcripts (every
+         │ world word checked to be one token) + randomly initialised Qwen2
+         ▼
+    AdamW, warm-up + cosine, batches of similar-length transcripts (each tokenised segment by
+         │ segment, exactly as the rollout concatenates prompt / generated / observation tokens),
+         │ next-token loss on every token
+         ▼
+    out_dir: HF folder (safetensors, tokenizer, generation_config) + pretrain.json (the cache key,
+             the settings, timings and the loss curve)
+
+`pretrain_base_model` skips all work when out_dir/pretrain.json records the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.toyworld import PriorSpec, Transcript, World, load_world, pretraining_transcripts, world_words
+
+log = logging.getLogger("scout.learner.pretrain")
+
+PRETRAIN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 384
+    vocab_size: int = 1024
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    tokenizer_texts: int = 4000
+    prior: PriorSpec = field(default_factory=PriorSpec)
+
+    def key(self, world_digest: str, seed: int) -> str:
+        blob = json.dumps({"format": PRETRAIN_FORMAT, "world": world_digest, "seed": seed, **asdict(self)},
+                          sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_tokenizer(tok, world: World) -> None:
+    split = [w for w in world_words(world) if len(tok.encode(" " + w, add_special_tokens=False)) != 1]
+    if split:
+        raise RuntimeError(f"tokenizer splits {len(split)} world words (e.g. {split[:5]}): raise vocab_size")
+
+
+def encode_transcript(tok, t: Transcript) -> list[int]:
+    """Token ids of a transcript, segment by segment (as a rollout concatenates them), + eos."""
+    ids: list[int] = []
+    for text, _generated in t.segments:
+        ids += tok.encode(text, add_special_tokens=False)
+    return ids + [tok.eos_token_id]
+
+
+def _batches(tok, world: World, spec: PretrainSpec, seed: int, pool_batches: int = 64):
+    """Endless batches (lists of id lists) of freshly sampled transcripts. Not sorted by length:
+    that would put all answer-at-once transcripts (the short ones) in the same batches."""
+    round_ = 0
+    while True:
+        ts = pretraining_transcripts(world, spec.batch * pool_batches, seed=seed * 1_000_003 + round_, prior=spec.prior)
+        seqs = [encode_transcript(tok, t) for t in ts]
+        yield from (seqs[i:i + spec.batch] for i in range(0, len(seqs), spec.batch))
+        round_ += 1
+
+
+def _lr_at(step: int, spec: PretrainSpec) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _train(model, tok, world: World, spec: PretrainSpec, seed: int, log_every: int) -> list[dict]:
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
+    pad = tok.pad_token_id
+    curve, t0, c0, run_loss, run_n = [], time.time(), time.process_time(), 0.0, 0
+    model.train()
+    for step, batch in zip(range(spec.steps), _batches(tok, world, spec, seed)):
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        for i, s in enumerate(batch):
+            ids[i, :len(s)] = torch.tensor(s)
+        labels = ids.clone()
+        labels[ids == pad] = -100
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec)
+        logits = model(input_ids=ids).logits[:, :-1]  # right padding: causal attention needs no mask
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        opt.step()
+        run_loss, run_n = run_loss + float(loss.detach()), run_n + 1
+        if (step + 1) % log_every == 0 or step + 1 == spec.steps:
+            entry = {"step": step + 1, "loss": run_loss / run_n, "seconds": round(time.time() - t0, 1),
+                     "cpu_seconds": round(time.process_time() - c0, 1)}
+            curve.append(entry)
+            log.info("pretrain step %d/%d loss %.4f (%.0f s)", step + 1, spec.steps, entry["loss"], entry["seconds"])
+            run_loss, run_n = 0.0, 0
+    model.eval()
+    return curve
+
+
+def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 0, spec: PretrainSpec | None = None,
+                        threads: int = 0, log_every: int = 100, **overrides) -> Path:
+    """Build and pretrain the demo base model from the world in `world_dir`; returns `out_dir`.
+    Keyword overrides replace PretrainSpec fields (e.g. steps=2000). Cached by pretrain.json."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from common.tinymodel import build_tiny_model
+
+    spec = spec or PretrainSpec()
+    if overrides:
+        spec = PretrainSpec(**{**asdict(spec), "prior": spec.prior, **overrides})
+    world = load_world(world_dir)
+    out = Path(out_dir)
+    key = spec.key(world.spec.digest(), seed)
+    meta_path = out / "pretrain.json"
+    if meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()).get("key") == key and (out / "config.json").is_file():
+                return out
+        except (OSError, json.JSONDecodeError):
+            pass
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    texts = [t.text for t in pretraining_transcripts(world, spec.tokenizer_texts, seed=-1 - seed, prior=spec.prior)]
+    texts.append(" ".join(w for w in world_words(world) for _ in range(4)))  # make sure every word merges
+    build_tiny_model(out, texts=texts, layers=spec.layers, hidden=spec.hidden, heads=spec.heads,
+                     intermediate=spec.intermediate, vocab_size=spec.vocab_size, max_positions=1024, seed=seed)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    _check_tokenizer(tok, world)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    t_build = time.time() - t0
+    curve = _train(model, tok, world, spec, seed, log_every)
+    model.save_pretrained(str(out), safe_serialization=True)
+    meta = {"key": key, "seed": seed, "world": world.spec.digest(), "spec": asdict(spec),
+            "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+            "build_seconds": round(t_build, 1), "train_seconds": curve[-1]["seconds"] if curve else 0.0,
+            "curve": curve}
+    tmp = meta_path.with_name("pretrain.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
+    return out

@@ -1,0 +1,118 @@
+"""Toy world of the embedded demo: determinism, formats, and the pretraining data's hygiene
+(no held-out entity, no true fact, no gold answer ever appears in pretraining)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from common import toyworld as tw
+from retriever.docstore import read_corpus, split_title
+
+SMALL = dict(n_entities=120, heldout_entities=20)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    tw.build_world(d, seed=3, **SMALL)
+    return d
+
+
+def test_same_seed_same_files_other_seed_other_world(tmp_path, world_dir):
+    again = tw.build_world(tmp_path / "a", seed=3, **SMALL)
+    for name in ("corpus.jsonl", "train.jsonl", "heldout.jsonl", "corpus_swapped.jsonl", "heldout_swapped.jsonl"):
+        assert (world_dir / name).read_bytes() == (again.dir / name).read_bytes(), name
+    other = tw.build_world(tmp_path / "b", seed=4, **SMALL)
+    assert other.corpus.read_bytes() != again.corpus.read_bytes()
+
+
+def test_build_is_cached_and_rebuilt_when_the_spec_changes(tmp_path):
+    p = tw.build_world(tmp_path, seed=1, **SMALL)
+    stamp = p.corpus.stat().st_mtime_ns
+    assert tw.build_world(tmp_path, seed=1, **SMALL).corpus.stat().st_mtime_ns == stamp
+    tw.build_world(tmp_path, seed=2, **SMALL)
+    assert json.loads(p.meta.read_text())["spec"]["seed"] == 2
+
+
+def test_corpus_and_qa_follow_search_r1_formats(world_dir):
+    ids, contents = [], []
+    for i, c in read_corpus(world_dir / "corpus.jsonl"):
+        ids += i
+        contents += c
+    assert len(ids) == len(set(ids)) == SMALL["n_entities"] * len(tw.RELATIONS)
+    by_id = dict(zip(ids, contents))
+    for row in _rows(world_dir / "train.jsonl") + _rows(world_dir / "heldout.jsonl"):
+        assert set(row) >= {"question", "golden_answers", "data_source"}
+        assert isinstance(row["golden_answers"], list) and len(row["golden_answers"]) == 1
+        gold = row["golden_answers"][0]
+        title, text = split_title(by_id[row["passage_id"]])
+        assert title in row["question"] and f" is {gold} ." in text  # one fact per passage
+        assert gold not in row["question"]  # the answer is only in the corpus
+        holders = [k for k, c in by_id.items() if f" {gold} " in c and title in c]
+        assert holders == [row["passage_id"]]
+
+
+def test_heldout_entities_are_disjoint_and_swapped_values_differ(world_dir):
+    train_q = {r["question"] for r in _rows(world_dir / "train.jsonl")}
+    held = _rows(world_dir / "heldout.jsonl")
+    swapped = _rows(world_dir / "heldout_swapped.jsonl")
+    assert len(held) == SMALL["heldout_entities"] * len(tw.RELATIONS)
+    assert not train_q & {r["question"] for r in held}
+    sw_corpus = {r["id"]: r["contents"] for r in _rows(world_dir / "corpus_swapped.jsonl")}
+    for h, s in zip(held, swapped):
+        assert h["question"] == s["question"] and h["golden_answers"] != s["golden_answers"]
+        assert f" is {s['golden_answers'][0]} ." in sw_corpus[s["passage_id"]]
+
+
+def test_heldout_names_only_use_syllables_seen_in_training():
+    w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
+    seen = {s for i in w.train_ids for s in w.entities[i].split()}
+    assert all(set(w.entities[i].split()) <= seen for i in w.heldout_ids)
+
+
+def test_pretraining_never_shows_heldout_entities_true_facts_or_gold_answers():
+    w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
+    held_names = [w.entities[i] for i in w.heldout_ids]
+    true_facts = {tw.passage_text(w.entities[e], r, v) for (e, r), v in w.values.items()}
+    ts = tw.pretraining_transcripts(w, 3000, seed=0)
+    assert abs(sum(t.searched for t in ts) / len(ts) - tw.PriorSpec().p_search) < 0.05
+    for t in ts:
+        text = t.text
+        assert not any(f" {n} " in text or f"{n})" in text for n in held_names)
+        for fact in re.findall(r"the \w+ of \w+ \w+ is \w+ \w+ \.", text):
+            assert fact not in true_facts
+        assert t.answer != t.gold
+        assert t.text.startswith(tw.make_prompt(t.question))
+        if t.searched:  # the answer copies a name of the last information block
+            last_info = [s for s, gen in t.segments if not gen][-1]
+            assert f" {t.answer} " in last_info or f"Title: {t.answer})" in last_info
+
+
+def test_pretraining_queries_copy_a_span_of_the_question():
+    w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
+    for t in tw.pretraining_transcripts(w, 500, seed=1):
+        for q in re.findall(r"<search> (.*?) </search>", t.text):
+            assert f" {q} " in f" {t.question} "
+
+
+def test_information_block_matches_search_r1():
+    obs = tw.format_information([("a b", "the river of a b is c d ."), ("e f", "x")])
+    assert obs == "\n\n<information>Doc 1(Title: a b) the river of a b is c d .\nDoc 2(Title: e f) x</information>\n\n"
+
+
+def test_tokenizer_keeps_every_world_word_whole(tmp_path):
+    from common.tinymodel import build_tokenizer
+    from learner.pretrain import _check_tokenizer
+
+    w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
+    texts = [t.text for t in tw.pretraining_transcripts(w, 300, seed=0)]
+    texts.append(" ".join(x for x in tw.world_words(w) for _ in range(4)))
+    tok = build_tokenizer(texts, tmp_path, vocab_size=1024)
+    _check_tokenizer(tok, w)
