@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from common.config import ConfigError, ScoutConfig
 from common.metrics import Metrics
+from common.status import StatusLine
 from learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from learner.trainer import (CTRL_BATCH, CTRL_STOP, CTRL_SYNC, CTRL_WAIT, Batch, Dist, Trainer, assemble,
                              broadcast_command, init_distributed)
@@ -129,6 +130,7 @@ class Learner:
             signal.signal(sig, self._on_signal)
         log.info("learner rank %d/%d on %s: training steps %d..%d", self.d.rank, self.d.world, self.d.device,
                  self.step, self.lc.steps)
+        self.status = StatusLine("learner", self.lc.steps, enabled=None if self.rank0 else False)
         while self.step < self.lc.steps:
             code, batch, groups = self._next_command()
             if code == CTRL_STOP:
@@ -256,6 +258,8 @@ class Learner:
                  self.step, self.version, rec["reward_mean"], stats.get("loss", 0.0), stats.get("clip_frac", 0.0),
                  stats.get("is_weight_mean", 0.0), stats.get("behav_kl", 0.0), stats.get("grad_norm", 0.0),
                  rec["tokens_per_s"], rec["staleness_mean"])
+        self.status.update(self.step, f"v{self.version}  reward {rec['reward_mean']:.3f}  "
+                                      f"{rec['tokens_per_s']:,.0f} tok/s  staleness {rec['staleness_mean']:.1f}")
 
     def _checkpoint(self) -> None:
         meta = {"version": self.version, "scheduler": self.trainer.scheduler.state_dict(),
@@ -265,6 +269,8 @@ class Learner:
         self.last_ckpt = self.step
 
     def close(self) -> None:
+        if getattr(self, "status", None) is not None:
+            self.status.close()
         if self.ingest is not None:
             self.ingest.stop()
         if self.sender is not None:

@@ -98,3 +98,17 @@ def test_keys_generate(tmp_path):
     assert (tmp_path / "k" / "server.key_secret").is_file()
     assert sorted(p.name for p in (tmp_path / "k" / "authorized").iterdir()) == ["actor.key", "learner.key"]
     assert "curve_dir" in out.stdout
+
+
+def test_status_line_renders_on_a_terminal_and_is_silent_off_one(capsys):
+    from common.status import StatusLine
+
+    off = StatusLine("learner", 10, enabled=False)
+    off.update(3, "reward 0.5")
+    off.close()
+    assert capsys.readouterr().err == ""
+    on = StatusLine("learner", 10, enabled=True)
+    on.update(7, "reward 0.25  1,000 tok/s")
+    on.close()
+    err = capsys.readouterr().err
+    assert "learner" in err and "7/10" in err and "reward 0.25" in err
