@@ -217,7 +217,7 @@ class TrajectoryGroup(Message):
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, group has {n}")
         if n and int(self.lengths.min()) < 1:
             raise ValueError("every sample needs at least one token")
-        total = int(self.lengths.astype(np.int64).sum())
+        total = int(self.lengths.sum(dtype=np.int64))
         if total > MAX_GROUP_TOKENS:
             raise ValueError(f"group has {total} tokens, cap is {MAX_GROUP_TOKENS}")
         for name in ("tokens", "loss_mask", "logprobs", "versions"):
@@ -230,8 +230,8 @@ class TrajectoryGroup(Message):
         # Vectorised checks without gathers (this runs on every received group).
         if total and np.count_nonzero((self.versions < 0).view(np.uint8) & self.loss_mask):
             raise ValueError("generated token without a policy version")
-        if total and (not math.isfinite(float(self.logprobs.sum()))
-                      or float(self.logprobs.max()) > 1e-4):
+        # max propagates NaN (and NaN <= x is False); min exposes -inf
+        if total and (not float(self.logprobs.max()) <= 1e-4 or not math.isfinite(float(self.logprobs.min()))):
             raise ValueError("behaviour logprobs must be finite and <= 0")
         if not np.isfinite(self.rewards).all():
             raise ValueError("rewards must be finite")
@@ -514,26 +514,30 @@ def _read_header(frames: Any) -> tuple[type[Message], dict, list]:
 
 
 def _read_array(cls: type[Message], spec_entry: Any, frame: Any) -> tuple[str, str, np.ndarray]:
-    if not (isinstance(spec_entry, list) and len(spec_entry) == 3):
+    if type(spec_entry) is not list or len(spec_entry) != 3:
         raise ProtocolError("array spec must be [name, dtype, shape]")
     name, dtype, shape = spec_entry
-    spec = cls.ARRAYS.get(name) if isinstance(name, str) else None
+    spec = cls.ARRAYS.get(name) if type(name) is str else None
     if spec is None:
         raise ProtocolError(f"{cls.TYPE} has no array field {name!r}")
     if dtype not in spec.dtypes:
         raise ProtocolError(f"{cls.TYPE}.{name} must be one of {spec.dtypes}, got {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
-        raise ProtocolError(f"{cls.TYPE}.{name} shape must be a list of non-negative ints")
-    if spec.ndim is not None and len(shape) != spec.ndim:
-        raise ProtocolError(f"{cls.TYPE}.{name} must have {spec.ndim} dimensions, got {len(shape)}")
+    if type(shape) is not list or (spec.ndim is not None and len(shape) != spec.ndim):
+        raise ProtocolError(f"{cls.TYPE}.{name} shape must be a list of {spec.ndim} non-negative ints")
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0 or d >= 1 << 40:
+            raise ProtocolError(f"{cls.TYPE}.{name} shape must be a list of non-negative ints")
+        count *= d
     np_dtype = DTYPES[dtype]
-    nbytes = math.prod(shape) * np_dtype.itemsize
+    nbytes = count * np_dtype.itemsize
     if nbytes > MAX_ARRAY_BYTES:
         raise ProtocolError(f"{cls.TYPE}.{name} is {nbytes} bytes, cap is {MAX_ARRAY_BYTES}")
     buf = _buffer(frame)
     if len(buf) != nbytes:
         raise ProtocolError(f"{cls.TYPE}.{name} frame has {len(buf)} bytes, shape {shape} of {dtype} needs {nbytes}")
-    return name, dtype, np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype=np_dtype)
+    return name, dtype, arr if len(shape) == 1 else arr.reshape(shape)
 
 
 def decode(frames: Any, expect: type[Message] | tuple[type[Message], ...] | None = None) -> Message:

@@ -139,6 +139,12 @@ def test_semantic_checks_on_trajectories():
     bad = list(frames)
     bad[idx] = lp.tobytes()
     _bad(bad, "logprobs must be finite and <= 0")
+    for value in (np.nan, -np.inf):
+        lp = g.logprobs.copy()
+        lp[int(np.argmax(g.loss_mask))] = value
+        bad = list(frames)
+        bad[idx] = lp.tobytes()
+        _bad(bad, "logprobs must be finite and <= 0")
     idx = [a[0] for a in hdr["a"]].index("versions") + 1
     bad = list(frames)
     bad[idx] = np.full_like(g.versions, -1).tobytes()
