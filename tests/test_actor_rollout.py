@@ -208,3 +208,11 @@ def test_no_search_control_finds_nothing():
     searcher = make_searcher(load_config(None, ["actor.no_search=true"], environ={}))
     assert isinstance(searcher, NoSearch)
     assert searcher.search(["capital of zorland", "river of x"], 3) == [[], []]
+
+
+def test_prompt_template_replaces_the_instruction(engine):
+    ids = build_prompt_ids(engine.tokenizer, " what is the capital of zorland ? ", "question: {question}\n")
+    assert engine.tokenizer.decode(ids, skip_special_tokens=True) == "question: what is the capital of zorland ?\n"
+    runner = make_runner(engine, prompt_template="question: {question}\n")
+    g, (t,) = start(runner)
+    assert t.tokens[: t.prompt_len] == ids
