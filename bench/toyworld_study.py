@@ -19,6 +19,7 @@ Prints one JSON line per evaluation and a summary (timings of each phase) at the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -302,7 +303,7 @@ def grpo_update(model, opt, trajs: list[Traj], adv: list[float], pad: int, grad_
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         loss = -(a * logp * m[:, 1:]).sum() / max(1, denom)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)) if keep else 0.0
     if keep:
         opt.step()
@@ -355,6 +356,7 @@ def _args(argv=None):
     p.add_argument("--eval-n", type=int, default=300, help="held-out questions evaluated")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--tag", default="run")
+    p.add_argument("--model", default=None, help="use this pretrained folder instead of pretraining")
     return p.parse_args(argv)
 
 
@@ -378,7 +380,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     def log(rec):
-        print(json.dumps(rec), flush=True)
+        if "eval" in rec or "phase" in rec or rec.get("step", 0) % 10 == 0:
+            print(json.dumps(rec), flush=True)
         with logf.open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -387,7 +390,9 @@ def main(argv=None) -> dict:
     retrieval = Retrieval({"true": paths.corpus, "swapped": paths.corpus_swapped}, paths.dir, a.threads)
     lap("index")
     pt = json.loads(a.pretrain)
-    model_dir = pretrain_base_model(paths.dir, out / f"model-{a.tag}", seed=a.seed, threads=a.threads, **pt)
+    pt_name = hashlib.sha1(json.dumps(pt, sort_keys=True).encode()).hexdigest()[:10]
+    model_dir = Path(a.model) if a.model else pretrain_base_model(paths.dir, out / f"model-{pt_name}", seed=a.seed,
+                                                                  threads=a.threads, **pt)
     lap("pretrain")
     rl = RLSpec(**json.loads(a.rl))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -403,7 +408,8 @@ def main(argv=None) -> dict:
     lap("eval")
     sampled = evaluate(roller, held[:100], held_sw[:100], temperature=1.0)
     log({"phase": "start", "greedy": start, "sampled": sampled,
-         "pretrain": json.loads((model_dir / "pretrain.json").read_text())["curve"][-3:]})
+         "pretrain": json.loads((model_dir / "pretrain.json").read_text())["curve"][-3:]
+         if (model_dir / "pretrain.json").is_file() else None})
     lap("sampled_eval")
     hist = train_rl(roller, model, tok, train, rl, a.seed, eval_fn, a.eval_every, log)
     lap("rl")

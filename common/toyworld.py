@@ -32,7 +32,8 @@ from pathlib import Path
 PROMPT_TEMPLATE = "question: {question}\n"
 DATA_SOURCE = "toyworld"
 RELATIONS = ("capital", "founder", "river")
-THINK_PHRASES = ("let me think", "i am not sure", "hmm", "what do i know", "let me see")
+# all three words long: the distance from a query back to the question stays the same
+THINK_PHRASES = ("let me think", "i am unsure", "let me see", "what is it")
 WORLD_FORMAT = 1
 
 _ONSETS = "b d f g k l m n p r s t v z".split()
@@ -240,6 +241,8 @@ class PriorSpec:
     topk: int = 3  # passages per information block (as the actors will retrieve)
     answer_from: str = "values"  # after a search: a random "values" (value-like names) or any "names"
     p_copy_entity: float = 0.0  # an answer without search copies the question's entity (else a random value)
+    p_drill: float = 0.5  # share of generic copy drills: a list of random names, then a span of it again
+    drill_names: int = 6  # names per drill list
 
 
 @dataclass
@@ -248,10 +251,11 @@ class Transcript:
     text the policy generates (`True`) and text the environment adds (`False`)."""
 
     segments: list[tuple[str, bool]]
-    question: str
-    gold: str
-    answer: str
-    searched: bool
+    question: str = ""
+    gold: str = ""
+    answer: str = ""
+    searched: bool = False
+    kind: str = "transcript"  # or "drill"
 
     @property
     def text(self) -> str:
@@ -265,6 +269,7 @@ class _Prior:
         self.w, self.p, self.rng = world, prior, rng
         self.train = world.train_ids
         self.by_name = {world.entities[i]: i for i in self.train}
+        self.held_names = {world.entities[i] for i in world.heldout}
         self.by_syl: dict[str, list[int]] = {}
         for i in self.train:
             for s in world.entities[i].split():
@@ -310,7 +315,24 @@ class _Prior:
             names += [n for n in ((value,) if self.p.answer_from == "values" else (name, value)) if n not in names]
         return format_information(docs), names
 
+    def drill(self) -> Transcript:
+        """Generic copying: a list of random names (training entities, values), then the same
+        list again. (A fixed length makes it a copy at a fixed distance, which a tiny model
+        learns within a few hundred steps and then reuses for the transcripts' copy prior;
+        drills of varying length or partial copies were not learned in the CPU budget.)"""
+        rng, pool = self.rng, self.w.value_names
+        while True:
+            names = [self.w.entities[rng.choice(self.train)] if rng.random() < 0.5 else rng.choice(pool)
+                     for _ in range(self.p.drill_names)]
+            words = " ".join(names).split()
+            if not any(f"{a} {b}" in self.held_names for a, b in zip(words, words[1:])):
+                break  # two neighbouring names must not spell a held-out entity
+        listed = " ".join(names)
+        return Transcript([(f" {listed} ; {listed} .", True)], kind="drill")
+
     def sample(self) -> Transcript:
+        if self.rng.random() < self.p.p_drill:
+            return self.drill()
         rng, w = self.rng, self.w
         eid, rel = rng.choice(self.train), rng.choice(RELATIONS)
         question, gold = question_text(w.entities[eid], rel), w.values[(eid, rel)]
@@ -335,7 +357,8 @@ class _Prior:
 
 
 def pretraining_transcripts(world: World, n: int, seed: int = 0, prior: PriorSpec = PriorSpec()) -> list[Transcript]:
-    """n copy-prior transcripts (deterministic for (world, seed, prior))."""
+    """n pretraining sequences, copy-prior transcripts and copy drills (deterministic for
+    (world, seed, prior))."""
     sampler = _Prior(world, prior, random.Random(f"prior/{world.spec.digest()}/{seed}"))
     return [sampler.sample() for _ in range(n)]
 

@@ -136,6 +136,8 @@ def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 
     from common.tinymodel import build_tiny_model
 
     spec = spec or PretrainSpec()
+    if isinstance(overrides.get("prior"), dict):
+        overrides["prior"] = PriorSpec(**overrides["prior"])
     if overrides:
         spec = PretrainSpec(**{**asdict(spec), "prior": spec.prior, **overrides})
     world = load_world(world_dir)

@@ -81,13 +81,20 @@ def test_pretraining_never_shows_heldout_entities_true_facts_or_gold_answers():
     w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
     held_names = [w.entities[i] for i in w.heldout_ids]
     true_facts = {tw.passage_text(w.entities[e], r, v) for (e, r), v in w.values.items()}
-    ts = tw.pretraining_transcripts(w, 3000, seed=0)
-    assert abs(sum(t.searched for t in ts) / len(ts) - tw.PriorSpec().p_search) < 0.05
-    for t in ts:
-        text = t.text
+    everything = tw.pretraining_transcripts(w, 4000, seed=0)
+    for t in everything:
+        text = f" {t.text} "
         assert not any(f" {n} " in text or f"{n})" in text for n in held_names)
         for fact in re.findall(r"the \w+ of \w+ \w+ is \w+ \w+ \.", text):
             assert fact not in true_facts
+    drills = [t for t in everything if t.kind == "drill"]
+    ts = [t for t in everything if t.kind == "transcript"]
+    assert abs(len(drills) / len(everything) - tw.PriorSpec().p_drill) < 0.05
+    assert abs(sum(t.searched for t in ts) / len(ts) - tw.PriorSpec().p_search) < 0.05
+    for t in drills:
+        first, second = t.text[1:-2].split(" ; ")
+        assert first == second and len(first.split()) == 2 * tw.PriorSpec().drill_names
+    for t in ts:
         assert t.answer != t.gold
         assert t.text.startswith(tw.make_prompt(t.question))
         if t.searched:  # the answer copies a name of the last information block
@@ -98,6 +105,7 @@ def test_pretraining_never_shows_heldout_entities_true_facts_or_gold_answers():
 def test_pretraining_queries_copy_a_span_of_the_question():
     w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
     for t in tw.pretraining_transcripts(w, 500, seed=1):
+        assert t.kind == "drill" or t.question
         for q in re.findall(r"<search> (.*?) </search>", t.text):
             assert f" {q} " in f" {t.question} "
 
