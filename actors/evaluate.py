@@ -20,6 +20,7 @@ from pathlib import Path
 from actors.reward import substring_match
 from actors.rollout import GroupState, RolloutRunner
 from common.config import ConfigError, ScoutConfig
+from common.qa import read_rows
 from common.protocol import MAX_STR, Prompt
 
 log = logging.getLogger("scout.actors.evaluate")
@@ -38,20 +39,7 @@ def _answers(value, where: str) -> list[str]:
 def load_questions(path: str | Path, limit: int = 0) -> list[Prompt]:
     """Search-R1 QA rows -> Prompts (prompt_id = row number)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"eval data {p} does not exist")
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(p).to_pylist()
-    else:
-        rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"eval data {p} line {i}: {e}") from None
+    rows = read_rows(path, "eval data")
     out = []
     for i, row in enumerate(rows[: limit or None]):
         where = f"eval data {p} row {i}"

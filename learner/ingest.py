@@ -34,6 +34,7 @@ import numpy as np
 import zmq
 
 from common.config import ConfigError, ScoutConfig
+from common.qa import read_rows
 from common.metrics import Metrics
 from common.protocol import (MAX_STR, ErrorReply, error_frames, GroupAck, Heartbeat, Hello, HelloAck, Message, Prompt,
                              ProtocolError, TrajectoryGroup, WorkAssignment, WorkRequest, decode, encode)
@@ -58,20 +59,7 @@ def _as_answers(value: Any, where: str) -> list[str]:
 def load_qa(path: str | Path) -> list[dict]:
     """Rows of `question`, `golden_answers` (str or list) and optional `data_source`."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"learner.data: {p} does not exist")
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(p).to_pylist()
-    else:
-        rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"learner.data: {p} line {i}: {e}") from None
+    rows = read_rows(path, "learner.data:")
     out = []
     for i, row in enumerate(rows):
         where = f"learner.data: {p} row {i}"
