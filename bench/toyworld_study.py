@@ -369,6 +369,7 @@ def main(argv=None) -> dict:
     a = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
     out = Path(a.out)
     timings, logf = {}, (out / f"{a.tag}.jsonl")
     clock = {"t": time.time(), "c": time.process_time()}
@@ -413,6 +414,8 @@ def main(argv=None) -> dict:
     lap("sampled_eval")
     hist = train_rl(roller, model, tok, train, rl, a.seed, eval_fn, a.eval_every, log)
     lap("rl")
+    model.save_pretrained(str(out / f"rl-{a.tag}"))
+    tok.save_pretrained(str(out / f"rl-{a.tag}"))
     summary = {"phase": "summary", "tag": a.tag, "rl": rl.__dict__, "pretrain": pt, "start": start,
                "end": hist[-1].get("eval") if hist else None, "timings": timings,
                "rl_step_s_mean": float(np.mean([h["step_s"] for h in hist])) if hist else 0.0}
