@@ -179,7 +179,14 @@ def test_retriever_metrics_through_prometheus(stack):
     prom = stack["prom"]
     # static discovery (job scout-retriever) and file-based discovery (job scout) both scrape it
     for job in ("scout-retriever", "scout"):
-        wait_until(lambda job=job: scalar(promql(prom, f'up{{job="{job}"}}')) == 1, 30, f"{job} target up")
+        try:  # generous: a loaded CI machine can delay discovery and the first scrape
+            wait_until(lambda job=job: [float(r["value"][1]) for r in promql(prom, f'up{{job="{job}"}}')] == [1.0],
+                       120, f"{job} target up")
+        except pytest.fail.Exception:
+            targets = get(f"{prom}/api/v1/targets").decode(errors="replace")
+            pytest.fail(f"{job} never came up.\nPrometheus targets: {targets[:3000]}\n"
+                        f"prometheus.log:\n{tail(stack['base'] / 'prometheus.log')}\n"
+                        f"retriever.log:\n{tail(stack['base'] / 'retriever.log')}")
     sent = 0
     for batch in (3, 4):  # two batches, each seen by Prometheus: a rate needs an increase between samples
         for _ in range(batch):
