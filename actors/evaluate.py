@@ -53,6 +53,13 @@ def load_questions(path: str | Path, limit: int = 0) -> list[Prompt]:
     return out
 
 
+def gold_passages(path: str | Path, limit: int = 0) -> dict[int, str]:
+    """prompt_id -> the id of the passage that holds the answer, for QA rows that name one
+    (`passage_id`, as the demo's toy world writes; Search-R1's datasets have none)."""
+    rows = read_rows(path, "eval data")[: limit or None]
+    return {i: str(r["passage_id"]) for i, r in enumerate(rows) if isinstance(r, dict) and r.get("passage_id")}
+
+
 def run_eval(runner: RolloutRunner, prompts: list[Prompt], batch: int) -> list[dict]:
     """Every prompt once, greedy, at most `batch` in flight; one record per prompt."""
     todo = list(prompts)
@@ -69,6 +76,15 @@ def run_eval(runner: RolloutRunner, prompts: list[Prompt], batch: int) -> list[d
     return records
 
 
+def mark_right_search(records: list[dict], gold: dict[int, str]) -> None:
+    """right_search: some search of the rollout returned the passage that holds the answer."""
+    if not gold:
+        return
+    for r in records:
+        pid = gold.get(r["prompt_id"])
+        r["right_search"] = pid is not None and any(pid in ids for ids in r["retrieved"])
+
+
 def _record(g: GroupState) -> dict:
     t = g.samples[0]
     res = t.result
@@ -77,7 +93,8 @@ def _record(g: GroupState) -> dict:
             "golden_answers": g.prompt.golden_answers, "answer": answer,
             "em": res.em if res else 0.0, "f1": res.f1 if res else 0.0,
             "substring": substring_match(answer, g.prompt.golden_answers) if answer is not None else 0.0,
-            "searches": t.num_searches, "queries": t.queries, "retrieval_failed": t.retrieval_failed,
+            "searches": t.num_searches, "queries": t.queries, "retrieved": t.retrieved,
+            "retrieval_failed": t.retrieval_failed,
             "finish": t.finish, "generated_tokens": sum(t.mask), "response": t.response_text()}
 
 
@@ -89,7 +106,9 @@ def summarise(records: list[dict]) -> dict:
                 "search_rate": sum(r["searches"] > 0 for r in rs) / n,
                 "searches_per_question": sum(r["searches"] for r in rs) / n,
                 "answer_rate": sum(r["answer"] is not None for r in rs) / n,
-                "retrieval_failed": sum(r["retrieval_failed"] for r in rs)}
+                "retrieval_failed": sum(r["retrieval_failed"] for r in rs),
+                **({"right_search_rate": sum(bool(r["right_search"]) for r in rs) / n}
+                   if all("right_search" in r for r in rs) else {})}
 
     by_source = defaultdict(list)
     for r in records:
@@ -113,6 +132,7 @@ def main(cfg: ScoutConfig, data_path: str | Path) -> int:
     t0 = time.monotonic()
     try:
         records = run_eval(runner, prompts, acfg.eval_batch)
+        mark_right_search(records, gold_passages(data_path, acfg.eval_limit))
     finally:
         runner.close()
         searcher.close()

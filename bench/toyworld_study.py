@@ -69,7 +69,8 @@ class Retrieval:
         for name, path in corpora.items():
             rows = [json.loads(line) for line in path.open()]
             self.docs[name] = [(r["id"], *_split(r["contents"])) for r in rows]
-            emb_path = cache_dir / f"emb-{name}.npy"
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+            emb_path = cache_dir / f"emb-{name}-{digest}.npy"
             if emb_path.is_file():
                 emb = np.load(emb_path)
             else:

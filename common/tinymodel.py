@@ -37,8 +37,11 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 1024):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + TAGS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    # unk = an existing special token: a byte-level BPE never needs one, and without it the Qwen2
+    # tokenizer class (picked on reload from the model's config) would add "<|endoftext|>" at an
+    # id past the model's vocabulary
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
-                                   eos_token="<|eos|>", additional_special_tokens=TAGS)
+                                   eos_token="<|eos|>", unk_token="<|pad|>", additional_special_tokens=TAGS)
     fast.model_max_length = 4096
     fast.save_pretrained(str(out))
     return fast

@@ -52,10 +52,12 @@ _BANNED = {"bus", "gas", "gun", "his", "kin", "man", "men", "nun", "pal", "pen",
 @dataclass(frozen=True)
 class WorldSpec:
     seed: int = 0
-    n_entities: int = 600
-    heldout_entities: int = 100
+    n_entities: int = 1000
+    heldout_entities: int = 200
+    relations_per_entity: int = 1  # facts per entity (passages are one fact each)
     entity_syllables: int = 150  # inventory sizes (names are two syllables: "zor vak"); a large
-    value_syllables: int = 40  # entity inventory keeps names apart for the dense encoder
+    value_syllables: int = 200  # entity inventory keeps names apart for the dense encoder
+    value_words: int = 1  # 1: a value is one invented word ("sur"); 2: two ("sur fil")
 
     def digest(self) -> str:
         blob = json.dumps({"format": WORLD_FORMAT, **asdict(self)}, sort_keys=True).encode()
@@ -70,6 +72,7 @@ class World:
     values: dict[tuple[int, str], str]  # (entity id, relation) -> value
     swapped: dict[tuple[int, str], str]  # (entity id, relation) -> a different value
     value_names: list[str] = field(default_factory=list)  # the value inventory
+    relations: dict[int, tuple[str, ...]] = field(default_factory=dict)  # entity id -> its relations
 
     @property
     def train_ids(self) -> list[int]:
@@ -106,6 +109,9 @@ def passage_id(eid: int, relation: str) -> str:
 # --------------------------------------------------------------------------- the world
 def _syllables(rng: random.Random, n_entity: int, n_value: int) -> tuple[list[str], list[str]]:
     pool = sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS} - _BANNED)
+    # nor pieces of the template's words ("ver" in "river"): answers must stand apart as words
+    template = " ".join([question_text("", ""), passage_text("", "", ""), *RELATIONS, *THINK_PHRASES, "question"])
+    pool = [s for s in pool if s not in template]
     rng.shuffle(pool)
     if n_entity + n_value > len(pool):
         raise ValueError(f"only {len(pool)} syllables available, asked for {n_entity + n_value}")
@@ -139,27 +145,48 @@ def make_world(spec: WorldSpec) -> World:
         raise ValueError("heldout_entities must be between 1 and n_entities - 1")
     rng = random.Random(f"toyworld/{spec.seed}")
     ent_syl, val_syl = _syllables(rng, spec.entity_syllables, spec.value_syllables)
-    names = [f"{a} {b}" for a in ent_syl for b in ent_syl if a != b]
-    if spec.n_entities > len(names):
-        raise ValueError(f"{spec.entity_syllables} syllables give only {len(names)} entity names")
-    entities = rng.sample(names, spec.n_entities)
-    value_names = [f"{a} {b}" for a in val_syl for b in val_syl if a != b]
+    if not 1 <= spec.relations_per_entity <= len(RELATIONS):
+        raise ValueError(f"relations_per_entity must be 1..{len(RELATIONS)}")
+    entities = _entity_names(rng, ent_syl, spec.n_entities)
+    if spec.value_words == 1:
+        value_names = list(val_syl)
+    elif spec.value_words == 2:
+        value_names = [f"{a} {b}" for a in val_syl for b in val_syl if a != b]
+    else:
+        raise ValueError("value_words must be 1 or 2")
     values: dict[tuple[int, str], str] = {}
     swapped: dict[tuple[int, str], str] = {}
+    relations: dict[int, tuple[str, ...]] = {}
     for eid in range(spec.n_entities):
-        vals = rng.sample(value_names, 2 * len(RELATIONS))  # distinct true and swapped values
-        for k, rel in enumerate(RELATIONS):
+        relations[eid] = tuple(rng.sample(RELATIONS, spec.relations_per_entity))
+        vals = rng.sample(value_names, 2 * len(relations[eid]))  # distinct true and swapped values
+        for k, rel in enumerate(relations[eid]):
             values[(eid, rel)] = vals[k]
-            swapped[(eid, rel)] = vals[len(RELATIONS) + k]
+            swapped[(eid, rel)] = vals[len(relations[eid]) + k]
     heldout = _pick_heldout(rng, entities, spec.heldout_entities)
-    return World(spec, entities, heldout, values, swapped, value_names)
+    return World(spec, entities, heldout, values, swapped, value_names, relations)
+
+
+def _entity_names(rng: random.Random, syllables: list[str], n: int) -> list[str]:
+    """n two-syllable names; never both "a b" and "b a" (the dense encoder mixes them up)."""
+    pairs = [(a, b) for a in syllables for b in syllables if a != b]
+    rng.shuffle(pairs)
+    chosen: list[str] = []
+    taken: set[tuple[str, str]] = set()
+    for a, b in pairs:
+        if (b, a) not in taken:
+            taken.add((a, b))
+            chosen.append(f"{a} {b}")
+            if len(chosen) == n:
+                return chosen
+    raise ValueError(f"{len(syllables)} syllables give only {len(chosen)} entity names")
 
 
 def corpus_records(world: World, swapped: bool = False) -> list[dict]:
     table = world.swapped if swapped else world.values
     out = []
     for eid, name in enumerate(world.entities):
-        for rel in RELATIONS:
+        for rel in world.relations[eid]:
             text = passage_text(name, rel, table[(eid, rel)])
             out.append({"id": passage_id(eid, rel), "contents": f'"{name}"\n{text}'})
     return out
@@ -169,7 +196,7 @@ def qa_records(world: World, ids: list[int], swapped: bool = False) -> list[dict
     table = world.swapped if swapped else world.values
     return [{"question": question_text(world.entities[eid], rel), "golden_answers": [table[(eid, rel)]],
              "data_source": DATA_SOURCE, "passage_id": passage_id(eid, rel)}
-            for eid in ids for rel in RELATIONS]
+            for eid in ids for rel in world.relations[eid]]
 
 
 @dataclass(frozen=True)
@@ -217,7 +244,7 @@ def build_world(out_dir: str | Path, seed: int = 0, **spec_kw) -> WorldPaths:
     _write_jsonl(paths.heldout, qa_records(world, world.heldout_ids))
     _write_jsonl(paths.heldout_swapped, qa_records(world, world.heldout_ids, swapped=True))
     meta = {"digest": spec.digest(), "spec": asdict(spec), "format": WORLD_FORMAT,
-            "passages": len(world.entities) * len(RELATIONS), "relations": list(RELATIONS),
+            "passages": len(world.values), "relations": list(RELATIONS),
             "prompt_template": PROMPT_TEMPLATE}
     tmp = paths.meta.with_name("world.json.tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -270,6 +297,7 @@ class _Prior:
         self.train = world.train_ids
         self.by_name = {world.entities[i]: i for i in self.train}
         self.held_names = {world.entities[i] for i in world.heldout}
+        self.by_rel = {r: [i for i in self.train if r in world.relations[i]] for r in RELATIONS}
         self.by_syl: dict[str, list[int]] = {}
         for i in self.train:
             for s in world.entities[i].split():
@@ -289,20 +317,21 @@ class _Prior:
     def retrieve(self, span: list[str]) -> list[tuple[int, str]]:
         """Imitates what the dense retriever returns for `span` (lexically): the named entity's
         passages (asked relation first), else passages sharing a syllable or the relation."""
-        k = self.p.topk
+        k, rng, rel_of = self.p.topk, self.rng, self.w.relations
         rels = [r for r in RELATIONS if r in span]
         named = [self.by_name[b] for b in (" ".join(span[j:j + 2]) for j in range(len(span) - 1))
                  if b in self.by_name]
         out: list[tuple[int, str]] = []
         if named:
-            order = rels + [r for r in self.rng.sample(RELATIONS, len(RELATIONS)) if r not in rels]
-            out = [(named[0], r) for r in order]
-        else:
-            near = [i for s in span for i in self.by_syl.get(s, [])]
-            for i in self.rng.sample(near, min(k, len(near))):
-                out.append((i, rels[0] if rels else self.rng.choice(RELATIONS)))
+            own = rel_of[named[0]]
+            out = [(named[0], r) for r in sorted(own, key=lambda r: (r not in rels, rng.random()))]
+        near = [i for s in span for i in self.by_syl.get(s, []) if i not in named]
+        for i in rng.sample(near, min(k, len(near))):
+            out.append((i, rng.choice(rel_of[i])))
+        pool = self.by_rel[rels[0]] if rels else self.train
         while len(out) < k:
-            out.append((self.rng.choice(self.train), rels[0] if rels else self.rng.choice(RELATIONS)))
+            i = rng.choice(pool)
+            out.append((i, rels[0] if rels and rels[0] in rel_of[i] else rng.choice(rel_of[i])))
         return out[:k]
 
     def information(self, span: list[str], gold: str) -> tuple[str, list[str]]:
@@ -334,7 +363,8 @@ class _Prior:
         if self.rng.random() < self.p.p_drill:
             return self.drill()
         rng, w = self.rng, self.w
-        eid, rel = rng.choice(self.train), rng.choice(RELATIONS)
+        eid = rng.choice(self.train)
+        rel = rng.choice(w.relations[eid])
         question, gold = question_text(w.entities[eid], rel), w.values[(eid, rel)]
         segs: list[tuple[str, bool]] = [(make_prompt(question), False)]
         think = f"<think> {rng.choice(THINK_PHRASES)} </think>\n"

@@ -31,18 +31,18 @@ from common.toyworld import PriorSpec, Transcript, World, load_world, pretrainin
 
 log = logging.getLogger("scout.learner.pretrain")
 
-PRETRAIN_FORMAT = 1
+PRETRAIN_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    layers: int = 4
-    hidden: int = 128
-    heads: int = 4
-    intermediate: int = 384
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 2  # head size 32: vLLM's CPU attention supports 32, 64, 80, 96, ... (not 16)
+    intermediate: int = 192
     vocab_size: int = 1024
     steps: int = 1500
-    batch: int = 32
+    batch: int = 48
     lr: float = 3e-3
     warmup: int = 100
     min_lr_frac: float = 0.1
@@ -55,6 +55,15 @@ class PretrainSpec:
         blob = json.dumps({"format": PRETRAIN_FORMAT, "world": world_digest, "seed": seed, **asdict(self)},
                           sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_spec(spec: PretrainSpec) -> None:
+    if spec.hidden % spec.heads or spec.hidden // spec.heads not in VLLM_CPU_HEAD_SIZES:
+        raise ValueError(f"hidden/heads = {spec.hidden}/{spec.heads}: the head size must be one of "
+                         f"{VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)")
 
 
 def _check_tokenizer(tok, world: World) -> None:
@@ -140,6 +149,7 @@ def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 
         overrides["prior"] = PriorSpec(**overrides["prior"])
     if overrides:
         spec = PretrainSpec(**{**asdict(spec), "prior": spec.prior, **overrides})
+    check_spec(spec)
     world = load_world(world_dir)
     out = Path(out_dir)
     key = spec.key(world.spec.digest(), seed)

@@ -46,7 +46,7 @@ def test_corpus_and_qa_follow_search_r1_formats(world_dir):
     for i, c in read_corpus(world_dir / "corpus.jsonl"):
         ids += i
         contents += c
-    assert len(ids) == len(set(ids)) == SMALL["n_entities"] * len(tw.RELATIONS)
+    assert len(ids) == len(set(ids)) == SMALL["n_entities"] * tw.WorldSpec().relations_per_entity
     by_id = dict(zip(ids, contents))
     for row in _rows(world_dir / "train.jsonl") + _rows(world_dir / "heldout.jsonl"):
         assert set(row) >= {"question", "golden_answers", "data_source"}
@@ -54,7 +54,7 @@ def test_corpus_and_qa_follow_search_r1_formats(world_dir):
         gold = row["golden_answers"][0]
         title, text = split_title(by_id[row["passage_id"]])
         assert title in row["question"] and f" is {gold} ." in text  # one fact per passage
-        assert gold not in row["question"]  # the answer is only in the corpus
+        assert gold not in row["question"].split()  # the answer is only in the corpus
         holders = [k for k, c in by_id.items() if f" {gold} " in c and title in c]
         assert holders == [row["passage_id"]]
 
@@ -63,7 +63,7 @@ def test_heldout_entities_are_disjoint_and_swapped_values_differ(world_dir):
     train_q = {r["question"] for r in _rows(world_dir / "train.jsonl")}
     held = _rows(world_dir / "heldout.jsonl")
     swapped = _rows(world_dir / "heldout_swapped.jsonl")
-    assert len(held) == SMALL["heldout_entities"] * len(tw.RELATIONS)
+    assert len(held) == SMALL["heldout_entities"] * tw.WorldSpec().relations_per_entity
     assert not train_q & {r["question"] for r in held}
     sw_corpus = {r["id"]: r["contents"] for r in _rows(world_dir / "corpus_swapped.jsonl")}
     for h, s in zip(held, swapped):
@@ -75,6 +75,15 @@ def test_heldout_names_only_use_syllables_seen_in_training():
     w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
     seen = {s for i in w.train_ids for s in w.entities[i].split()}
     assert all(set(w.entities[i].split()) <= seen for i in w.heldout_ids)
+    names = set(w.entities)
+    assert len(names) == len(w.entities) and not any(" ".join(n.split()[::-1]) in names for n in names)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_relations_per_entity(k):
+    w = tw.make_world(tw.WorldSpec(seed=2, relations_per_entity=k, **SMALL))
+    assert all(len(set(r)) == k for r in w.relations.values())
+    assert len(tw.corpus_records(w)) == len(w.values) == k * SMALL["n_entities"]
 
 
 def test_pretraining_never_shows_heldout_entities_true_facts_or_gold_answers():
@@ -85,7 +94,9 @@ def test_pretraining_never_shows_heldout_entities_true_facts_or_gold_answers():
     for t in everything:
         text = f" {t.text} "
         assert not any(f" {n} " in text or f"{n})" in text for n in held_names)
-        for fact in re.findall(r"the \w+ of \w+ \w+ is \w+ \w+ \.", text):
+        facts = re.findall(r"the \w+ of \w+ \w+ is \w+(?: \w+)? \.", text)
+        assert facts or "<information>" not in text  # the pattern does match the passages shown
+        for fact in facts:
             assert fact not in true_facts
     drills = [t for t in everything if t.kind == "drill"]
     ts = [t for t in everything if t.kind == "transcript"]
@@ -93,7 +104,7 @@ def test_pretraining_never_shows_heldout_entities_true_facts_or_gold_answers():
     assert abs(sum(t.searched for t in ts) / len(ts) - tw.PriorSpec().p_search) < 0.05
     for t in drills:
         first, second = t.text[1:-2].split(" ; ")
-        assert first == second and len(first.split()) == 2 * tw.PriorSpec().drill_names
+        assert first == second and len(first.split()) >= tw.PriorSpec().drill_names
     for t in ts:
         assert t.answer != t.gold
         assert t.text.startswith(tw.make_prompt(t.question))
@@ -115,6 +126,7 @@ def test_information_block_matches_search_r1():
     assert obs == "\n\n<information>Doc 1(Title: a b) the river of a b is c d .\nDoc 2(Title: e f) x</information>\n\n"
 
 
+@pytest.mark.slow
 def test_tokenizer_keeps_every_world_word_whole(tmp_path):
     from common.tinymodel import build_tokenizer
     from learner.pretrain import _check_tokenizer
@@ -124,3 +136,26 @@ def test_tokenizer_keeps_every_world_word_whole(tmp_path):
     texts.append(" ".join(x for x in tw.world_words(w) for _ in range(4)))
     tok = build_tokenizer(texts, tmp_path, vocab_size=1024)
     _check_tokenizer(tok, w)
+
+
+@pytest.mark.slow
+def test_pretrain_writes_a_loadable_cached_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learner.pretrain import PretrainSpec, check_spec, pretrain_base_model
+
+    paths = tw.build_world(tmp_path / "w", seed=0, **SMALL)
+    out = pretrain_base_model(paths.dir, tmp_path / "m", seed=0, steps=3, batch=4, tokenizer_texts=200)
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert meta["spec"]["steps"] == 3 and len(meta["curve"]) == 1
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_base_model(paths.dir, out, seed=0, steps=3, batch=4, tokenizer_texts=200) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # cached
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    ids = tok.encode(tw.make_prompt("what is the river of x y ?"), return_tensors="pt")
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape[-1] == len(tok)
+    with pytest.raises(ValueError, match="head size"):
+        check_spec(PretrainSpec(hidden=64, heads=4))

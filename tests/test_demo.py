@@ -1,0 +1,71 @@
+"""The embedded demo's plumbing: its recipe never overrides what a user set; the eval's
+right-search rate; and (slow) a short demo run end to end that must raise the reward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+
+
+def test_recipe_fills_only_what_the_user_left_alone():
+    from common.demo import DEMO_RECIPE, apply_recipe
+
+    cfg = load_config(None, ["learner.lr=1e-5", "actor.n_samples=3"])
+    tree = apply_recipe(cfg, cfg.model_dump(mode="json", exclude_none=True))
+    assert tree["learner"]["lr"] == 1e-5 and tree["actor"]["n_samples"] == 3  # the user's values stay
+    assert tree["learner"]["groups_per_step"] == DEMO_RECIPE["learner"]["groups_per_step"]
+    assert tree["actor"]["dtype"] == "float32"
+    # the result is a valid config
+    from common.config import ScoutConfig
+
+    assert ScoutConfig.model_validate(tree).learner.std_norm is False
+
+
+def test_right_search_rate_from_passage_ids(tmp_path):
+    from actors.evaluate import gold_passages, mark_right_search, summarise
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"q{i}", "golden_answers": ["a"], "passage_id": f"p{i}"}) + "\n"
+                          for i in range(3)))
+    gold = gold_passages(qa)
+    assert gold == {0: "p0", 1: "p1", 2: "p2"}
+    base = {"data_source": "", "em": 0.0, "f1": 0.0, "substring": 0.0, "answer": None, "retrieval_failed": False}
+    recs = [{**base, "prompt_id": 0, "searches": 1, "retrieved": [["p9", "p0"]]},
+            {**base, "prompt_id": 1, "searches": 2, "retrieved": [["p5"], ["p7"]]},
+            {**base, "prompt_id": 2, "searches": 0, "retrieved": []}]
+    mark_right_search(recs, gold)
+    assert [r["right_search"] for r in recs] == [True, False, False]
+    assert summarise(recs)["right_search_rate"] == pytest.approx(1 / 3)
+    # QA files without passage ids (Search-R1's) report no right-search rate
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"question": "q", "golden_answers": ["a"]}) + "\n")
+    assert gold_passages(plain) == {}
+    assert "right_search_rate" not in summarise([{**base, "prompt_id": 0, "searches": 0, "retrieved": []}])
+
+
+@pytest.mark.slow
+def test_short_demo_raises_the_reward(procs, tmp_path):
+    """The demo's own pipeline (world, index, pretraining, retriever, vLLM actor, FSDP learner,
+    evals) with fewer learner steps: the reward must rise and held-out EM must improve."""
+    run = tmp_path / "run"
+    p = procs.start(["cli.py", "demo", "--steps", "25", "--set", f"demo.dir='{tmp_path / 'demo'}'",
+                     "--set", f"run_dir='{run}'", "--set", "demo.eval_limit=100"],
+                    stdout=open(tmp_path / "demo.log", "wb"))  # noqa: SIM115
+    rc = p.wait(timeout=1500)
+    log = (tmp_path / "demo.log").read_text(errors="replace")
+    assert rc == 0, log[-4000:]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 25
+    first = sum(s["reward_mean"] for s in steps[:5]) / 5
+    last = sum(s["reward_mean"] for s in steps[-5:]) / 5
+    print(f"reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    assert last > first + 0.1, (first, last)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["em_after"] > summary["em_before"], summary
+    assert summary["em_swapped_after"] > 0  # answers come from the retrieved passages
+    assert (run / "demo.png").stat().st_size > 10_000
+    assert "held-out EM: before" in log
