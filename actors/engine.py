@@ -7,6 +7,8 @@
         │
     weight update between two step() calls:
         begin_update() ─▶ load_bucket(header, data) | load_tensors(named) ... ─▶ finish_update(v)
+        (the update is armed lazily: only when the first bucket's bytes have arrived are the weights
+        touched; `weights_dirty` says whether a failed update may have left them half-loaded)
 
 Every generated token comes with its id, its logprob under the distribution it was sampled
 from, and the policy version of the weights that produced it (the engine's `version` at the
@@ -97,6 +99,8 @@ class Engine(ABC):
     def __init__(self, model_path: str | os.PathLike, version: int = 0):
         self.model_path = str(check_model_dir(model_path))
         self.version = version
+        self.weights_dirty = False  # an update touched the weights and has not finished
+        self._begin_due = False  # begin_update() called, not yet armed (no bytes loaded yet)
         self._reqs: dict[str, _Req] = {}
         self._piece_cache: dict[int, str] = {}  # token id -> its text (stop-string pre-check)
         self.tokenizer = self._load_tokenizer()
@@ -197,18 +201,30 @@ class Engine(ABC):
         self._receiver_call("setup", plan)
 
     def begin_update(self) -> None:
-        self._begin_update()
+        """Start an update. Nothing changes yet: the engine arms it when the first tensors are in
+        hand, so a transfer that fails before that (a peer of the sync group died) leaves the
+        current weights intact and usable."""
+        self._begin_due = True
+
+    def _arm(self) -> None:
+        if self._begin_due:
+            self._begin_due = False
+            self.weights_dirty = True
+            self._begin_update()
+        self.weights_dirty = True
 
     def load_bucket(self, header: dict, data: Any = None) -> int:
         """Receive one bucket through the BucketReceiver and load its tensors; returns count."""
         return self._receiver_call("receive", header, data)
 
     def load_tensors(self, named: list[tuple[str, Any]]) -> int:
+        self._arm()
         return self._load_tensors(named)
 
     def finish_update(self, version: int) -> None:
         self._finish_update()
         self.version = version
+        self.weights_dirty = False
 
     def update_weights(self, named: list[tuple[str, Any]], version: int) -> float:
         """Convenience: a whole update from HF-named tensors in one call; returns seconds."""
@@ -310,7 +326,18 @@ class VllmEngine(Engine):
         return self.core.collective_rpc(method, args=args)[0]
 
     def _receiver_call(self, what: str, *args) -> Any:
-        return self._rpc(f"scout_receiver_{what}", *args)
+        if what != "receive":
+            return self._rpc(f"scout_receiver_{what}", *args)
+        from actors.vllm_ext import RECEIVE_FAILED
+
+        try:  # the worker receives the bytes first and arms the update (begin) only then
+            n = self._rpc("scout_receiver_receive", *args, self._begin_due)
+        except Exception as e:
+            if RECEIVE_FAILED not in str(e):
+                self._begin_due, self.weights_dirty = False, True  # begin or load ran: weights may be mixed
+            raise
+        self._begin_due, self.weights_dirty = False, True
+        return n
 
     def _begin_update(self) -> None:
         self._rpc("scout_update_begin")
@@ -465,7 +492,9 @@ class TransformersEngine(Engine):
         if self._receiver is None:
             raise EngineError("weight bucket received before any SyncPlan")
         if what == "receive":
-            return self._load_tensors(self._receiver.receive(*args))
+            named = self._receiver.receive(*args)  # a failed transfer raises here, weights untouched
+            self._arm()
+            return self._load_tensors(named)
         if what == "close":
             self._receiver.close()
             self._receiver = None

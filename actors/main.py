@@ -149,6 +149,10 @@ def main(cfg: ScoutConfig) -> int:
     try:
         slots = plan_slots(cfg)
         check_model(cfg)
+        if cfg.metrics.actor_port:  # plain HTTP: loopback unless external binds are allowed
+            from common.transport import check_host_bind
+
+            check_host_bind(cfg.metrics.host, cfg.transport, "metrics.host")
     except ConfigError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

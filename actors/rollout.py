@@ -81,6 +81,7 @@ class Trajectory:
     versions: list[int] = field(default_factory=list)
     turn_texts: list[str] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)
+    retrieved: list[list[str]] = field(default_factory=list)  # passage ids found per search
     turns: int = 0
     num_searches: int = 0
     num_invalid: int = 0
@@ -329,6 +330,7 @@ class RolloutRunner:
             self.stats.search_seconds += seconds
             for (t, _), passages in zip(batch, results):
                 if t.group_id in self.groups and not t.done:
+                    t.retrieved.append([p.id for p in passages])
                     self._observe(t, self.observation_ids(passages))
 
     def _fail_batch(self, batch, err: BaseException) -> None:

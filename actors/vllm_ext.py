@@ -1,13 +1,15 @@
 """vLLM worker extension: weight updates inside the engine's worker, called via collective_rpc.
 
     actor worker ──collective_rpc("scout_receiver_setup", plan_dict)──▶ BucketReceiver.setup
-                 ──collective_rpc("scout_update_begin")─────────────────▶ layerwise reload armed
-                 ──collective_rpc("scout_receiver_receive", header, data)─▶ BucketReceiver.receive
+                 ──collective_rpc("scout_receiver_receive", header, data, begin)─▶ BucketReceiver.receive
+                                   (first bucket: begin=True → layerwise reload armed only now)
                                                       └─▶ model.load_weights([(hf_name, tensor)])
                  ──collective_rpc("scout_update_finish")────────────────▶ layers re-processed
 
 The BucketReceiver lives where the weights live (the worker's device), so bucket bytes arrive
-straight into that device's memory over gloo/NCCL. vLLM 0.32 re-packs some layers after
+straight into that device's memory over gloo/NCCL. A colocated bucket (CUDA IPC, learner on the
+same GPU) is mapped from the learner's memory and copied GPU to GPU before loading
+(`_own_colocated`). vLLM 0.32 re-packs some layers after
 loading (the CPU backend does), so a plain second `load_weights` no longer finds the weight
 loaders; its layerwise-reload helpers put the checkpoint-format parameters back, buffer what
 arrives (buckets may split a layer), and re-run the post-load processing per layer.
@@ -19,6 +21,22 @@ from __future__ import annotations
 
 import time
 from typing import Any
+
+
+RECEIVE_FAILED = "weight bytes not received (model untouched)"
+
+
+def _own_colocated(named: list) -> list:
+    """A colocated (CUDA IPC) bucket's tensors are views of the learner's buffer, which it packs
+    again once we acknowledge; vLLM's layerwise reload keeps tensors of a layer that spans two
+    buckets until the layer is complete, so take device-side copies first (GPU to GPU, no host
+    copy) and wait for them before the acknowledgement. Not yet run on a GPU."""
+    import torch
+
+    named = [(n, t.clone()) for n, t in named]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return named
 
 
 def make_receiver(device: Any):
@@ -96,11 +114,21 @@ class ScoutWorkerExtension:
         self._scout_receiver = make_receiver(device)
         self._scout_receiver.setup(plan)
 
-    def scout_receiver_receive(self, header: dict, data: Any = None) -> int:
+    def scout_receiver_receive(self, header: dict, data: Any = None, begin: bool = False) -> int:
+        """Receive one bucket, then (begin=True: first bucket of an update) arm the layerwise
+        reload and load it. A failed transfer raises RECEIVE_FAILED with the weights untouched."""
         rx = getattr(self, "_scout_receiver", None)
         if rx is None:
-            raise RuntimeError("weight bucket received before any SyncPlan")
-        return self.scout_update_load(rx.receive(header, data))
+            raise RuntimeError(f"{RECEIVE_FAILED}: weight bucket received before any SyncPlan")
+        try:
+            named = rx.receive(header, data)
+            if "ipc" in header:
+                named = _own_colocated(named)
+        except Exception as e:
+            raise RuntimeError(f"{RECEIVE_FAILED}: {e}") from None
+        if begin:
+            self.scout_update_begin()
+        return self.scout_update_load(named)
 
     def scout_receiver_close(self) -> None:
         rx = getattr(self, "_scout_receiver", None)

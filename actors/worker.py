@@ -19,6 +19,14 @@ learner's credit window bounds how far ahead it can run. A lost learner link (no
 in-flight work, takes a fresh run_id (the learner re-queues the old run's prompts) and says hello
 again. A failed weight load exits with code 3 (the engine may hold half-loaded weights); the
 supervisor restarts the process.
+
+Where the worker's time goes (`scout_actor_phase_seconds_total{phase}`, and `phases` in the
+stats line): engine (decode steps), rollout (turn handling, search dispatch, rewards), send
+(encoding + sending groups), link (learner requests and replies), weight_load, search_wait
+(nothing to decode, searches outstanding), no_work (nothing to decode, no prompts: waiting for
+credits). After a weight load the worker asks for prompts again at once and, while the learner
+has not freed credits yet, every FAST_RETRY_S for FAST_RETRY_WINDOW_S (in synchronous mode the
+learner frees them right after the sync).
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ log = logging.getLogger("scout.actors.worker")
 
 EXIT_WEIGHT_LOAD_FAILED = 3
 EXIT_NO_LEARNER = 4
+FAST_RETRY_S = 0.01  # after a weight load: how soon to ask again when no credit is free yet
+FAST_RETRY_WINDOW_S = 2.0  # ... and for how long after the load
+SYNC_REJOIN_S = 30.0  # behind the learner's version this long without an update: join the weight sync again
+PHASES = ("engine", "rollout", "send", "link", "weight_load", "search_wait", "no_work")
 
 
 class LinkLost(RuntimeError):
@@ -141,10 +153,27 @@ class WorkerMetrics:
         self.load_s = m.histogram("scout_actor_weight_load_seconds", "wall time of one weight update")
         self.inflight = m.gauge("scout_actor_groups_in_flight", "groups generating or awaiting an ack")
         self.links = m.counter("scout_actor_link_resets_total", "learner link resets (fresh run_id)")
+        self.phase = m.counter("scout_actor_phase_seconds_total", "worker wall time by phase (see actors/worker.py)",
+                               ("phase",))
+        self.phase_total = dict.fromkeys(PHASES, 0.0)
+        self.search_s = m.counter("scout_actor_search_seconds_total", "retrieval call time (search threads; "
+                                  "overlaps the engine)")
+        self._search_seen = 0.0
         self.window_t = time.monotonic()
         self.window = collections.Counter()
         self.rewards: list[float] = []
         self.snapshot: dict[str, float] = {}
+
+    def add_phase(self, phase: str, seconds: float) -> None:
+        if seconds > 0:
+            self.phase.labels(phase=phase).inc(seconds)
+            self.phase_total[phase] += seconds
+
+    def searched(self, total_seconds: float) -> None:
+        """The runner's cumulative retrieval time; the counter follows it."""
+        if total_seconds > self._search_seen:
+            self.search_s.inc(total_seconds - self._search_seen)
+            self._search_seen = total_seconds
 
     def roll(self) -> bool:
         """Close a 10 s window: rates and idle fraction. Returns True when a window closed."""
@@ -156,7 +185,8 @@ class WorkerMetrics:
         snap = {"tokens_per_s": w["tokens"] / dt, "groups_per_s": w["groups"] / dt,
                 "engine_idle_fraction": max(0.0, 1.0 - w["step_us"] / 1e6 / dt),
                 "reward_mean": float(np.mean(self.rewards)) if self.rewards else 0.0,
-                "searches_per_rollout": w["searches"] / max(1, w["rollouts"])}
+                "searches_per_rollout": w["searches"] / max(1, w["rollouts"]),
+                "phases": {k: round(v, 3) for k, v in self.phase_total.items()}}
         self.tokens_per_s.set(snap["tokens_per_s"])
         self.groups_per_s.set(snap["groups_per_s"])
         self.idle.set(snap["engine_idle_fraction"])
@@ -184,6 +214,7 @@ class ActorWorker:
         self.unacked: dict[str, float] = {}  # group_id -> sent at (monotonic)
         self.work_pending = False
         self.retry_at = 0.0
+        self.fast_retry_until = 0.0
         self.parent = os.getppid()
 
     # ------------------------------------------------------------------ lifecycle
@@ -242,18 +273,33 @@ class ActorWorker:
     def _tick(self) -> None:
         if self.link.overdue():
             raise LinkLost(f"no reply within {self.acfg.request_timeout_s:.0f}s")
+        mm, clock = self.metrics, time.perf_counter
         busy = self.runner.busy()
+        t0 = clock()
         for kind, key, reply in self.link.replies(0 if busy else 20):
             self._on_reply(kind, key, reply)
+        t1 = clock()
+        mm.add_phase("link" if busy else "no_work", t1 - t0)
         self._maybe_request_work()
         self._maybe_heartbeat()
-        self._sync_between_steps()
+        loaded = self._sync_between_steps()
+        t2 = clock()
+        mm.add_phase("weight_load" if loaded else "link", t2 - t1)
         steps0 = self.runner.stats.step_seconds
-        for g in self.runner.poll():
+        finished = self.runner.poll()
+        t3 = clock()
+        engine = self.runner.stats.step_seconds - steps0
+        mm.add_phase("engine", engine)
+        mm.add_phase("rollout", t3 - t2 - engine)
+        mm.searched(self.runner.stats.search_seconds)
+        for g in finished:
             self._send_group(g)
-        self.metrics.window["step_us"] += int((self.runner.stats.step_seconds - steps0) * 1e6)
+        t4 = clock()
+        mm.add_phase("send", t4 - t3)
+        mm.window["step_us"] += int(engine * 1e6)
         if not self.engine.has_unfinished() and self.runner.in_search:
             self.runner.wait_searches(0.02)
+            mm.add_phase("search_wait", clock() - t4)
         self._roll_metrics()
 
     def _connect(self) -> None:
@@ -350,8 +396,11 @@ class ActorWorker:
         self.work_pending = False
         self.learner_version, self.min_version, self.n_samples = a.version, a.min_version, a.n_samples
         if not a.prompts:
-            self.retry_at = time.monotonic() + max(0.05, a.retry_after_s)
+            now = time.monotonic()
+            fast = now < self.fast_retry_until  # a version just loaded: credits are about to be freed
+            self.retry_at = now + (FAST_RETRY_S if fast else max(0.05, a.retry_after_s))
             return
+        self.fast_retry_until = 0.0  # the freed credits arrived: back to the learner's pace
         for p in a.prompts:
             self.runner.start_group(p, a.n_samples)
 
@@ -388,21 +437,43 @@ class ActorWorker:
             mm.rewards.append(t.result.reward)
 
     # ------------------------------------------------------------------ weights
-    def _sync_between_steps(self) -> None:
-        """Apply a weight update if one is announced; the engine is between two steps here."""
+    def _sync_between_steps(self) -> bool:
+        """Apply a weight update if one is announced; the engine is between two steps here.
+        True when a sync was followed (loaded or failed)."""
         if self.sync is None:
-            return
+            return False
+        self._rejoin_if_forgotten()
         report = poll_sync(self.sync, self.engine)
         if report is None:
-            return
+            return False
         if not report["ok"]:
             log.error("weight update to version %s failed: %s", report["version"], report["message"])
             if report["begun"]:
                 raise SystemExit(EXIT_WEIGHT_LOAD_FAILED)  # half-loaded engine: restart the process
-            return
+            return True
         self.metrics.load_s.observe(report["seconds"])
+        # the learner frees the trained groups' credits right after this sync: ask again now
+        self.retry_at, self.fast_retry_until = 0.0, time.monotonic() + FAST_RETRY_WINDOW_S
         log.info("policy version %d loaded in %.3fs (%d buckets)", report["version"], report["seconds"],
                  report["buckets"])
+        return True
+
+    def _rejoin_if_forgotten(self) -> None:
+        """The learner re-sends its version to members that lack it every step and every 10 s; an
+        engine left behind for SYNC_REJOIN_S anyway is not being served (e.g. its join crossed a
+        re-formation of the sync group after another member died): join again."""
+        now = time.monotonic()
+        if self.learner_version <= self.engine.version:
+            self._behind_since = None
+            return
+        since = getattr(self, "_behind_since", None)
+        if since is None:
+            self._behind_since = now
+        elif now - since > SYNC_REJOIN_S:
+            log.warning("weights at version %d, the learner at %d for %.0f s: joining the weight sync again",
+                        self.engine.version, self.learner_version, now - since)
+            self.sync.join(self.engine.version)
+            self._behind_since = now
 
     def _roll_metrics(self) -> None:
         mm = self.metrics
@@ -413,9 +484,9 @@ class ActorWorker:
             self._log_snapshot(mm.snapshot)
 
     def _log_snapshot(self, snap: dict) -> None:
-        line = {"time": time.time(), "role": "actor", "worker": self.worker, "gpu": self.gpu,
+        line = {"time": time.time(), "role": "actor", "host": socket.gethostname(), "worker": self.worker, "gpu": self.gpu,
                 "version": self.engine.version, "learner_version": self.learner_version,
-                **{k: round(v, 4) for k, v in snap.items()}}
+                **{k: round(v, 4) if isinstance(v, float) else v for k, v in snap.items()}}
         log.info("stats %s", json.dumps(line))
         path = self.cfg.metrics.log_file
         if path:
@@ -429,8 +500,10 @@ class ActorWorker:
 def poll_sync(sync, engine) -> dict | None:
     """If the learner announced an update, receive all of it into `engine` and answer SyncDone.
 
-    Returns None when nothing was announced, else follow_sync's report plus `begun` (True once
-    the engine started loading: after a failure it may hold half-loaded weights)."""
+    Returns None when nothing was announced, else follow_sync's report plus `begun` (True when
+    the engine's weights may be half-loaded after a failure: `engine.weights_dirty`; a transfer
+    that failed before any tensor was loaded, e.g. because another member of the sync group died,
+    leaves the current weights intact and the worker keeps going)."""
     from common.weightsync import SyncError, follow_sync
 
     try:
@@ -440,20 +513,17 @@ def poll_sync(sync, engine) -> dict | None:
         return None
     if first is None or isinstance(first, SyncAbort):
         return None
-    begun = False
 
     def receive(header: dict, data: Any) -> None:
-        nonlocal begun
         if header["bucket"] == 0:
-            engine.begin_update()
-            begun = True
+            engine.begin_update()  # armed by the engine only once the bucket's bytes are in
         engine.load_bucket(header, data)
         if header["bucket"] == header["num_buckets"] - 1:
             engine.finish_update(header["version"])
 
     report = follow_sync(sync, first, engine.sync_setup, receive)
     if report is not None:
-        report["begun"] = begun
+        report["begun"] = bool(engine.weights_dirty)
     return report
 
 

@@ -1,11 +1,14 @@
 """Weight-sync benchmark: WeightSender -> one member process, next to a raw flat broadcast of the
 same bytes on the same kind of standalone gloo group, in the same run, alternating.
 
-    python bench/weightsync_bench.py [--sizes-mb 50,500] [--reps 10] [--bucket-mb 256] [--chunk-mb 0,64]
+    python bench/weightsync_bench.py [--sizes-mb 50,500] [--reps 10] [--bucket-mb 256] [--variants whole,ramp,chunk4]
 
 "weight sync" = WeightSender.broadcast(): dtype-grouped buckets, a header per bucket over ZeroMQ,
-the bucket bytes over the gloo group in segments of learner.sync_chunk_mb (0 = one broadcast per
-bucket), the member unpacks views and answers SyncDone. "raw" = one broadcast of a ready-made
+the bucket bytes over the gloo group, the member unpacks views and answers SyncDone. Variants:
+"whole" = the shipped default (buckets of bucket_mb, one broadcast each), "ramp" = first bucket
+bucket_mb/16 then doubling (packing of the first bucket shows less), "chunkX" =
+learner.sync_chunk_mb = X (tensors of X MB and more broadcast from their own memory, smaller
+ones packed in X MB runs). "raw" = one broadcast of a ready-made
 flat uint8 tensor of the same size, then a 1-byte broadcast back from the member (the
 counterpart of SyncDone). Both receive into fresh buffers. The fake model is bf16 decoder layers
 (hidden 1024, MLP 2816) with fp32 norms, so every sync has a bf16 and an fp32 bucket.
@@ -37,10 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from common.config import LearnerConfig, TransportConfig  # noqa: E402
 from common.transport import free_tcp_port  # noqa: E402
-from common.weightsync import (BucketReceiver, SyncClient, WeightSender, _broadcast_opts,  # noqa: E402
-                               _make_group, follow_sync)
+from common.weightsync import (RAMP_DIVISOR, BucketReceiver, SyncClient, WeightSender,  # noqa: E402
+                               _broadcast_opts, _make_group, follow_sync)
 
 HIDDEN, INTER = 1024, 2816
+LABELS = {"whole": "weight sync (default: whole buckets)", "ramp": "weight sync, ramp"}
 
 
 def fake_model(total_mb: float) -> list[tuple[str, torch.Tensor]]:
@@ -101,7 +105,7 @@ def member(args) -> None:
                 c0 = cpu_seconds()
                 if path == "raw":
                     raw_once(pg, nbytes, 1)
-                else:
+                else:  # the member only follows: every variant looks the same from here
                     while follow_sync(client, client.poll(60_000), receiver.setup,
                                       lambda h, d: receiver.receive(h, d)) is None:
                         pass
@@ -124,7 +128,7 @@ def leader(args) -> None:
     spec = ",".join(f"{s}={n}" for s, n in nbytes.items())
     proc = subprocess.Popen([sys.executable, __file__, "--role", "member", "--endpoint", sender.endpoint,
                              "--raw-port", str(raw_port), "--sizes-mb", ",".join(map(str, args.sizes)),
-                             "--reps", str(args.reps), "--nbytes", spec, "--chunk-mb", args.chunk_mb],
+                             "--reps", str(args.reps), "--nbytes", spec, "--variants", args.variants],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         pg, _store = raw_group(raw_port, 0)
@@ -144,26 +148,40 @@ def leader(args) -> None:
         sender.close()
 
 
-def run_size(args, size: int, nbytes: int, model, pg, sender, cpu: dict) -> tuple[dict, int]:
+def run_size(args, size: int, nbytes: int, model, pg, sender, cpu: dict) -> tuple[dict, dict]:
     flat = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    first = max(1 << 20, sender.bucket_bytes // RAMP_DIVISOR)
     times: dict = {"raw": [], **{c: [] for c in args.chunks}}
-    nbuckets = 0
+    nbuckets: dict = {"raw": 1}
     for rnd in range(rounds(args, size) + 1):  # the first round warms every path up
         for path in order(args, rnd):
             c0 = cpu_seconds()
             if path == "raw":
                 t = raw_once(pg, nbytes, 0, flat)
             else:
-                sender.chunk_bytes = int(path * (1 << 20))
+                chunk_mb, ramp = variant(path)
+                sender.chunk_bytes = int(chunk_mb * (1 << 20))
+                sender.first_bucket_bytes = first if ramp else None
                 run_size.version = getattr(run_size, "version", 0) + 1
                 report = sender.broadcast(run_size.version, model)
                 assert report["ok"] == ["bench-member"], report
-                t, nbuckets = report["seconds"], report["buckets"]
+                t, nbuckets[path] = report["seconds"], report["buckets"]
             if rnd:
                 times[path].append(t)
                 key = f"{size}/{path}"
                 cpu[key] = cpu.get(key, 0.0) + cpu_seconds() - c0
     return times, nbuckets
+
+
+def variant(name: str) -> tuple[float, bool]:
+    """(learner.sync_chunk_mb, ramp) of a --variants entry."""
+    if name == "ramp":
+        return 0.0, True
+    if name == "whole":
+        return 0.0, False
+    if name.startswith("chunk"):
+        return float(name[5:]), False
+    raise SystemExit(f"unknown variant {name!r} (ramp, whole, chunkX)")
 
 
 def order(args, rnd: int) -> list:
@@ -191,8 +209,8 @@ def print_table(rows, cpu, args) -> None:
             m, b = statistics.median(ts), min(ts)
             paired = statistics.median(r / t for r, t in zip(raw, ts))  # same round: same background load
             c = cpu[f"{size}/{key}"] / len(ts)
-            path = "raw flat broadcast" if key == "raw" else f"weight sync, chunk {key:g} MB" if key else "weight sync, whole buckets"
-            print(f"| {nb / 1e6:.0f} MB | {nbuckets} | {path} | {len(ts)} | {m:.3f} / {b:.3f} | {nb / m / 1e9:.2f} / "
+            path = "raw flat broadcast" if key == "raw" else LABELS.get(key) or f"weight sync, {key[5:]} MB segments"
+            print(f"| {nb / 1e6:.0f} MB | {nbuckets[key]} | {path} | {len(ts)} | {m:.3f} / {b:.3f} | {nb / m / 1e9:.2f} / "
                   f"{nb / b / 1e9:.2f} | {100 * paired:.0f}% | {100 * min(raw) / b:.0f}% | {c:.3f} | {100 * raw_cpu / c:.0f}% |")
 
 
@@ -201,14 +219,16 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="50,500")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--bucket-mb", type=float, default=256.0)
-    ap.add_argument("--chunk-mb", default="0,64", help="comma list of learner.sync_chunk_mb values (0 = whole)")
+    ap.add_argument("--variants", default="whole,ramp,chunk4", help="comma list of whole, ramp, chunkX")
     ap.add_argument("--role", default="leader", choices=["leader", "member"])
     ap.add_argument("--endpoint", default="")
     ap.add_argument("--raw-port", type=int, default=0)
     ap.add_argument("--nbytes", default="")
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes_mb.split(",")]
-    args.chunks = [float(c) for c in args.chunk_mb.split(",")]
+    args.chunks = args.variants.split(",")
+    for v in args.chunks:
+        variant(v)
     args.nbytes = dict(kv.split("=") for kv in args.nbytes.split(",")) if args.nbytes else {}
     torch.set_num_threads(1)
     (leader if args.role == "leader" else member)(args)

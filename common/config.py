@@ -155,11 +155,15 @@ class LearnerConfig(Section):
     seq_delta: float = Field(2.0, gt=1)
     kl_coef: float = Field(0.0, ge=0)
     std_norm: bool = True
+    skip_zero_advantage: bool = True  # don't forward samples whose advantage is 0 (no KL term): same gradient
     bf16: bool = True  # on GPU only
     grad_checkpointing: bool = True  # on GPU only
     bucket_mb: float = Field(256.0, gt=0)
     sync_timeout_s: float = Field(30.0, gt=0)
     sync_chunk_mb: float = Field(0.0, ge=0)  # >0: a bucket goes as broadcasts of about this size (0 = one)
+    # share buckets through CUDA IPC with actors on the learner's own GPU (same host + GPU UUID);
+    # others, and every actor when the weights are not on CUDA, get the broadcast
+    colocated_ipc: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(50, ge=0)
     seed: int = 0
@@ -177,10 +181,11 @@ class LearnerConfig(Section):
 class DemoConfig(Section):
     dir: str = ".scout/demo"
     seed: int = 0
-    steps: int = Field(60, ge=0)
+    steps: int = Field(100, ge=0)
     no_search: bool = False
     pretrain_steps: int | None = Field(None, ge=0)  # None: the recipe's default
     eval_limit: int = Field(0, ge=0)  # held-out questions evaluated (0 = all)
+    base_model: str | None = None  # an HF folder to start from instead of pretraining one
 
 
 class ScoutConfig(Section):

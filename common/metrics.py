@@ -12,6 +12,7 @@ actor can be found in a query. Names follow Prometheus conventions (`_total`, `_
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,10 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("scout.metrics")
+
+HTTP_TIMEOUT_S = 10.0  # an HTTP peer that stalls mid-request is dropped after this (no thread waits forever)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -33,6 +38,13 @@ class Metrics:
         self.started = time.time()
         self.up = self.gauge("scout_up", "1 while the process is serving")
         self.up.set(1)
+        # bad input refused by any of this process's sockets (ZeroMQ or HTTP), e.g.
+        # socket="ingest", reason="malformed" | "invalid" | "unexpected_type" | "http_400" ...
+        self.rejected = self.counter(f"scout_{role}_rejected_messages_total",
+                                     "bad messages or requests refused, by socket and reason", ("socket", "reason"))
+
+    def reject(self, socket: str, reason: str) -> None:
+        self.rejected.labels(socket=socket, reason=reason).inc()
 
     def _names(self, extra: tuple[str, ...]) -> list[str]:
         return [*self.const, *extra]
@@ -67,7 +79,10 @@ class Metrics:
             self._health = health
         metrics = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(CountingHandler):
+            def reject(self, reason: str) -> None:
+                metrics.reject("metrics_http", reason)
+
             def do_GET(self):  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -77,6 +92,7 @@ class Metrics:
                     body, ctype = json.dumps(h).encode(), "application/json"
                     code = 200 if h["status"] == "ok" else 503
                 else:
+                    self.reject("http_404")
                     body, ctype, code = b"not found: try /metrics or /health\n", "text/plain", 404
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
@@ -84,11 +100,7 @@ class Metrics:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args):  # keep stderr for our own logs
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = QuietHTTPServer((host, port), Handler)
         threading.Thread(target=self._server.serve_forever, name=f"metrics-{self.role}", daemon=True).start()
         return self._server.server_address[1]
 
@@ -97,6 +109,54 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    """Request handler with a socket timeout that counts every request http.server refuses by
+    itself: a malformed or blank request line, bad headers, an unsupported method or version
+    (reason "http_<status>" / "http_empty") and a peer that stalls mid-request ("http_timeout").
+    Subclasses implement `reject(reason)` and call it for their own refusals too."""
+
+    timeout = HTTP_TIMEOUT_S  # a stalled peer is dropped, its thread ends
+    _refused = False
+
+    def reject(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def parse_request(self) -> bool:
+        self._refused = False
+        ok = super().parse_request()
+        if not ok and not self._refused:  # a blank request line: http.server closes without a word
+            self.reject("http_empty")
+        return ok
+
+    def send_error(self, code, message=None, explain=None):
+        self._refused = True
+        self.reject(f"http_{code}")
+        super().send_error(code, message, explain)
+
+    def log_error(self, format, *args):  # noqa: A002 (http.server API); its one own log line: a timeout
+        if format.startswith("Request timed out"):
+            self.reject("http_timeout")
+
+    def log_message(self, *args):  # keep stderr for our own logs
+        pass
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer whose per-request failures (a peer that hangs up or stalls) are one log
+    line, not a traceback on stderr; request threads are daemons."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            log.debug("HTTP peer %s: %s", client_address, err)
+        else:
+            log.error("HTTP request from %s failed: %s: %s", client_address, type(err).__name__, err)
 
 
 class _Bound:

@@ -35,6 +35,8 @@ MAX_TOPK = 100
 MAX_GROUP = 1024
 MAX_GROUP_TOKENS = 1 << 24
 MAX_PROMPTS = 4096
+_MAX_DIM = 1 << 40
+_HEADER_KEYS = frozenset({"p", "t", "v", "b", "a"})
 
 # Logical dtype name -> numpy storage dtype. bfloat16 has no numpy dtype: it travels as its raw
 # 16-bit pattern (uint16 storage) and torch reinterprets it on arrival.
@@ -51,14 +53,31 @@ DTYPES: dict[str, np.dtype] = {
 
 
 class ProtocolError(ValueError):
-    """Raised for any message that cannot be encoded or decoded; the text says why."""
+    """Raised for any message that cannot be encoded or decoded; the text says why.
+
+    `reason` is a short, bounded category for rejection metrics: malformed, too_large, version,
+    unknown_type, unexpected_type or invalid (well-framed but fails the schema)."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _r(value: Any, limit: int = 80) -> str:
+    """repr() of a peer-supplied value, cut short: error texts never echo megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# numpy dtype -> logical name (bfloat16 is never inferred: its storage dtype is uint16)
+_DTYPE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in DTYPES.items() if name != "bfloat16"}
 
 
 def numpy_dtype_name(arr: np.ndarray) -> str:
-    for name, dt in DTYPES.items():
-        if name != "bfloat16" and arr.dtype == dt:
-            return name
-    raise ProtocolError(f"arrays of dtype {arr.dtype} cannot travel on the wire")
+    name = _DTYPE_NAMES.get(arr.dtype)
+    if name is None:
+        raise ProtocolError(f"arrays of dtype {arr.dtype} cannot travel on the wire")
+    return name
 
 
 class ArraySpec:
@@ -79,6 +98,25 @@ class Message(BaseModel):
     ARRAYS: ClassVar[dict[str, ArraySpec]] = {}
     # Logical dtype for arrays whose storage dtype is ambiguous (bfloat16 stored as uint16).
     array_dtypes: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @classmethod
+    def _fast_construct(cls, body: dict, arrays: dict, dtypes: dict) -> "Message | None":
+        """Optional hot path for `decode` (None: run the full pydantic validation)."""
+        return None
+
+    def _body(self) -> dict:
+        """The msgpack body: every field but the arrays (a hot message may override this)."""
+        return self.model_dump(mode="python", exclude=_body_exclude(type(self)))
+
+
+_EXCLUDES: dict[type, set[str]] = {}
+
+
+def _body_exclude(cls: type[Message]) -> set[str]:
+    ex = _EXCLUDES.get(cls)
+    if ex is None:
+        ex = _EXCLUDES[cls] = set(cls.ARRAYS) | {"array_dtypes"}
+    return ex
 
 
 REGISTRY: dict[str, type[Message]] = {}
@@ -170,7 +208,71 @@ class WorkAssignment(Message):
     retry_after_s: float = Field(default=0.0, ge=0.0, le=3600.0)
 
 
+_object_setattr = object.__setattr__
+
+
+def _construct_checked(cls: type[Message], values: dict) -> Message:
+    """What pydantic's model_construct does for a model without aliases, private attributes or
+    post-init hooks, without its per-field loop: `values` holds every field, in field order,
+    already checked by the caller (tests/test_protocol.py compares it with model_construct)."""
+    m = cls.__new__(cls)
+    _object_setattr(m, "__dict__", values)
+    _object_setattr(m, "__pydantic_fields_set__", set(values))
+    _object_setattr(m, "__pydantic_extra__", None)
+    _object_setattr(m, "__pydantic_private__", None)
+    return m
+
+
 # --------------------------------------------------------------------------- trajectories
+_GROUP_BODY_KEYS = frozenset({"group_id", "peer_id", "run_id", "prompt_id", "num_searches", "retrieval_failed",
+                              "correct", "created_at"})
+_GROUP_BODY_ORDER = ("group_id", "peer_id", "run_id", "prompt_id", "num_searches", "retrieval_failed", "correct",
+                     "created_at")
+_INT_SET, _BOOL_SET = {int}, {bool}
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce
+
+
+def _check_group(lengths: np.ndarray, tokens: np.ndarray, loss_mask: np.ndarray, logprobs: np.ndarray,
+                 versions: np.ndarray, rewards: np.ndarray, num_searches: list, retrieval_failed: list,
+                 correct: list) -> None:
+    """Cross-field and value checks of a TrajectoryGroup (raises ValueError). Runs on every received
+    group, so each check is one vectorised pass without gathers."""
+    n = lengths.shape[0]
+    if not 1 <= n <= MAX_GROUP:
+        raise ValueError(f"group size {n} outside 1..{MAX_GROUP}")
+    if rewards.shape[0] != n or len(num_searches) != n or len(retrieval_failed) != n or len(correct) != n:
+        for name, k in (("rewards", rewards.shape[0]), ("num_searches", len(num_searches)),
+                        ("retrieval_failed", len(retrieval_failed)), ("correct", len(correct))):
+            if k != n:
+                raise ValueError(f"{name} has {k} entries, group has {n}")
+    # Per-sample arrays are short: plain Python beats numpy's per-call overhead (and cannot overflow).
+    lens = lengths.tolist()
+    if min(lens) < 1:
+        raise ValueError("every sample needs at least one token")
+    total = sum(lens)
+    if total > MAX_GROUP_TOKENS:
+        raise ValueError(f"group has {total} tokens, cap is {MAX_GROUP_TOKENS}")
+    if tokens.shape[0] != total or loss_mask.shape[0] != total or logprobs.shape[0] != total \
+            or versions.shape[0] != total:
+        for name, arr in (("tokens", tokens), ("loss_mask", loss_mask), ("logprobs", logprobs), ("versions", versions)):
+            if arr.shape[0] != total:
+                raise ValueError(f"{name} has {arr.shape[0]} entries, lengths sum to {total}")
+    # Per-token arrays: one vectorised pass each, no gathers. total >= 1 here.
+    if int(_MIN(tokens)) < 0:
+        raise ValueError("negative token id")
+    if int(_MAX(loss_mask)) > 1:
+        raise ValueError("loss_mask must be 0 or 1")
+    if np.count_nonzero((versions < 0).view(np.uint8) & loss_mask):
+        raise ValueError("generated token without a policy version")
+    # max propagates NaN (and NaN <= x is False); min exposes -inf
+    if not float(_MAX(logprobs)) <= 1e-4 or not math.isfinite(float(_MIN(logprobs))):
+        raise ValueError("behaviour logprobs must be finite and <= 0")
+    if not all(map(math.isfinite, rewards.tolist())):
+        raise ValueError("rewards must be finite")
+    if min(num_searches) < 0:
+        raise ValueError("num_searches must be >= 0")
+
+
 @register
 class TrajectoryGroup(Message):
     """n samples of one prompt (a GRPO group), flattened sample after sample.
@@ -206,38 +308,46 @@ class TrajectoryGroup(Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrajectoryGroup":
-        n = int(self.lengths.shape[0])
-        if not 1 <= n <= MAX_GROUP:
-            raise ValueError(f"group size {n} outside 1..{MAX_GROUP}")
-        for name in ("rewards",):
-            if getattr(self, name).shape[0] != n:
-                raise ValueError(f"{name} has {getattr(self, name).shape[0]} entries, group has {n}")
-        for name in ("num_searches", "retrieval_failed", "correct"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries, group has {n}")
-        if n and int(self.lengths.min()) < 1:
-            raise ValueError("every sample needs at least one token")
-        total = int(self.lengths.sum(dtype=np.int64))
-        if total > MAX_GROUP_TOKENS:
-            raise ValueError(f"group has {total} tokens, cap is {MAX_GROUP_TOKENS}")
-        for name in ("tokens", "loss_mask", "logprobs", "versions"):
-            if getattr(self, name).shape[0] != total:
-                raise ValueError(f"{name} has {getattr(self, name).shape[0]} entries, lengths sum to {total}")
-        if total and int(self.tokens.min()) < 0:
-            raise ValueError("negative token id")
-        if total and int(self.loss_mask.max()) > 1:
-            raise ValueError("loss_mask must be 0 or 1")
-        # Vectorised checks without gathers (this runs on every received group).
-        if total and np.count_nonzero((self.versions < 0).view(np.uint8) & self.loss_mask):
-            raise ValueError("generated token without a policy version")
-        # max propagates NaN (and NaN <= x is False); min exposes -inf
-        if total and (not float(self.logprobs.max()) <= 1e-4 or not math.isfinite(float(self.logprobs.min()))):
-            raise ValueError("behaviour logprobs must be finite and <= 0")
-        if not np.isfinite(self.rewards).all():
-            raise ValueError("rewards must be finite")
-        if any(s < 0 for s in self.num_searches):
-            raise ValueError("num_searches must be >= 0")
+        _check_group(self.lengths, self.tokens, self.loss_mask, self.logprobs, self.versions, self.rewards,
+                     self.num_searches, self.retrieval_failed, self.correct)
         return self
+
+    @classmethod
+    def _fast_construct(cls, body: dict, arrays: dict, dtypes: dict) -> "TrajectoryGroup | None":
+        """Hot path of `decode`: explicit checks that accept only what the pydantic schema accepts
+        (exact types, lengths, bounds) plus the same `_check_group`, then a construct without a second
+        validation. Anything unusual returns None and the full validation runs, which produces the
+        error message, so errors read the same on both paths (tests/test_protocol.py checks that the
+        fast path never accepts what pydantic rejects)."""
+        if body.keys() != _GROUP_BODY_KEYS or arrays.keys() != cls.ARRAYS.keys():
+            return None
+        for key in ("group_id", "peer_id", "run_id"):
+            v = body[key]
+            if type(v) is not str or not 1 <= len(v) <= 256:
+                return None
+        pid, created = body["prompt_id"], body["created_at"]
+        if type(pid) is not int or pid < 0 or type(created) is not float:
+            return None
+        for key, item_type in (("num_searches", _INT_SET), ("retrieval_failed", _BOOL_SET), ("correct", _BOOL_SET)):
+            v = body[key]
+            if type(v) is not list or len(v) > MAX_GROUP or set(map(type, v)) != item_type:
+                return None
+        try:
+            _check_group(arrays["lengths"], arrays["tokens"], arrays["loss_mask"], arrays["logprobs"],
+                         arrays["versions"], arrays["rewards"], body["num_searches"], body["retrieval_failed"],
+                         body["correct"])
+        except Exception:  # any doubt: the full validation decides and words the error
+            return None
+        return _construct_checked(cls, {
+            "array_dtypes": dtypes, "group_id": body["group_id"], "peer_id": body["peer_id"],
+            "run_id": body["run_id"], "prompt_id": pid, "num_searches": body["num_searches"],
+            "retrieval_failed": body["retrieval_failed"], "correct": body["correct"], "created_at": created,
+            "lengths": arrays["lengths"], "tokens": arrays["tokens"], "loss_mask": arrays["loss_mask"],
+            "logprobs": arrays["logprobs"], "versions": arrays["versions"], "rewards": arrays["rewards"]})
+
+    def _body(self) -> dict:
+        d = self.__dict__
+        return {k: d[k] for k in _GROUP_BODY_ORDER}
 
     @property
     def n(self) -> int:
@@ -449,10 +559,88 @@ class SyncDone(Message):
     message: str = Field(default="", max_length=MAX_STR)
 
 
+# ---------------------------------------------- weight sync, colocated path (CUDA IPC, one GPU)
+@register
+class SyncColocated(Message):
+    """A member tells the learner where its weights live: host and physical GPU UUID (after its
+    SyncJoin). A learner whose tensors sit on that same GPU may share buckets through CUDA IPC
+    (learner.colocated_ipc) instead of broadcasting them."""
+
+    TYPE = "sync_colocated"
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    host: str = Field(min_length=1, max_length=256)
+    gpu_uuid: str = Field(min_length=1, max_length=128)
+
+
+class IpcHandle(BaseModel):
+    """The fields of torch's CUDA IPC export of one flat uint8 buffer (what
+    torch.multiprocessing.reductions.reduce_tensor returns, minus the classes and callables:
+    the receiver supplies those itself, so nothing executable crosses the wire)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    device: int = Field(ge=0)  # the exporter's device index (the receiver opens on its own device)
+    handle: bytes = Field(min_length=1, max_length=512)  # cudaIpcMemHandle of the allocation
+    storage_size_bytes: int = Field(ge=1)
+    storage_offset_bytes: int = Field(ge=0)  # storage start inside the allocation
+    tensor_offset: int = Field(ge=0)  # buffer start inside the storage (uint8: bytes)
+    ref_counter_handle: bytes = Field(default=b"", max_length=4096)
+    ref_counter_offset: int = Field(default=0, ge=0)
+    event_handle: bytes = Field(default=b"", max_length=512)  # empty: no event
+    event_sync_required: bool = False
+
+
+@register
+class WeightIpcBucket(Message):
+    """One packed bucket shared through CUDA IPC with a member on the learner's GPU. The member
+    maps the buffer, loads the tensors from it and answers WeightIpcAck; the learner reuses the
+    buffer only after that answer."""
+
+    TYPE = "weight_ipc_bucket"
+    version: int = Field(ge=0)
+    generation: int = Field(ge=0)
+    bucket: int = Field(ge=0)
+    num_buckets: int = Field(ge=1)
+    dtype: str
+    nbytes: int = Field(ge=1)
+    tensors: list[TensorMeta] = Field(max_length=1 << 16)
+    ipc: IpcHandle
+
+    @model_validator(mode="after")
+    def _check(self) -> "WeightIpcBucket":
+        if self.bucket >= self.num_buckets:
+            raise ValueError(f"bucket {self.bucket} of {self.num_buckets}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown bucket dtype {self.dtype!r}")
+        for t in self.tensors:
+            if t.dtype != self.dtype:
+                raise ValueError(f"tensor {t.name} is {t.dtype} in a {self.dtype} bucket")
+            if t.offset + t.nbytes > self.nbytes:
+                raise ValueError(f"tensor {t.name} runs past the end of the bucket")
+        if self.ipc.tensor_offset + self.nbytes > self.ipc.storage_size_bytes:
+            raise ValueError(f"{self.nbytes} bytes at offset {self.ipc.tensor_offset} run past the shared "
+                             f"storage of {self.ipc.storage_size_bytes} bytes")
+        return self
+
+
+@register
+class WeightIpcAck(Message):
+    """A member finished reading bucket `bucket` of `version` from the shared buffer (ok) or
+    could not use it (the learner then falls back to the broadcast for this member)."""
+
+    TYPE = "weight_ipc_ack"
+    peer_id: str = Field(min_length=1, max_length=256)
+    run_id: str = Field(min_length=1, max_length=256)
+    version: int = Field(ge=0)
+    bucket: int = Field(ge=0)
+    ok: bool
+    message: str = Field(default="", max_length=MAX_STR)
+
+
 # --------------------------------------------------------------------------- encode / decode
 def encode(msg: Message) -> list[Any]:
     """Message -> list of frames (bytes header + memoryviews of the arrays, no copies)."""
-    body = msg.model_dump(mode="python", exclude=set(msg.ARRAYS) | {"array_dtypes"})
+    body = msg._body()
     specs, frames = [], []
     for name, spec in msg.ARRAYS.items():
         arr = getattr(msg, name)
@@ -463,7 +651,8 @@ def encode(msg: Message) -> list[Any]:
         dtype = msg.array_dtypes.get(name) or numpy_dtype_name(arr)
         if dtype not in spec.dtypes:
             raise ProtocolError(f"{msg.TYPE}.{name} must be one of {spec.dtypes}, got {dtype}")
-        arr = np.ascontiguousarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
         specs.append([name, dtype, list(arr.shape)])
         frames.append(arr.data.cast("B") if arr.size else b"")
     header = {"p": PROTOCOL_VERSION, "t": msg.TYPE, "v": msg.VERSION, "b": body, "a": specs}
@@ -477,35 +666,40 @@ def encode(msg: Message) -> list[Any]:
 
 
 def _buffer(frame: Any) -> memoryview:
-    if hasattr(frame, "buffer"):  # zmq.Frame received with copy=False
-        frame = frame.buffer
-    if not isinstance(frame, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"frame of type {type(frame).__name__} is not bytes")
-    view = memoryview(frame)
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    t = type(frame)
+    if t is not bytes and t is not bytearray and t is not memoryview:
+        if not hasattr(frame, "buffer"):
+            raise ProtocolError(f"frame of type {t.__name__} is not bytes")
+        frame = frame.buffer  # zmq.Frame received with copy=False: a memoryview of its data
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"frame buffer of type {type(frame).__name__} is not bytes")
+    view = frame if type(frame) is memoryview else memoryview(frame)
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
 def _read_header(frames: Any) -> tuple[type[Message], dict, list]:
     if not isinstance(frames, (list, tuple)) or not frames:
         raise ProtocolError("a message needs at least one frame")
     if len(frames) > MAX_FRAMES:
-        raise ProtocolError(f"{len(frames)} frames, cap is {MAX_FRAMES}")
+        raise ProtocolError(f"{len(frames)} frames, cap is {MAX_FRAMES}", "too_large")
     raw = _buffer(frames[0])
     if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header is {len(raw)} bytes, cap is {MAX_HEADER_BYTES}")
+        raise ProtocolError(f"header is {len(raw)} bytes, cap is {MAX_HEADER_BYTES}", "too_large")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises many types for malformed input
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
-    if not isinstance(header, dict) or set(header) != {"p", "t", "v", "b", "a"}:
+    if type(header) is not dict or header.keys() != _HEADER_KEYS:
         raise ProtocolError("header must be a map with keys p, t, v, b, a")
     if header["p"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {header['p']!r} is not supported (this build speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(f"protocol version {_r(header['p'])} is not supported (this build speaks {PROTOCOL_VERSION})",
+                            "version")
     cls = REGISTRY.get(header["t"]) if isinstance(header["t"], str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {header['t']!r}")
+        raise ProtocolError(f"unknown message type {_r(header['t'])}", "unknown_type")
     if header["v"] != cls.VERSION:
-        raise ProtocolError(f"{cls.TYPE} version {header['v']!r} is not supported (this build speaks {cls.VERSION})")
+        raise ProtocolError(f"{cls.TYPE} version {_r(header['v'])} is not supported (this build speaks {cls.VERSION})",
+                            "version")
     if not isinstance(header["b"], dict) or not isinstance(header["a"], list):
         raise ProtocolError("header fields b and a must be a map and a list")
     if len(header["a"]) != len(frames) - 1:
@@ -526,7 +720,7 @@ def _read_array(cls: type[Message], spec_entry: Any, frame: Any) -> tuple[str, s
         raise ProtocolError(f"{cls.TYPE}.{name} shape must be a list of {spec.ndim} non-negative ints")
     count = 1
     for d in shape:
-        if type(d) is not int or d < 0 or d >= 1 << 40:
+        if type(d) is not int or not 0 <= d < _MAX_DIM:
             raise ProtocolError(f"{cls.TYPE}.{name} shape must be a list of non-negative ints")
         count *= d
     np_dtype = DTYPES[dtype]
@@ -534,9 +728,10 @@ def _read_array(cls: type[Message], spec_entry: Any, frame: Any) -> tuple[str, s
     if nbytes > MAX_ARRAY_BYTES:
         raise ProtocolError(f"{cls.TYPE}.{name} is {nbytes} bytes, cap is {MAX_ARRAY_BYTES}")
     buf = _buffer(frame)
-    if len(buf) != nbytes:
-        raise ProtocolError(f"{cls.TYPE}.{name} frame has {len(buf)} bytes, shape {shape} of {dtype} needs {nbytes}")
-    arr = np.frombuffer(buf, dtype=np_dtype)
+    if buf.nbytes != nbytes:
+        raise ProtocolError(f"{cls.TYPE}.{name} frame has {buf.nbytes} bytes, shape {shape} of {dtype} needs {nbytes}")
+    # A view of the received frame (zmq.Frame buffer or bytes): no copy. Read-only when the frame is.
+    arr = np.frombuffer(buf, np_dtype)
     return name, dtype, arr if len(shape) == 1 else arr.reshape(shape)
 
 
@@ -546,24 +741,26 @@ def decode(frames: Any, expect: type[Message] | tuple[type[Message], ...] | None
         cls, body, arrays_spec = _read_header(frames)
         if expect is not None and not issubclass(cls, expect):
             names = expect.TYPE if isinstance(expect, type) else [e.TYPE for e in expect]
-            raise ProtocolError(f"expected {names}, got {cls.TYPE}")
+            raise ProtocolError(f"expected {names}, got {cls.TYPE}", "unexpected_type")
         arrays, dtypes = {}, {}
         for entry, frame in zip(arrays_spec, frames[1:]):
             name, dtype, arr = _read_array(cls, entry, frame)
             if name in arrays:
                 raise ProtocolError(f"array {name!r} sent twice")
             arrays[name], dtypes[name] = arr, dtype
-        overlap = set(arrays) & set(body)
+        overlap = arrays.keys() & body.keys()
         if overlap or "array_dtypes" in body:
             raise ProtocolError(f"fields sent both as body and array: {sorted(overlap)}")
-        return cls.model_validate({**body, **arrays, "array_dtypes": dtypes})
+        fast = cls._fast_construct(body, arrays, dtypes)
+        return fast if fast is not None else cls.model_validate({**body, **arrays, "array_dtypes": dtypes})
     except ProtocolError:
         raise
     except ValidationError as e:
-        errs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<message>'}: {err['msg']}" for err in e.errors()[:5])
-        raise ProtocolError(f"invalid {frames_type(frames)}: {errs}") from None
+        errs = "; ".join(f"{'.'.join(str(p)[:64] for p in err['loc']) or '<message>'}: {err['msg'][:512]}"
+                         for err in e.errors()[:5])
+        raise ProtocolError(f"invalid {_r(frames_type(frames))}: {errs}"[:MAX_STR], "invalid") from None
     except Exception as e:  # last line of defence: a decoder never lets anything else escape
-        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
+        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}"[:MAX_STR]) from None
 
 
 def frames_type(frames: Any) -> str:

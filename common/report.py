@@ -5,7 +5,8 @@
           │               the learner is writing); a resumed run's repeated steps: last one wins
           ▼
     Series (per field: step -> value, NaN where a line lacks the field)
-          ├─ plot_*   → <run_dir>/report/{reward,em,throughput,staleness,latency,loss,overview}.png  (matplotlib Agg)
+          ├─ plot_*   → <run_dir>/report/{reward,em,throughput,staleness,latency,loss,overview}.png  (matplotlib Agg;
+          │              x = learner step, top axis = wall time since the first step)
           └─ summary  → <run_dir>/report/summary.txt (also printed)
 
 Exit codes: 0 report written, 2 no run dir / no metrics file / no readable step in it.
@@ -149,6 +150,12 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 
 
 # --------------------------------------------------------------------------- summary
+def _busy_share(run: RunLog, wall: float) -> float:
+    """Share of the wall time between the first and the last logged step spent in steps."""
+    busy = _finite(run.column("step_s")[1:])
+    return min(1.0, sum(busy) / wall) if busy and wall > 0 else math.nan
+
+
 def summary_text(run: RunLog) -> str:
     steps, times = run.column("step"), run.column("time")
     tokens, groups = run.column("tokens"), run.column("groups")
@@ -178,7 +185,9 @@ def summary_text(run: RunLog) -> str:
         f"{_fmt(max(_finite(run.column('staleness_max')) or [math.nan]), '.0f')}; groups dropped as stale: "
         f"{_fmt(max(_finite(run.column('dropped_stale_total')) or [math.nan]), '.0f')}",
         f"end-to-end latency (generation start -> trained): mean {_fmt(_mean(run.column('latency_mean_s')), '.2f')} s, "
-        f"p90 {_fmt(_quantile(run.column('latency_mean_s'), 0.9), '.2f')} s",
+        f"p90 of the step means {_fmt(_quantile(run.column('latency_mean_s'), 0.9), '.2f')} s",
+        f"learner busy: {_fmt(_busy_share(run, wall), '.0%')} of the wall time in steps (train + weight sync), "
+        f"the rest waiting for groups",
         f"step time: median {_fmt(_quantile(run.column('step_s'), 0.5))} s, p90 "
         f"{_fmt(_quantile(run.column('step_s'), 0.9))} s; weight sync median "
         f"{_fmt(_quantile(run.column('sync_s'), 0.5))} s, "
@@ -206,9 +215,9 @@ def _plot_specs(run: RunLog) -> list[tuple]:
     groups_wall = wall_rate(run.column("time"), run.column("groups"))
     return [
         ("reward.png", "Reward", "reward", [("reward_mean", "mean reward per step")], None),
-        ("em.png", "Exact match and search", "fraction / count",
-         [("correct_frac", "exact match (correct fraction)"), ("searches_mean", "searches per sample"),
-          ("retrieval_failed_frac", "retrieval failed (fraction)")], None),
+        ("em.png", "Exact match and search", "fraction of samples",
+         [("correct_frac", "exact match (correct fraction)"), ("retrieval_failed_frac", "retrieval failed (fraction)")],
+         ("searches per sample", [("searches_mean", "searches per sample")])),
         ("throughput.png", "Trained throughput", "tokens / s",
          [("tokens_per_s", "tokens/s while training (per step)"), (tokens_wall, "tokens/s over wall time (10 steps)")],
          ("groups / s", [(groups_wall, "groups/s over wall time (10 steps)")])),
@@ -241,6 +250,34 @@ def _draw(ax, steps: list[float], run: RunLog, series: list[tuple], styles: list
     return drawn
 
 
+def _fraction_axis(ax) -> None:
+    """A 0..1 y range for shares (reward, exact match) whose plotted values all lie in it, so a flat
+    line at 0 does not fill the plot with a meaningless ±0.04 scale."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if ys and all(0.0 <= y <= 1.0 for y in ys):
+        ax.set_ylim(-0.03, 1.03)
+
+
+def _time_axis(ax, steps: list[float], times: list[float]) -> None:
+    """A second x axis on top: wall time since the first logged step (only while the log's times
+    increase with the steps; a resumed run's restart gap would make the mapping ambiguous)."""
+    import numpy as np
+
+    pts = [(s, t) for s, t in zip(steps, times) if not (math.isnan(s) or math.isnan(t))]
+    if len(pts) < 2 or any(b[1] <= a[1] or b[0] <= a[0] for a, b in zip(pts, pts[1:])):
+        return
+    xs = np.array([p[0] for p in pts])
+    ts = np.array([p[1] - pts[0][1] for p in pts])
+    scale, unit = (60.0, "min") if ts[-1] >= 300 else (1.0, "s")
+    far, slope = 1e9, ts[-1] / (xs[-1] - xs[0])  # beyond the logged steps: the run's average pace
+    xs = np.concatenate([[xs[0] - far], xs, [xs[-1] + far]])
+    ts = np.concatenate([[-far * slope], ts, [ts[-1] + far * slope]])
+    sec = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, xs, ts) / scale,
+                                               lambda t: np.interp(np.asarray(t) * scale, ts, xs)))
+    sec.set_xlabel(f"wall time since the first step ({unit})", fontsize=8)
+    sec.tick_params(labelsize=8)
+
+
 def plot_all(run: RunLog, out: Path) -> list[Path]:
     import matplotlib
 
@@ -260,8 +297,10 @@ def plot_all(run: RunLog, out: Path) -> list[Path]:
                 ax.fill_between(xs, lo, hi, alpha=0.2, label="± std within the batch")
         if second is not None:
             ax2 = ax.twinx()
-            drawn += _draw(ax2, steps, run, second[1], ["--", ":"])
+            drawn += _draw(ax2, steps, run, second[1], ["C3--", "C4:"])
             ax2.set_ylabel(second[0])
+            top = max((y for line in ax2.get_lines() for y in line.get_ydata()), default=0.0)
+            ax2.set_ylim(0, max(1.0, 1.1 * top))  # counts and rates: from 0, a flat 0 at the bottom
             lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         else:
             lines = ax.get_legend_handles_labels()[0]
@@ -270,6 +309,9 @@ def plot_all(run: RunLog, out: Path) -> list[Path]:
         else:
             ax.text(0.5, 0.5, f"no data for this plot in {METRICS_FILE}", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
+        if name in ("reward.png", "em.png"):
+            _fraction_axis(ax)
+        _time_axis(ax, steps, run.column("time"))
         ax.set_title(title)
         ax.set_xlabel("learner step")
         ax.set_ylabel(ylabel)
@@ -296,6 +338,9 @@ def _overview(plt, run: RunLog, steps: list[float], out: Path) -> Path:
             ax.legend(loc="best", fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        if title in ("Reward", "Exact match"):
+            _fraction_axis(ax)
+        _time_axis(ax, steps, run.column("time"))
         ax.set_title(title)
         ax.set_xlabel("learner step")
         ax.grid(True, alpha=0.3)

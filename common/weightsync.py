@@ -19,6 +19,13 @@
      3 ◀──────────────────────── SyncDone(version, ok, seconds)   after the last bucket is loaded
        no answer in time / dead (probe fails) → dropped; the group re-forms at the next sync
 
+    colocated member (learner.colocated_ipc; same host + GPU UUID; NOT YET RUN ON A GPU):
+       ◀──── SyncColocated(host, gpu_uuid)  (after SyncJoin)
+       per bucket: pack into kept CUDA buffer k%2 (once the members released bucket k-2)
+       ── WeightIpcBucket(TensorMeta…, IpcHandle) ──────────▶  map the buffer (CUDA IPC), load
+       ◀──────────────────────── WeightIpcAck(bucket, ok)      GPU to GPU, synchronize, release
+       a failure → this member gets the broadcast from the next sync on
+
 The process group is standalone: it is built directly from a PrefixStore over this module's own
 TCPStore and never touches torch.distributed's default group (the learner's FSDP group).
 Rank 0 is the learner, members are ranks 1..N. Gloo on CPU; NCCL when the learner's tensors are
@@ -50,6 +57,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
+import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -62,8 +72,9 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from common.protocol import (DTYPES, MAX_ARRAY_BYTES, ErrorReply, Heartbeat, Message, ProtocolError, SyncAbort, SyncDone,
-                             SyncJoin, SyncPlan, TensorMeta, WeightUpdateHeader, decode, encode)
+from common.protocol import (DTYPES, MAX_ARRAY_BYTES, ErrorReply, Heartbeat, IpcHandle, Message, ProtocolError, SyncAbort,
+                             SyncColocated, SyncDone, SyncJoin, SyncPlan, TensorMeta, WeightIpcAck, WeightIpcBucket,
+                             WeightUpdateHeader, decode, encode)
 from common.transport import (bind, bound_endpoint, check_host_bind, connect, is_loopback, recv_frames,
                               send, split_envelope, TransportTimeout)
 
@@ -81,6 +92,7 @@ MAX_TENSORS_PER_BUCKET = 1 << 16
 PROBE_INTERVAL_S = 0.2
 DIRECT_DIVISOR = 1  # with chunking, tensors of at least chunk/DIRECT_DIVISOR bytes go from their own memory
 ABORT_CHECK_S = 0.05
+RAMP_DIVISOR = 16  # with a ramp (bench variant): first bucket bucket_mb / 16 (at least 1 MiB), then doubling
 
 
 class SyncError(RuntimeError):
@@ -123,9 +135,16 @@ def _check_tensor(name: Any, t: Any) -> None:
         raise SyncError(f"{name}: {t.dim()} dimensions, at most 8 travel")
 
 
-def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[Bucket]:
+def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 first_bytes: int | None = None) -> list[Bucket]:
     """Group tensors by dtype into buckets of at most `bucket_bytes` (a larger tensor gets a bucket
-    of its own). Order is kept within a dtype; nothing is copied here."""
+    of its own). Order is kept within a dtype; nothing is copied here.
+
+    first_bytes (ramp): the first bucket closed holds at most first_bytes, the next twice that,
+    and so on up to bucket_bytes. The sender packs bucket k+1 while bucket k is on the wire, but
+    nothing is on the wire while it packs the first one; a small first bucket keeps that idle
+    time short (packing is ~4x faster than a loopback broadcast, so each doubling is packed
+    before its predecessor has left)."""
     if bucket_bytes < 1:
         raise SyncError(f"bucket size must be positive, got {bucket_bytes}")
     out: list[Bucket] = []
@@ -139,7 +158,8 @@ def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         dt = dtype_name(t.dtype)
         n = t.numel() * t.element_size()
         b = open_.get(dt)
-        if b is not None and b.items and (b.nbytes + n > bucket_bytes or len(b.items) >= MAX_TENSORS_PER_BUCKET
+        limit = bucket_bytes if not first_bytes else min(bucket_bytes, max(1, first_bytes) << min(len(out), 40))
+        if b is not None and b.items and (b.nbytes + n > limit or len(b.items) >= MAX_TENSORS_PER_BUCKET
                                           or b.header_estimate > MAX_HEADER_ESTIMATE):
             out.append(open_.pop(dt))
             b = None
@@ -167,6 +187,22 @@ def pack_bucket(bucket: Bucket, out: torch.Tensor | None = None, device: Any = N
             if n and start <= off and off + n <= end:
                 _copy_bytes(flat[off:off + n], t.detach().reshape(-1).view(torch.uint8))
     return flat
+
+
+def _pack_range(items: list[tuple[str, torch.Tensor, int]], i: int, flat: torch.Tensor, start: int, end: int) -> int:
+    """Copy the tensors of `items` (sorted by offset) that lie in bytes [start, end) into `flat`,
+    starting the scan at index i; returns the index after the last one inside. Linear in the
+    bucket over all its segments (pack_bucket with start/end rescans every item)."""
+    while i < len(items) and items[i][2] < start:
+        i += 1
+    with torch.no_grad():
+        while i < len(items) and items[i][2] < end:
+            _, t, off = items[i]
+            n = t.numel() * t.element_size()
+            if n:
+                _copy_bytes(flat[off:off + n], t.detach().reshape(-1).view(torch.uint8))
+            i += 1
+    return i
 
 
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -330,6 +366,160 @@ def _wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | No
                 raise SyncAborted("the learner aborted this transfer")
 
 
+# --------------------------------------------------------------------------- colocated path
+class CudaIpc:
+    """Share a flat uint8 CUDA buffer with another process on the same physical GPU (torch's
+    CUDA IPC). The learner packs a bucket into a kept buffer and exports it; the fields of the
+    export travel as a typed IpcHandle inside WeightIpcBucket on the sync control channel; the
+    member rebuilds a tensor over the same device memory with torch's own rebuild function, its
+    own storage class and its own device index (CUDA_VISIBLE_DEVICES may number the GPU
+    differently there), so nothing from the wire is called or unpickled. The member loads from
+    that memory (device to device, no host copy), synchronizes, and acknowledges; only then is
+    the buffer packed again. Same GPU = same host name and same GPU UUID.
+
+    NOT YET RUN ON A GPU: no GPU was lent while this was written. The CPU tests run the whole
+    control flow with ShmIpcStandIn; test_cuda_ipc_colocated_for_real (gpu mark) runs this class."""
+
+    name = "cuda"
+
+    def location(self, device: Any) -> tuple[str, str] | None:
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        return socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid)
+
+    def alloc(self, nbytes: int, device: Any) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def free(self, buf: torch.Tensor) -> None:
+        pass  # the caching allocator keeps it
+
+    def export(self, buf: torch.Tensor) -> IpcHandle:
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+        torch.cuda.current_stream(buf.device).synchronize()  # packed before anyone maps it
+        fn, args = reduce_tensor(buf)
+        if fn is not rebuild_cuda_tensor or len(args) != 15:
+            raise SyncError(f"unexpected CUDA IPC export ({getattr(fn, '__name__', fn)}, {len(args)} fields)")
+        (_cls, _size, _stride, offset, _storage_cls, _dtype, device, handle, size_bytes, offset_bytes, _grad,
+         rc_handle, rc_offset, ev_handle, ev_sync) = args
+        return IpcHandle(device=int(device), handle=bytes(handle), storage_size_bytes=int(size_bytes),
+                         storage_offset_bytes=int(offset_bytes), tensor_offset=int(offset),
+                         ref_counter_handle=bytes(rc_handle or b""), ref_counter_offset=int(rc_offset or 0),
+                         event_handle=bytes(ev_handle or b""), event_sync_required=bool(ev_sync))
+
+    def open(self, ipc: IpcHandle, nbytes: int, device: Any) -> torch.Tensor:
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        device = torch.device(device if device is not None else "cuda")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise SyncError(f"a CUDA IPC bucket needs a CUDA receiver, this one is on {device}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return rebuild_cuda_tensor(torch.Tensor, (nbytes,), (1,), ipc.tensor_offset, torch.storage.TypedStorage,
+                                   torch.uint8, index, ipc.handle, ipc.storage_size_bytes, ipc.storage_offset_bytes,
+                                   False, ipc.ref_counter_handle, ipc.ref_counter_offset, ipc.event_handle or None,
+                                   ipc.event_sync_required)
+
+    def done_reading(self, device: Any = None) -> None:
+        """Loads from a mapped bucket are queued on the GPU: finish them before acknowledging."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize(device if device is not None and torch.device(device).type == "cuda" else None)
+
+    def after_sync(self) -> None:
+        """Producer side: let torch free the bookkeeping of exports the members have released."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()
+
+
+class ShmIpcStandIn(CudaIpc):
+    """TEST STAND-IN for CudaIpc on machines without a GPU (named so wherever it is used): the
+    same export / open / acknowledge flow over shared-memory files on the CPU, so the colocated
+    path's control flow (selection, per-bucket messages, acknowledgements, buffer reuse,
+    fallback) runs in CPU tests. Used only when a test installs it with set_ipc_impl()."""
+
+    name = "cpu-shm-standin"
+
+    def __init__(self):
+        self._dir: str | None = None  # made at the first alloc, removed when its last file is freed
+        self._paths: dict[int, str] = {}
+
+    def location(self, device: Any) -> tuple[str, str] | None:
+        if torch.device(device).type != "cpu":
+            return None
+        try:
+            boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        except OSError:
+            boot = "unknown"
+        return socket.gethostname(), f"standin-{boot}"
+
+    def alloc(self, nbytes: int, device: Any) -> torch.Tensor:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="scout-ipc-standin-",
+                                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        path = os.path.join(self._dir, uuid.uuid4().hex)
+        buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self._paths[buf.data_ptr()] = path
+        return buf
+
+    def free(self, buf: torch.Tensor) -> None:
+        path = self._paths.pop(buf.data_ptr(), None)
+        try:
+            if path:
+                os.unlink(path)
+            if self._dir and not self._paths:
+                os.rmdir(self._dir)
+                self._dir = None
+        except OSError:
+            pass
+
+    def export(self, buf: torch.Tensor) -> IpcHandle:
+        base = buf.untyped_storage().data_ptr()
+        path = self._paths.get(base)
+        if path is None:
+            raise SyncError("stand-in export of a buffer it did not allocate")
+        return IpcHandle(device=0, handle=path.encode(), storage_size_bytes=buf.untyped_storage().nbytes(),
+                         storage_offset_bytes=0, tensor_offset=buf.data_ptr() - base)
+
+    def open(self, ipc: IpcHandle, nbytes: int, device: Any) -> torch.Tensor:
+        path = ipc.handle.decode(errors="replace")
+        if not path.startswith(tempfile.gettempdir()) and not path.startswith("/dev/shm/"):
+            raise SyncError(f"stand-in handle {path!r} is not a shared-memory file")
+        try:
+            whole = torch.from_file(path, shared=True, size=ipc.storage_size_bytes, dtype=torch.uint8)
+        except Exception as e:
+            raise SyncError(f"stand-in cannot map {path}: {e}") from None
+        return whole[ipc.tensor_offset:ipc.tensor_offset + nbytes]
+
+    def done_reading(self, device: Any = None) -> None:
+        pass
+
+    def after_sync(self) -> None:
+        pass
+
+
+_IPC: CudaIpc = CudaIpc()
+
+
+def set_ipc_impl(impl: CudaIpc) -> CudaIpc:
+    """Install the colocated-path implementation (tests: ShmIpcStandIn); returns the previous one."""
+    global _IPC
+    old, _IPC = _IPC, impl
+    return old
+
+
+def gpu_location(device: Any) -> tuple[str, str] | None:
+    """(host, GPU UUID) of a device for SyncClient(colocated=...); None when not on a GPU."""
+    return _IPC.location(device)
+
+
+def use_ipc(enabled: bool, learner_where: tuple[str, str] | None, member_where: tuple[str, str] | None,
+            member_ipc_ok: bool) -> bool:
+    """The colocated path is used for a member when it is switched on (learner.colocated_ipc),
+    the learner's weights are on a GPU (learner_where), the member announced the very same host
+    and GPU, and IPC has not failed for it before. Everyone else gets the broadcast."""
+    return bool(enabled and learner_where is not None and member_where == learner_where and member_ipc_ok)
+
+
 # --------------------------------------------------------------------------- learner side
 @dataclasses.dataclass
 class _Member:
@@ -338,8 +528,10 @@ class _Member:
     identity: bytes
     transports: tuple[str, ...]
     version: int
-    transport: str = ""  # assigned at the last plan: gloo / nccl / zmq
+    transport: str = ""  # assigned at the last plan: gloo / nccl / zmq / cuda_ipc
     rank: int = 0
+    where: tuple[str, str] | None = None  # (host, GPU UUID) from SyncColocated
+    ipc_ok: bool = True  # False once the colocated path failed for it: broadcast from then on
 
 
 @dataclasses.dataclass
@@ -349,6 +541,7 @@ class _SyncState:
     ok: set[str] = dataclasses.field(default_factory=set)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    ipc_acked: dict[str, int] = dataclasses.field(default_factory=dict)  # peer -> last bucket released
 
     def unresolved(self) -> list[str]:
         return [p for p in self.expect if p not in self.ok and p not in self.failed and p not in self.dropped]
@@ -366,6 +559,9 @@ class WeightSender:
         # a bucket is also one zmq data frame: keep it under the protocol's array cap
         self.bucket_bytes = max(1, min(int(learner_cfg.bucket_mb * (1 << 20)), MAX_ARRAY_BYTES))
         self.chunk_bytes = int(getattr(learner_cfg, "sync_chunk_mb", 0.0) * (1 << 20))
+        # ramp (plan_buckets first_bytes): off. Measured on the loaded 2-core VM it lost wall time
+        # (more buckets, more wake-ups per sync); bench/weightsync_bench.py --variants ramp tries it
+        self.first_bucket_bytes: int | None = None
         self.run_id = uuid.uuid4().hex
         self.endpoint: str | None = None
         self.store_port: int | None = None
@@ -379,6 +575,10 @@ class WeightSender:
         self._sync: _SyncState | None = None
         self._planned: list[_Member] = []
         self._cpu_bufs: list[torch.Tensor] = []
+        self.colocated_ipc = bool(getattr(learner_cfg, "colocated_ipc", False))
+        self._ipc_where: tuple[str, str] | None = None  # set per sync from the weights' device
+        self._ipc_bufs: list[torch.Tensor] = []
+        self._ipc_impl: CudaIpc | None = None  # the implementation that allocated _ipc_bufs
         self._disposing: list[threading.Thread] = []
         self._lock = threading.RLock()  # public methods may be called from several threads
         self._ctx = self._sock = self._store = None
@@ -387,6 +587,8 @@ class WeightSender:
 
     def _metrics(self, m) -> None:
         self._m = None
+        reject = getattr(m, "reject", None)  # bad input on the sync control socket, by reason
+        self._reject = (lambda reason: reject("sync", reason)) if reject else (lambda reason: None)
         if m is None:
             return
         r = m.role
@@ -414,8 +616,9 @@ class WeightSender:
             raise SyncError(f"cannot start the weight-sync TCPStore on {self.cfg.store_host}:{self.cfg.store_port}: {e}") from None
         self.store_port = int(self._store.port)
         self.store_host = self.cfg.store_advertise_host or self.cfg.store_host
-        log.info("weight sync: endpoint %s, store %s:%d, bucket %.3g MiB, timeout %.1fs",
-                 self.endpoint, self.store_host, self.store_port, self.bucket_bytes / 2**20, self.timeout_s)
+        log.info("weight sync: endpoint %s, store %s:%d, bucket %.3g MiB, segments %.3g MiB, timeout %.1fs, "
+                 "colocated CUDA IPC %s", self.endpoint, self.store_host, self.store_port, self.bucket_bytes / 2**20,
+                 self.chunk_bytes / 2**20, self.timeout_s, "on" if self.colocated_ipc else "off")
 
     def close(self) -> None:
         with self._lock:
@@ -425,6 +628,7 @@ class WeightSender:
         self._close_group()
         _join_all(self._disposing, min(5.0, self.timeout_s))
         self._cpu_bufs = []
+        self._free_ipc_buffers()
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
@@ -437,6 +641,12 @@ class WeightSender:
         with self._lock:
             self._drain()
             return sorted(self._members)
+
+    def member_runs(self) -> dict[str, str]:
+        """peer id -> run id of every member (a restarted actor keeps its id, not its run)."""
+        with self._lock:
+            self._drain()
+            return {m.peer_id: m.run_id for m in self._members.values()}
 
     def wait_members(self, n: int, timeout_s: float) -> bool:
         """Wait until at least `n` members have joined (for tests and start-up)."""
@@ -472,26 +682,32 @@ class WeightSender:
         except zmq.ZMQError:
             pass  # the asker is gone or full: nothing else to do
 
-    def _drain(self, timeout_ms: int = 0) -> None:
-        """Handle every message waiting on the socket (joins, dones, garbage)."""
+    def _drain(self, timeout_ms: int = 0, budget: int = 1000) -> None:
+        """Handle the messages waiting on the socket (joins, dones, garbage): at most `budget` per
+        call, so a flood of messages cannot keep the caller (the training loop) in here."""
         if self._sock is None:
             raise SyncError("WeightSender.start() was not called")
-        first = True
-        while self._sock.poll(timeout_ms if first else 0, zmq.POLLIN):
-            first = False
+        for i in range(budget):
+            if not self._sock.poll(timeout_ms if i == 0 else 0, zmq.POLLIN):
+                return
             frames = self._sock.recv_multipart(copy=False)
             try:
                 envelope, body = split_envelope(frames)
-                msg = decode(body, expect=(SyncJoin, SyncDone))
+                msg = decode(body, expect=(SyncJoin, SyncDone, SyncColocated, WeightIpcAck))
             except ProtocolError as e:
+                self._reject(e.reason)
                 if len(frames) >= 2:
                     self._reply_raw(frames[:1], ErrorReply(code="bad_request", message=str(e)[:4096]))
                 continue
             identity = bytes(envelope[0].bytes if hasattr(envelope[0], "bytes") else envelope[0])
             if isinstance(msg, SyncJoin):
                 self._on_join(identity, msg)
-            else:
+            elif isinstance(msg, SyncDone):
                 self._on_done(identity, msg)
+            elif isinstance(msg, SyncColocated):
+                self._on_colocated(msg)
+            else:
+                self._on_ipc_ack(msg)
 
     def _on_join(self, identity: bytes, msg: SyncJoin) -> None:
         old = self._members.get(msg.peer_id)
@@ -526,8 +742,32 @@ class WeightSender:
             s.ok.add(msg.peer_id)
             m.version = msg.version
         else:
-            s.failed[msg.peer_id] = msg.message or "member reported failure"
+            s.failed.setdefault(msg.peer_id, msg.message or "member reported failure")  # the first cause
             self._dirty = True  # its group may be broken: re-form next time
+            self._ipc_failed(m)
+
+    def _on_colocated(self, msg: SyncColocated) -> None:
+        m = self._members.get(msg.peer_id)
+        if m is None or m.run_id != msg.run_id:
+            return  # it comes right after the member's SyncJoin; anything else is stale
+        where = (msg.host, msg.gpu_uuid)
+        if m.where != where:
+            m.where, m.ipc_ok, self._dirty = where, True, True
+
+    def _on_ipc_ack(self, msg: WeightIpcAck) -> None:
+        m, s = self._members.get(msg.peer_id), self._sync
+        if m is None or m.run_id != msg.run_id or s is None or msg.version != s.version:
+            return
+        if msg.ok:
+            s.ipc_acked[msg.peer_id] = max(s.ipc_acked.get(msg.peer_id, -1), msg.bucket)
+            return
+        s.failed.setdefault(msg.peer_id, f"colocated bucket {msg.bucket}: {msg.message or 'failed'}")
+        self._ipc_failed(m)
+
+    def _ipc_failed(self, m: _Member) -> None:
+        if m.transport == "cuda_ipc" and m.ipc_ok:
+            log.warning("weight sync: the colocated path failed for %s; it gets the broadcast from now on", m.peer_id)
+            m.ipc_ok, self._dirty = False, True
 
     def _note_dropped(self, peer_id: str, reason: str) -> None:
         if self._sync is not None:
@@ -578,10 +818,13 @@ class WeightSender:
             return "nccl"
         return "gloo"
 
-    def _assign(self, backend: str) -> tuple[list[_Member], list[_Member]]:
-        group, zmq_only = [], []
+    def _assign(self, backend: str) -> tuple[list[_Member], list[_Member], list[_Member]]:
+        group, zmq_only, ipc = [], [], []
         for m in self._members.values():
-            if backend in m.transports:
+            if use_ipc(self.colocated_ipc, self._ipc_where, m.where, m.ipc_ok):
+                m.transport, m.rank = "cuda_ipc", 0
+                ipc.append(m)
+            elif backend in m.transports:
                 m.transport, m.rank = backend, len(group) + 1
                 group.append(m)
             elif "zmq" in m.transports:
@@ -594,23 +837,26 @@ class WeightSender:
             self._drop(m.peer_id, reason, tell=False)
             self._reply_raw([m.identity], SyncAbort(version=self._sync.version if self._sync else 0,
                                                     generation=self.generation, reason=reason))
-        return group, zmq_only
+        return group, zmq_only, ipc
 
     def _reform(self, version: int, backend: str, deadline: float) -> None:
         """New generation: plan every member, rendezvous the group members, build the group."""
         self._close_group()
         for _attempt in range(3):
             self.generation += 1
-            group, zmq_only = self._assign(backend)
+            group, zmq_only, ipc = self._assign(backend)
             world = len(group) + 1
-            for m in group + zmq_only:
-                plan = SyncPlan(version=version, generation=self.generation, transport=m.transport,
-                                store_host=self.store_host, store_port=self.store_port, rank=m.rank,
-                                world_size=world if m.transport != "zmq" else 1, timeout_s=self.timeout_s)
+            for m in group + zmq_only + ipc:
+                # colocated members get a plan without a group: their buckets come on this channel
+                in_group = m.transport in ("gloo", "nccl")
+                plan = SyncPlan(version=version, generation=self.generation,
+                                transport=m.transport if in_group else "zmq", store_host=self.store_host,
+                                store_port=self.store_port, rank=m.rank, world_size=world if in_group else 1,
+                                timeout_s=self.timeout_s)
                 if not self._send(m, plan, deadline):
                     self._drop(m.peer_id, "plan could not be delivered", tell=False)
             group = [m for m in group if self._members.get(m.peer_id) is m]
-            self._planned = group + [m for m in zmq_only if self._members.get(m.peer_id) is m]
+            self._planned = group + [m for m in zmq_only + ipc if self._members.get(m.peer_id) is m]
             if not group:  # zmq members only: nothing to rendezvous
                 self._group_key = (self.generation, backend, ())
                 self._dirty = False
@@ -679,7 +925,7 @@ class WeightSender:
         t0 = time.monotonic()
         deadline = t0 + self.timeout_s
         tensors = [(n, t) for n, t in named_tensors]
-        buckets = plan_buckets(tensors, self.bucket_bytes)
+        buckets = plan_buckets(tensors, self.bucket_bytes, self.first_bucket_bytes)
         if not buckets:
             raise SyncError("broadcast needs at least one tensor")
         device = tensors[0][1].device
@@ -691,6 +937,9 @@ class WeightSender:
         try:
             if self._members:
                 backend = self._choose_backend(device)
+                where = _IPC.location(device) if self.colocated_ipc else None
+                if where != self._ipc_where:
+                    self._ipc_where, self._dirty = where, True
                 if self._dirty or self._group_key is None or self._group_key[1] != backend:
                     self._reform(version, backend, deadline)
                 live = [m for m in self._planned if self._members.get(m.peer_id) is m]
@@ -729,12 +978,17 @@ class WeightSender:
                   deadline: float) -> str | None:
         """Per bucket: the header to every member, then the bytes over the group in segments
         (see bucket_segments), each broadcast as soon as it is ready; bucket k+1 is prepared in
-        the other buffer while bucket k may still be in flight. Returns the group's error."""
+        the other buffer while bucket k may still be in flight. Colocated members get the packed
+        bucket's IPC handle instead, and its buffer is packed again only once they released it.
+        Returns the group's error."""
         group = [m for m in live if m.transport in ("gloo", "nccl")] if self._group is not None else []
         zmq_m = [m for m in live if m.transport == "zmq"]
+        ipc_m = [m for m in live if m.transport == "cuda_ipc"]
         dev = buckets[0].items[0][1].device if backend == "nccl" else torch.device("cpu")
-        reuse = not zmq_m  # zmq sends are zero-copy: their buffers must stay untouched
-        bufs = self._buffers(max(b.nbytes for b in buckets), min(2, len(buckets)), dev) if reuse else []
+        size, nbuf = max(b.nbytes for b in buckets), min(2, len(buckets))
+        reuse = not zmq_m and not ipc_m  # zmq sends are zero-copy: their buffers must stay untouched
+        bufs = self._buffers(size, nbuf, dev) if reuse else []
+        ipc_bufs = self._ipc_buffers(size, nbuf, buckets[0].items[0][1].device) if ipc_m else []
         inflight: list[list] = [[], []]
         error = None
         for k, b in enumerate(buckets):
@@ -743,15 +997,20 @@ class WeightSender:
                 group = group if error is None else []
             inflight[k % 2] = []
             zmq_m = [m for m in zmq_m if self._members.get(m.peer_id) is m]
-            if not group and not zmq_m:
+            ipc_m = self._await_ipc(ipc_m, k - nbuf, deadline) if ipc_m else []
+            if not group and not zmq_m and not ipc_m:
                 break  # nobody left to send to
             header = WeightUpdateHeader(version=version, generation=self.generation, bucket=k,
                                         num_buckets=len(buckets), dtype=b.dtype, nbytes=b.nbytes,
                                         tensors=b.metas(), chunk_bytes=self.chunk_bytes)
-            out = bufs[k % 2][:b.nbytes] if reuse else torch.empty(b.nbytes, dtype=torch.uint8, device=dev)
-            if zmq_m or not group:
-                flat = pack_bucket(b, out=out)  # the zmq members need the whole bucket packed
-                self._send_data(header, flat, zmq_m, deadline)
+            if ipc_m:
+                out = ipc_bufs[k % nbuf][:b.nbytes]
+            else:
+                out = bufs[k % 2][:b.nbytes] if reuse else torch.empty(b.nbytes, dtype=torch.uint8, device=dev)
+            if zmq_m or ipc_m or not group:
+                flat = pack_bucket(b, out=out)  # zmq and colocated members need the whole bucket packed
+                self._send_ipc(header, flat, ipc_m, deadline)
+                self._send_data(header, flat.clone() if ipc_m and flat.device.type == "cpu" else flat, zmq_m, deadline)
                 works = self._start_bucket(header, flat, group, deadline) if group else []
             else:
                 works = self._start_bucket(header, out, group, deadline, bucket=b)
@@ -763,7 +1022,68 @@ class WeightSender:
             if group and works:
                 error = self._finish(works, deadline, group)
                 group = group if error is None else []
+        if ipc_bufs:
+            self._ipc_impl.after_sync()
         return error
+
+    # ------------------------------------------------------------------ colocated members
+    def _ipc_buffers(self, size: int, n: int, dev: torch.device) -> list[torch.Tensor]:
+        """Colocated-path buffers on the weights' device, kept between syncs."""
+        keep = [b for b in self._ipc_bufs if b.numel() >= size and b.device == dev and self._ipc_impl is _IPC][:n]
+        for b in self._ipc_bufs:
+            if not any(b is x for x in keep):
+                self._ipc_impl.free(b)
+        self._ipc_impl = _IPC
+        while len(keep) < n:
+            keep.append(_IPC.alloc(size, dev))
+        self._ipc_bufs = keep
+        return keep
+
+    def _free_ipc_buffers(self) -> None:
+        for b in self._ipc_bufs:
+            self._ipc_impl.free(b)
+        self._ipc_bufs = []
+
+    def _send_ipc(self, header: WeightUpdateHeader, flat: torch.Tensor, members: list[_Member],
+                  deadline: float) -> None:
+        """Bucket k's handle to every colocated member (one export each: torch counts references
+        per export). An empty bucket goes as an empty data frame and counts as released."""
+        for m in members:
+            if self._members.get(m.peer_id) is not m:
+                continue
+            if header.nbytes == 0:
+                self._send_data(header, flat, [m], deadline)
+                self._sync.ipc_acked[m.peer_id] = header.bucket
+                continue
+            try:
+                ipc = self._ipc_impl.export(flat)
+                msg = WeightIpcBucket(version=header.version, generation=header.generation, bucket=header.bucket,
+                                      num_buckets=header.num_buckets, dtype=header.dtype, nbytes=header.nbytes,
+                                      tensors=header.tensors, ipc=ipc)
+            except Exception as e:  # not shareable after all: this member falls back to the broadcast
+                reason = f"colocated bucket {header.bucket} could not be exported: {e}"
+                self._sync.failed[m.peer_id] = reason
+                self._ipc_failed(m)
+                self._reply_raw([m.identity], SyncAbort(version=header.version, generation=self.generation,
+                                                        reason=reason))
+                continue
+            if not self._send(m, msg, deadline):
+                self._drop(m.peer_id, "could not take the colocated bucket in time")
+
+    def _await_ipc(self, members: list[_Member], bucket: int, deadline: float) -> list[_Member]:
+        """Wait until every colocated member released `bucket` (its buffer is packed next); drop
+        whoever stays past the deadline. Returns the members still on the path."""
+        s = self._sync
+        while True:
+            members = [m for m in members if self._members.get(m.peer_id) is m and m.peer_id not in s.failed]
+            waiting = [m for m in members if s.ipc_acked.get(m.peer_id, -1) < bucket]
+            if not waiting:
+                return members
+            if time.monotonic() >= deadline:
+                for m in waiting:
+                    self._drop(m.peer_id, f"did not release colocated bucket {bucket} in time")
+                return [m for m in members if m not in waiting]
+            self._drain(5)
 
     def _send_data(self, header: WeightUpdateHeader, flat: torch.Tensor, zmq_m: list[_Member],
                    deadline: float) -> None:
@@ -798,14 +1118,16 @@ class WeightSender:
                 return None
         works: list = []
         opts = _broadcast_opts()
-        by_offset = {off: t for _, t, off in bucket.items} if bucket is not None else {}
+        items = bucket.items if bucket is not None else []  # in offset order (plan_buckets)
+        by_offset = {off: t for _, t, off in items}
+        i = 0  # first item not yet packed or sent
         for s, e, direct in bucket_segments(header.tensors, header.nbytes, header.chunk_bytes):
             if bucket is None:
                 src = flat[s:e]
             elif direct:
                 src = as_bytes(by_offset[s], flat.device)
             else:
-                pack_bucket(bucket, out=flat, start=s, end=e)
+                i = _pack_range(items, i, flat, s, e)
                 src = flat[s:e]
             works.append((self._group.broadcast([src], opts), src))  # keep src alive until done
         return works
@@ -867,7 +1189,11 @@ class SyncClient:
     SyncAbort for a version this client already answered. `follow_sync` drives a whole update."""
 
     def __init__(self, endpoint: str, peer_id: str, run_id: str, transport_cfg,
-                 transports: Iterable[str] = ("gloo", "zmq")):
+                 transports: Iterable[str] = ("gloo", "zmq"), colocated: Any = "auto"):
+        """colocated: (host, GPU UUID) of the device this member loads into, announced after every
+        join so that a learner on that same GPU can use the CUDA-IPC path; None: never; "auto":
+        the current CUDA device when "nccl" is offered and CUDA is already initialised in this
+        process (the weights live here), else None."""
         self.transports = tuple(dict.fromkeys(transports))
         bad = [t for t in self.transports if t not in _TRANSPORTS]
         if not self.transports or bad:
@@ -876,6 +1202,11 @@ class SyncClient:
         self.version = -1  # last version loaded
         self.rejoins = 0
         self._answered = -1
+        if colocated == "auto":
+            colocated = None
+            if "nccl" in self.transports and torch.cuda.is_available() and torch.cuda.is_initialized():
+                colocated = gpu_location(torch.device("cuda", torch.cuda.current_device()))
+        self.colocated: tuple[str, str] | None = tuple(colocated) if colocated else None
         self._ctx = zmq.Context()
         self._sock = connect(self._ctx, zmq.DEALER, endpoint, transport_cfg)
 
@@ -883,8 +1214,11 @@ class SyncClient:
         self.version = max(-1, int(version))
         send(self._sock, SyncJoin(peer_id=self.peer_id, run_id=self.run_id, version=self.version,
                                   transports=list(self.transports)))
+        if self.colocated:
+            send(self._sock, SyncColocated(peer_id=self.peer_id, run_id=self.run_id, host=self.colocated[0],
+                                           gpu_uuid=self.colocated[1]))
 
-    def poll(self, timeout_ms: int = 0) -> SyncPlan | WeightUpdateHeader | SyncAbort | None:
+    def poll(self, timeout_ms: int = 0) -> SyncPlan | WeightUpdateHeader | WeightIpcBucket | SyncAbort | None:
         end = time.monotonic() + max(0, timeout_ms) / 1000
         while True:
             try:
@@ -892,7 +1226,8 @@ class SyncClient:
             except TransportTimeout:
                 return None
             try:
-                msg = decode(frames, expect=(SyncPlan, WeightUpdateHeader, SyncAbort, Heartbeat, ErrorReply))
+                msg = decode(frames, expect=(SyncPlan, WeightUpdateHeader, WeightIpcBucket, SyncAbort, Heartbeat,
+                                             ErrorReply))
             except ProtocolError as e:
                 log.warning("weight sync: ignoring a malformed message from the learner: %s", e)
                 continue
@@ -916,6 +1251,11 @@ class SyncClient:
         send(self._sock, SyncDone(peer_id=self.peer_id, run_id=self.run_id, version=int(version), ok=bool(ok),
                                   seconds=max(0.0, float(seconds)), message=message[:4096]))
 
+    def ack_ipc(self, version: int, bucket: int, ok: bool, message: str = "") -> None:
+        """Release a colocated bucket's buffer to the learner (after the loads from it finished)."""
+        send(self._sock, WeightIpcAck(peer_id=self.peer_id, run_id=self.run_id, version=int(version),
+                                      bucket=int(bucket), ok=bool(ok), message=message[:4096]))
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(0)
@@ -923,8 +1263,11 @@ class SyncClient:
             self._ctx.term()
 
 
-def header_dict(header: WeightUpdateHeader) -> tuple[dict, np.ndarray | None]:
-    """A header as (plain dict, data frame or None): what crosses collective_rpc to an engine worker."""
+def header_dict(header: WeightUpdateHeader | WeightIpcBucket) -> tuple[dict, np.ndarray | None]:
+    """A header as (plain dict, data frame or None): what crosses collective_rpc to an engine worker.
+    A colocated bucket's dict carries its "ipc" handle fields and no data."""
+    if isinstance(header, WeightIpcBucket):
+        return header.model_dump(mode="python"), None
     return header.model_dump(mode="python", exclude={"data"}), header.data
 
 
@@ -950,16 +1293,14 @@ def follow_sync(client: SyncClient, first: Message | None, setup: Callable[[dict
             except Exception as e:  # the learner re-plans or aborts; keep listening
                 error = f"setup of generation {msg.generation} failed: {e}"
                 log.warning("weight sync: %s", error)
-        elif isinstance(msg, WeightUpdateHeader):
+        elif isinstance(msg, (WeightUpdateHeader, WeightIpcBucket)):
             if version is None:
                 version = msg.version
             if msg.version != version or msg.bucket != expect:
                 error = f"expected bucket {expect} of version {version}, got {msg.bucket} of {msg.version}"
                 break
-            try:
-                receive(*header_dict(msg))
-            except Exception as e:
-                error = f"bucket {msg.bucket} of version {version}: {e}"
+            error = _receive_one(client, msg, receive)
+            if error:
                 break
             expect += 1
             if expect == msg.num_buckets:
@@ -977,6 +1318,25 @@ def follow_sync(client: SyncClient, first: Message | None, setup: Callable[[dict
     if version is not None:
         client.done(version, ok, seconds, error)
     return {"version": version, "ok": ok, "seconds": seconds, "message": error, "buckets": expect}
+
+
+def _receive_one(client: SyncClient, msg: WeightUpdateHeader | WeightIpcBucket,
+                 receive: Callable[[dict, np.ndarray | None], Any]) -> str:
+    """receive() one bucket; a colocated one is then released (after the GPU finished reading it)
+    or reported failed. Returns the error text, "" when fine."""
+    ipc = isinstance(msg, WeightIpcBucket)
+    try:
+        receive(*header_dict(msg))
+        if ipc:
+            _IPC.done_reading()
+    except Exception as e:
+        error = f"bucket {msg.bucket} of version {msg.version}: {e}"
+        if ipc:
+            client.ack_ipc(msg.version, msg.bucket, False, error)
+        return error
+    if ipc:
+        client.ack_ipc(msg.version, msg.bucket, True)
+    return ""
 
 
 class BucketReceiver:
@@ -1031,8 +1391,10 @@ class BucketReceiver:
         except Exception:  # the learner's store is gone: so is the learner's side of the collective
             return True
 
-    def receive(self, header: dict | WeightUpdateHeader, data: np.ndarray | None = None
+    def receive(self, header: dict | WeightUpdateHeader | WeightIpcBucket, data: np.ndarray | None = None
                 ) -> list[tuple[str, torch.Tensor]]:
+        if isinstance(header, WeightIpcBucket) or (isinstance(header, dict) and "ipc" in header):
+            return self._receive_ipc(header)
         if not isinstance(header, WeightUpdateHeader):
             header = WeightUpdateHeader.model_validate({**header, "data": None})
         data = header.data if data is None else data
@@ -1064,6 +1426,17 @@ class BucketReceiver:
             except Exception as e:
                 self._close_group()
                 raise e if isinstance(e, SyncError) else SyncError(str(e).splitlines()[0][:300]) from None
+        return unpack_bucket(flat, header.tensors)
+
+    def _receive_ipc(self, header: dict | WeightIpcBucket) -> list[tuple[str, torch.Tensor]]:
+        """Views of a colocated bucket, straight in the learner's buffer on this GPU (no copy);
+        they are valid until this member acknowledges the bucket."""
+        if not isinstance(header, WeightIpcBucket):
+            header = WeightIpcBucket.model_validate(header)
+        dev = self.device
+        if dev is None:
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        flat = _IPC.open(header.ipc, header.nbytes, dev)
         return unpack_bucket(flat, header.tensors)
 
     def _buffer(self, nbytes: int, dev: torch.device) -> torch.Tensor:

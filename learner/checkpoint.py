@@ -10,6 +10,11 @@ checkpoint cut short by a crash (a .tmp-* folder) is never picked and is cleared
 We pickle nothing ourselves: tensors go through torch.distributed.checkpoint (whose own
 `.metadata` index is torch's pickle, read only from our own checkpoint folders), RNG states
 through safetensors, the rest is JSON. `export_hf` turns a checkpoint into a folder transformers and vLLM load.
+
+Progress: while the ranks write, a thread on rank 0 polls the size of the .tmp folder twice a
+second (the save path itself does no extra work) and shows it as a bar on a terminal
+(common.status.Activity) or as a log line every 10 s otherwise; the save ends with one line
+naming the shard files, bytes, seconds and MiB/s.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from common.status import Activity, human_bytes
 
 log = logging.getLogger("scout.learner.checkpoint")
 
@@ -123,15 +131,76 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, meta: dict, m
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
-    save_file(_rng_tensors(), str(tmp / f"rng-{rank}.safetensors"))
-    dist.barrier()
+    state = _state(model, optimizer)
+    watch = _SaveWatch(tmp, final.name, _local_bytes(state) * dist.get_world_size()) if rank == 0 else None
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        save_file(_rng_tensors(), str(tmp / f"rng-{rank}.safetensors"))
+        dist.barrier()
+    finally:
+        files, size = watch.stop() if watch is not None else (0, 0)
     if rank == 0:
         _finish(root, tmp, final, {**meta, "step": step, "world_size": dist.get_world_size(),
                                    "model_path": model_path, "saved_at": time.time()}, model_path, keep)
-        log.info("checkpoint %s written in %.2fs", final, time.monotonic() - t0)
+        dt = time.monotonic() - t0
+        log.info("checkpoint %s written in %.2fs: %d shard file(s) from %d rank(s), %s (%.1f MiB/s)", final, dt,
+                 files, dist.get_world_size(), human_bytes(size), size / 2**20 / max(dt, 1e-9))
     dist.barrier()
     return final
+
+
+def _local_bytes(state) -> int:
+    """Bytes of this rank's part of a (nested) state dict: a DTensor counts its local shard."""
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(DCP shard files, bytes of every file) in a checkpoint folder being written."""
+    files = size = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0, 0
+    for e in entries:
+        try:
+            if e.is_file():
+                size += e.stat().st_size
+                files += e.name.endswith(".distcp")
+        except OSError:  # renamed or removed while we looked
+            pass
+    return files, size
+
+
+class _SaveWatch:
+    """Rank 0: show the checkpoint folder filling up while every rank writes into it."""
+
+    def __init__(self, folder: Path, name: str, expected_bytes: int, interval_s: float = 0.5):
+        self.folder, self.interval_s = folder, interval_s
+        self.activity = Activity(f"checkpoint {name}", total=expected_bytes or None, unit="B", logger=log)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            files, size = folder_usage(self.folder)
+            self.activity.update(size, f"{files} shard file(s)")
+
+    def stop(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join(5)
+        files, size = folder_usage(self.folder)
+        if self.activity.on_screen:  # the bar ends at the real size (off screen the caller logs it)
+            self.activity.update(size, f"{files} shard file(s)")
+        self.activity.close()
+        return files, size
 
 
 def _finish(root: Path, tmp: Path, final: Path, meta: dict, model_path: str | None, keep: int) -> None:
@@ -144,13 +213,25 @@ def _finish(root: Path, tmp: Path, final: Path, meta: dict, model_path: str | No
     _write_atomic(tmp / META, json.dumps(meta, indent=1))
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST, final.name)
     done = sorted((p for p in root.glob("step-*") if is_complete(p)), key=lambda p: p.name)
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder without ever leaving a half-deleted one under a step-* name
+    (rmtree in place could leave meta.json and .metadata beside missing shards: 'complete' to
+    find_latest). The rename is atomic; a crash after it leaves a .tmp-* folder the next save clears."""
+    trash = path.with_name(f".tmp-{path.name}-old")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, rank: int) -> dict:

@@ -14,7 +14,10 @@ never exceeds (max_staleness + 1) · groups_per_step (and the buffer size), so a
 run more than `max_staleness` versions ahead. Groups in training keep their credits until the
 trainer calls `release` after the step (and the weight sync that follows it), which is what
 makes max_staleness = 0 truly synchronous. A group whose oldest generated token is older than
-version − max_staleness is dropped and counted, on arrival and again when taken.
+version − max_staleness is dropped and counted, on arrival and again when taken. A group whose
+every sample failed retrieval, or with tokens of a version newer than the learner's (after a
+resume from an older checkpoint), is refused and its prompt handed out again; an actor holding
+such newer weights gets no prompts until the learner's next sync has reached it.
 
 The socket lives in its own thread; the trainer only touches the lock-protected buffer.
 """
@@ -111,15 +114,16 @@ class Dispatcher:
         self.held.setdefault(run, collections.Counter()).update(ids)
         return ids
 
-    def returned(self, run: tuple[str, str], pid: int) -> bool:
-        """A group for `pid` came back from `run`. True when it settles a credit this run held."""
+    def returned(self, run: tuple[str, str], pid: int, accepted: bool = True) -> bool:
+        """A group for `pid` came back from `run`. True when it settles a credit this run held.
+        Only an accepted group takes `pid` out of the re-queue (a refused one must not lose it)."""
         held = self.held.get(run)
         if held and held[pid] > 0:
             held[pid] -= 1
             if held[pid] == 0:
                 del held[pid]
             return True
-        if pid in self.requeue:  # handed back after a restart, but its group arrived after all
+        if accepted and pid in self.requeue:  # handed back after a restart, but its group arrived after all
             self.requeue.remove(pid)
         return False
 
@@ -186,6 +190,7 @@ class IngestServer:
         self._metrics(metrics or Metrics("learner"))
 
     def _metrics(self, m: Metrics) -> None:
+        self.metrics = m  # m.reject("ingest", reason) for every bad message
         self.m_groups = m.counter("scout_learner_groups_received_total", "groups received, by result", ("result",))
         self.m_dropped = m.counter("scout_learner_groups_dropped_stale_total", "groups dropped for staleness")
         self.m_bad = m.counter("scout_learner_bad_messages_total", "malformed or unexpected messages")
@@ -193,10 +198,15 @@ class IngestServer:
         self.m_requeued = m.counter("scout_learner_prompts_requeued_total", "prompts handed back for another try")
         self.m_buffer = m.gauge("scout_learner_buffer_groups", "groups waiting in the buffer")
         self.m_inflight = m.gauge("scout_learner_inflight_prompts", "prompts assigned and not yet returned")
+        self.m_requeue = m.gauge("scout_learner_requeued_prompts", "prompts handed back, waiting to go out again")
+        self.m_training = m.gauge("scout_learner_training_groups", "groups in the current step, credits not yet freed")
         self.m_peers = m.gauge("scout_learner_actor_peers", "actor runs heard from within peer_timeout_s")
         self.m_staleness = m.histogram("scout_learner_group_staleness", "learner version minus the group's oldest "
                                        "token version, at training time", buckets=STALENESS_BUCKETS)
+        self.m_busy = m.counter("scout_learner_ingest_seconds_total", "ingest thread time decoding, checking and "
+                                "answering messages")
         self.counts = collections.Counter()  # plain numbers for metrics.jsonl
+        self._busy_s = 0.0  # ingest thread seconds spent on messages (learner/main.py logs it per step)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "IngestServer":
@@ -237,7 +247,12 @@ class IngestServer:
         while not self._stop.is_set():
             try:
                 if sock.poll(100):
-                    self._reply(sock, sock.recv_multipart(copy=False))
+                    frames = sock.recv_multipart(copy=False)
+                    t0 = time.perf_counter()
+                    self._reply(sock, frames)
+                    dt = time.perf_counter() - t0
+                    self._busy_s += dt
+                    self.m_busy.inc(dt)
                 if time.monotonic() - last_sweep > 1.0:
                     last_sweep = time.monotonic()
                     self._sweep_dead_peers()
@@ -271,7 +286,8 @@ class IngestServer:
             msg = decode(body)
         except ProtocolError as e:
             self.m_bad.inc()
-            return env, ErrorReply(code="bad_request", message=str(e))
+            self.metrics.reject("ingest", e.reason)
+            return env, ErrorReply(code="bad_request", message=str(e)[:MAX_STR])
         try:
             with self._cond:
                 if isinstance(msg, Hello):
@@ -286,11 +302,13 @@ class IngestServer:
                                           version=self.version, time=time.time())
         except _Refuse as e:
             self.m_bad.inc()
-            return env, ErrorReply(code="bad_request", message=str(e))
+            self.metrics.reject("ingest", "refused")
+            return env, ErrorReply(code="bad_request", message=str(e)[:MAX_STR])
         except Exception as e:  # a bug in one request must not take the learner down
             log.exception("ingest failed on %s", msg.TYPE)
             return env, ErrorReply(code="internal", message=f"{type(e).__name__}: {e}")
         self.m_bad.inc()
+        self.metrics.reject("ingest", "unexpected_type")
         return env, ErrorReply(code="bad_request", message=f"the learner's ingest endpoint does not take {msg.TYPE!r}")
 
     def _touch(self, peer_id: str, run_id: str, version: int | None, info: str = "") -> _Peer:
@@ -325,7 +343,9 @@ class IngestServer:
     def _on_work(self, msg: WorkRequest) -> WorkAssignment:
         self._touch(msg.peer_id, msg.run_id, msg.version)
         free = self.cap - self.outstanding()
-        behind = 0 <= msg.version < self.min_version()  # its groups would be dropped: wait for a sync
+        # behind: its groups would be dropped; ahead: it holds weights of a version this learner never
+        # made (the learner resumed from an older checkpoint). Either way: no prompts until a sync.
+        behind = 0 <= msg.version < self.min_version() or msg.version > self.version
         k = 0 if behind else max(0, min(msg.max_prompts, free))
         ids = self.dispatcher.take((msg.peer_id, msg.run_id), k) if k else []
         self.m_assigned.inc(len(ids))
@@ -346,6 +366,12 @@ class IngestServer:
             return f"a sample has {int(g.lengths.max())} tokens, more than learner.micro_batch_tokens"
         if not g.loss_mask.any():
             return "no generated tokens in the group"
+        if all(g.retrieval_failed):
+            return "retrieval failed in every sample: nothing to learn from (the prompt is handed out again)"
+        newest = int(g.versions[g.loss_mask.view(bool)].max())
+        if newest > self.version:
+            return (f"tokens of policy version {newest}, newer than the learner's {self.version} (it resumed from an "
+                    "older checkpoint): load the learner's current weights first")
         return ""
 
     def _on_group(self, g: TrajectoryGroup) -> GroupAck:
@@ -355,16 +381,17 @@ class IngestServer:
             return GroupAck(group_id=g.group_id, accepted=True, reason="duplicate", version=self.version)
         problem = self._check_group(g)
         known = g.prompt_id < len(self.dispatcher.rows)
-        held = self.dispatcher.returned((g.peer_id, g.run_id), g.prompt_id) if known else False
         result, reason = "accepted", problem
         if problem:
             result = "rejected"
+            self.metrics.reject("ingest", "refused_group")
         elif g.oldest_version() < self.min_version():
             result, reason = "stale", (f"oldest token version {g.oldest_version()} is older than "
                                        f"{self.min_version()} (version {self.version}, max_staleness {self.lc.max_staleness})")
             self.m_dropped.inc()
         elif len(self.buffer) >= self.lc.buffer_groups:
             result, reason = "rejected", "buffer full"
+        held = self.dispatcher.returned((g.peer_id, g.run_id), g.prompt_id, result == "accepted") if known else False
         if result != "accepted" and held:
             self.dispatcher.give_back([g.prompt_id])
             self.m_requeued.inc()
@@ -393,7 +420,8 @@ class IngestServer:
             np.savez(d / f"{self._dumped:06d}.npz", group_id=np.str_(g.group_id), lengths=g.lengths, tokens=g.tokens,
                      loss_mask=g.loss_mask, logprobs=g.logprobs, versions=g.versions, rewards=g.rewards,
                      prompt_id=np.int64(g.prompt_id), peer_id=np.str_(g.peer_id), run_id=np.str_(g.run_id),
-                     learner_version=np.int64(self.version))
+                     learner_version=np.int64(self.version), retrieval_failed=np.asarray(g.retrieval_failed, bool),
+                     num_searches=np.asarray(g.num_searches, np.int64))
         except OSError as e:
             log.warning("learner.dump_groups_dir: could not write group %s: %s", g.group_id, e)
 
@@ -409,6 +437,8 @@ class IngestServer:
                                 peer_id, peer.run_id, now - peer.last_seen, n)
             self.m_peers.set(len(self.peers))
             self.m_inflight.set(self.dispatcher.in_flight())
+            self.m_requeue.set(len(self.dispatcher.requeue))
+            self.m_training.set(len(self.in_training))
 
     # ----------------------------------------------------------------- trainer side
     def take_groups(self, k: int, timeout: float) -> list[TrajectoryGroup] | None:
@@ -448,6 +478,10 @@ class IngestServer:
             self.in_training.clear()
             self.version = version
             self._cond.notify_all()
+
+    def busy_seconds(self) -> float:
+        """Seconds the ingest thread has spent on messages so far (decode, checks, reply)."""
+        return self._busy_s
 
     def set_version(self, version: int) -> None:
         with self._cond:

@@ -11,6 +11,13 @@
              ingest.release(version)            credits of the trained groups come back
              log_step()                         Prometheus + <run_dir>/metrics.jsonl
              every checkpoint_every steps: save_checkpoint()
+
+Per-step timers in metrics.jsonl (rank 0): wait_s (since the previous step ended, until the batch
+was there: the learner's idle time), assemble_s, train_s (of which forward_s and optimizer_s, by
+module / optimizer hooks), gather_s (full parameters from the shards), broadcast_s (the rest of
+the weight sync), ingest_s (the ingest thread's time on groups since the previous step).
+With max_staleness = 0 the credits make this loop synchronous (see learner/ingest.py): every
+trained token's version equals batch_version (token_version_min/max in metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -37,6 +44,47 @@ log = logging.getLogger("scout.learner")
 RESYNC_EVERY_S = 10.0  # at most this often, push the current version to members that lack it
 
 
+class PhaseTimer:
+    """Seconds per learner phase, summed until `take()`: forward passes and optimizer steps
+    through module / optimizer hooks (the trainer itself is not touched), the rest by `add`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.acc: dict[str, float] = {}
+        self._t: dict[str, float] = {}
+        model.register_forward_pre_hook(lambda *_: self._begin("forward"))
+        model.register_forward_hook(lambda *_: self._end("forward"))
+        optimizer.register_step_pre_hook(lambda *_: self._begin("optimizer"))
+        optimizer.register_step_post_hook(lambda *_: self._end("optimizer"))
+
+    def _begin(self, name: str) -> None:
+        self._t[name] = time.perf_counter()
+
+    def _end(self, name: str) -> None:
+        t0 = self._t.pop(name, None)
+        if t0 is not None:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.acc[name] = self.acc.get(name, 0.0) + seconds
+
+    def timed(self, name: str, items):
+        """Iterate `items`, adding the time spent producing each one to `name`."""
+        it = iter(items)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.add(name, time.perf_counter() - t0)
+                return
+            self.add(name, time.perf_counter() - t0)
+            yield item
+
+    def take(self) -> dict[str, float]:
+        out, self.acc = self.acc, {}
+        return out
+
+
 def _broadcast_str(d: Dist, text: str | None) -> str:
     data = (text or "").encode()
     n = torch.tensor([len(data)], dtype=torch.int64)
@@ -58,9 +106,11 @@ class Learner:
         if resume and not self.lc.checkpoint_dir:
             raise ConfigError("--resume needs learner.checkpoint_dir")
         self.trainer = Trainer(self.lc, d)
+        self.timer = PhaseTimer(self.trainer.model, self.trainer.optimizer)
+        self.idle_since = time.monotonic()  # end of the previous step: the wait for a batch starts
         self.step, self.version, self.last_ckpt = 0, 0, -1
         self.stop_requested = False
-        self.synced: tuple[int, set[str]] = (-1, set())  # (version, members that loaded it)
+        self.synced: tuple[int, set[tuple[str, str]]] = (-1, set())  # (version, (member, run) that loaded it)
         self.last_sync_t = 0.0
         self.batch_version = 0  # learner version when the current batch was taken
         self.ingest = self.sender = self.metrics = None
@@ -100,6 +150,9 @@ class Learner:
 
         port = self.cfg.metrics.learner_port
         if port:
+            from common.transport import check_host_bind
+
+            check_host_bind(self.cfg.metrics.host, self.cfg.transport, "metrics.host")  # loopback unless allowed
             self.metrics.serve(self.cfg.metrics.host, port, health=self._health)
         self.sender = WeightSender(self.lc, self.cfg.transport, metrics=self.metrics)
         self.sender.start()
@@ -140,11 +193,15 @@ class Learner:
             if code != CTRL_BATCH:
                 continue
             t0 = time.monotonic()
+            self.timer.add("wait", t0 - self.idle_since)
             stats = self.trainer.train_step(batch)
+            self.timer.add("train", time.monotonic() - t0)
             self.step += 1
             sync = None
             if self.step % self.lc.sync_every == 0:
                 self.version += 1
+                if self.ingest is not None:  # before the sync: groups of the new version may come back at once
+                    self.ingest.set_version(self.version)
                 sync = self._sync_weights()
             if self.ingest is not None:
                 self.ingest.release(self.version)
@@ -152,6 +209,7 @@ class Learner:
                 self._log_step(stats, batch, groups, time.monotonic() - t0, sync)
             if self.lc.checkpoint_dir and self.lc.checkpoint_every and self.step % self.lc.checkpoint_every == 0:
                 self._checkpoint()
+            self.idle_since = time.monotonic()
         if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
             self._checkpoint()
         log.info("learner done at step %d, version %d", self.step, self.version)
@@ -172,7 +230,9 @@ class Learner:
             else:
                 groups = self.ingest.take_groups(self.lc.groups_per_step, timeout=self.lc.batch_wait_s)
                 if groups is not None:
+                    t0 = time.monotonic()
                     code, batch = CTRL_BATCH, assemble(groups, self.lc.std_norm)
+                    self.timer.add("assemble", time.monotonic() - t0)
                     self.batch_version = self.version
         code, batch = broadcast_command(self.d, code, batch)
         return code, batch, groups
@@ -182,7 +242,7 @@ class Learner:
         or the learner resumed): push it, at most every RESYNC_EVERY_S."""
         if self.sender is None or time.monotonic() - self.last_sync_t < RESYNC_EVERY_S:
             return False
-        members = set(self.sender.members())
+        members = set(self.sender.member_runs().items())  # (peer, run): a restarted actor needs them again
         version, ok = self.synced
         return bool(members) and (version != self.version or not members <= ok)
 
@@ -195,7 +255,8 @@ class Learner:
         if not int(flag):
             self.synced = (self.version, set())
             return None
-        params = self.trainer.full_parameters()
+        params = self.timer.timed("gather", self.trainer.full_parameters())
+        runs = self.sender.member_runs() if self.rank0 else {}  # the incarnations this sync is for
         report = None
         if self.rank0:
             try:
@@ -206,15 +267,32 @@ class Learner:
         for _ in params:  # the gathers are collectives: run them to the end on every rank
             pass
         if self.rank0:
-            self.synced = (self.version, set(report.get("ok", [])))
+            self.synced = (self.version, {(p, runs[p]) for p in report.get("ok", []) if p in runs})
             log.info("version %d sent to %d/%d members in %.2fs (%s)", self.version, len(report.get("ok", [])),
                      len(report.get("members", [])), report.get("seconds", 0.0), report.get("error") or "ok")
         return report
+
+    def _phase_times(self, sync: dict | None) -> dict:
+        """This step's timers (see the module docstring), in seconds."""
+        t = self.timer.take()
+        gather = t.get("gather", 0.0)
+        ingest_total = self.ingest.busy_seconds() if self.ingest is not None else 0.0
+        ingest, self._ingest_seen = ingest_total - getattr(self, "_ingest_seen", 0.0), ingest_total
+        return {"wait_s": t.get("wait", 0.0), "assemble_s": t.get("assemble", 0.0), "train_s": t.get("train", 0.0),
+                "forward_s": t.get("forward", 0.0), "optimizer_s": t.get("optimizer", 0.0), "gather_s": gather,
+                "broadcast_s": max(0.0, (sync or {}).get("seconds", 0.0) - gather), "ingest_s": ingest}
+
+    @staticmethod
+    def _token_versions(groups: list) -> tuple[int, int]:
+        """Oldest and newest policy version of the generated tokens of the batch."""
+        v = np.concatenate([g.versions[g.loss_mask.view(bool)] for g in groups])
+        return (int(v.min()), int(v.max())) if v.size else (-1, -1)
 
     def _log_step(self, stats: dict, batch: Batch, groups: list, seconds: float, sync: dict | None) -> None:
         now = time.time()
         stale = [self.batch_version - g.oldest_version() for g in groups]
         tokens = int(batch.lengths.sum())
+        vmin, vmax = self._token_versions(groups)
         rec = {
             "time": now, "step": self.step, "version": self.version,
             "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std(unbiased=False)),
@@ -231,6 +309,8 @@ class Learner:
             "latency_mean_s": float(np.mean([now - g.created_at for g in groups if g.created_at > 0] or [0.0])),
             "sync_s": (sync or {}).get("seconds", 0.0), "sync_bytes": (sync or {}).get("bytes", 0),
             "sync_ok": len((sync or {}).get("ok", [])),
+            "batch_version": self.batch_version, "token_version_min": vmin, "token_version_max": vmax,
+            **self._phase_times(sync),
             **{k: v for k, v in stats.items()},
         }
         self.m_step.observe(seconds)

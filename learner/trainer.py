@@ -1,6 +1,7 @@
 """FSDP2 policy trainer: one learner step from a batch of whole GRPO groups.
 
-    rank 0: groups ─assemble()─▶ Batch (lengths, tokens, mask, μ logprobs, advantages)
+    rank 0: groups ─assemble()─▶ Batch (lengths, tokens, mask, μ logprobs, advantages;
+                                   retrieval-failed samples: mask 0, advantage 0, not in the baseline)
                                    │ broadcast as tensors over the control group (no pickle)
     every rank: plan_micro_batches(lengths)  (same plan everywhere: samples → ranks → micro-batches)
        for each minibatch (default 1 = one optimizer update per step):
@@ -86,11 +87,36 @@ class Batch:
         return np.concatenate([[0], np.cumsum(self.lengths.numpy())])
 
 
+def group_advantages(g: TrajectoryGroup, std_norm: bool) -> torch.Tensor:
+    """GRPO advantages of one group over its samples whose retrieval worked; a sample whose
+    retrieval failed gets 0 and is no part of the baseline (its reward says nothing about the
+    policy: it never saw the search results)."""
+    ok = ~np.asarray(g.retrieval_failed, dtype=bool)
+    rewards = torch.from_numpy(g.rewards.astype(np.float32))
+    if ok.all():
+        return grpo_advantages(rewards, std_norm)
+    adv = torch.zeros(g.n, dtype=torch.float32)
+    if ok.any():
+        keep = torch.from_numpy(ok)
+        adv[keep] = grpo_advantages(rewards[keep], std_norm)
+    return adv
+
+
+def trainable_mask(g: TrajectoryGroup) -> np.ndarray:
+    """The group's loss mask with every token of retrieval-failed samples switched off."""
+    failed = np.asarray(g.retrieval_failed, dtype=bool)
+    if not failed.any():
+        return g.loss_mask
+    return g.loss_mask * np.repeat(~failed, g.lengths.astype(np.int64)).astype(np.uint8)
+
+
 def assemble(groups: list[TrajectoryGroup], std_norm: bool) -> Batch:
-    """Whole groups → one flat batch; GRPO advantages per group, given to every token."""
-    adv = [grpo_advantages(torch.from_numpy(g.rewards.astype(np.float32)), std_norm) for g in groups]
+    """Whole groups → one flat batch; GRPO advantages per group, given to every token.
+    Samples flagged retrieval_failed are carried but never trained on (advantage 0, mask 0)."""
+    adv = [group_advantages(g, std_norm) for g in groups]
     cat = lambda name, dt: torch.from_numpy(np.concatenate([getattr(g, name) for g in groups]).astype(dt))  # noqa: E731
-    return Batch(lengths=cat("lengths", np.int64), tokens=cat("tokens", np.int64), mask=cat("loss_mask", np.float32),
+    mask = torch.from_numpy(np.concatenate([trainable_mask(g) for g in groups]).astype(np.float32))
+    return Batch(lengths=cat("lengths", np.int64), tokens=cat("tokens", np.int64), mask=mask,
                  behav=cat("logprobs", np.float32), adv=torch.cat(adv).float(), rewards=cat("rewards", np.float32),
                  group_sizes=[g.n for g in groups])
 
@@ -257,8 +283,13 @@ class Trainer:
         """Minibatches (absolute sample indices) and, for this rank, each one's micro-batches."""
         minis = split_minibatches(batch.group_sizes, self.lc.minibatches)
         lens = batch.lengths.tolist()
+        # a sample with advantage 0 adds nothing to the policy gradient: without a KL term it is
+        # not forwarded at all (the token-mean denominator still counts its tokens)
+        skip = self.lc.skip_zero_advantage and self.ref is None
+        live = set(torch.nonzero(batch.adv != 0).flatten().tolist()) if skip else None
         micro = []
         for mini in minis:
+            mini = [i for i in mini if live is None or i in live]
             plan = plan_micro_batches([lens[i] for i in mini], self.d.world, self.lc.micro_batch_tokens)
             micro.append([[mini[i] for i in rel] for rel in plan[self.d.rank]])
         return minis, micro
@@ -291,6 +322,12 @@ class Trainer:
             norms.append(self._clip_and_step())
         self.scheduler.step()
         out = self._reduce_stats(acc)
+        # the objective is a mean over every scored token of the batch, skipped samples included;
+        # the other statistics describe the tokens that were forwarded
+        scored = sum(self._scored_tokens(batch, mini) for mini in minis)  # minibatches partition it
+        out["forwarded_tokens"] = out["loss_tokens"]
+        out["loss"] = out.get("loss", 0.0) * out["loss_tokens"] / max(scored, 1.0)
+        out["loss_tokens"] = scored
         out.update(grad_norm=float(np.mean(norms)), grad_norm_max=float(np.max(norms)),
                    lr=float(self.optimizer.param_groups[0]["lr"]), updates=len(minis),
                    skipped_updates=sum(not math.isfinite(n) for n in norms))

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pydantic import ValidationError
 
+from common.metrics import HTTP_TIMEOUT_S, CountingHandler, QuietHTTPServer
 from common.protocol import RetrieveRequest
 from common.transport import check_host_bind
 from retriever.docstore import DocStore
@@ -39,8 +39,8 @@ def parse_body(raw: bytes, default_topk: int, cap: int) -> tuple[list[str], int,
     """Validate a /retrieve body -> (queries, topk, return_scores); raises HttpError(400)."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HttpError(400, "bad_request", f"body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, or nested too deep for the parser
+        raise HttpError(400, "bad_request", f"body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise HttpError(400, "bad_request", "body must be a JSON object with 'queries'")
     unknown = set(body) - {"queries", "topk", "return_scores"}
@@ -56,6 +56,12 @@ def parse_body(raw: bytes, default_topk: int, cap: int) -> tuple[list[str], int,
         raise HttpError(400, "bad_request", f"'topk' must be an integer, got {type(topk).__name__}")
     if not 1 <= topk <= cap:
         raise HttpError(400, "bad_request", f"'topk' must be between 1 and {cap}, got {topk}")
+    for i, q in enumerate(queries):  # JSON may carry lone surrogates ("\ud800"): no tokenizer takes them
+        if not q.isascii():
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HttpError(400, "bad_request", f"query {i} is not valid Unicode (a lone surrogate)") from None
     scores = body.get("return_scores", False)
     if not isinstance(scores, bool):
         raise HttpError(400, "bad_request", "'return_scores' must be true or false")
@@ -85,8 +91,7 @@ class SearchR1Server:
         rc = cfg.retriever
         check_host_bind(rc.http_host, cfg.transport, "retriever.http_host")
         self.rc, self.router, self.docs = rc, router, docs
-        self.server = ThreadingHTTPServer((rc.http_host, rc.http_port), self._handler())
-        self.server.daemon_threads = True
+        self.server = QuietHTTPServer((rc.http_host, rc.http_port), self._handler())
         self.port = self.server.server_address[1]
         self.thread: threading.Thread | None = None
 
@@ -115,8 +120,13 @@ class SearchR1Server:
     def _handler(self):
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(CountingHandler):
             protocol_version = "HTTP/1.1"
+            served = 0  # requests answered on this connection: a keep-alive that idles out is no refusal
+
+            def reject(self, reason: str) -> None:
+                if reason != "http_timeout" or not self.served:
+                    api.router.metrics.reject("http", reason)
 
             def _send(self, status: int, obj) -> None:
                 body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -125,9 +135,12 @@ class SearchR1Server:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                self.served += 1
 
             def _error(self, e: HttpError) -> None:
                 self.close_connection = True  # the body may be unread: do not reuse the connection
+                if 400 <= e.status < 500:
+                    self.reject(f"http_{e.status}")
                 self._send(e.status, {"error": {"code": e.code, "message": str(e)}})
 
             def do_POST(self):  # noqa: N802 (http.server API)
@@ -146,11 +159,19 @@ class SearchR1Server:
 
             def _body(self) -> bytes:
                 length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    raise HttpError(411, "bad_request", "a Content-Length header is required")
-                if int(length) > api.rc.http_max_body_bytes:
-                    raise HttpError(413, "bad_request", f"body of {length} bytes, cap is {api.rc.http_max_body_bytes}")
-                return self.rfile.read(int(length))
+                # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses
+                if length is None or not (length.isascii() and length.isdigit()):
+                    raise HttpError(411, "bad_request", "a Content-Length header of ASCII digits is required")
+                n = int(length)
+                if n > api.rc.http_max_body_bytes:
+                    raise HttpError(413, "bad_request", f"body of {n} bytes, cap is {api.rc.http_max_body_bytes}")
+                try:
+                    raw = self.rfile.read(n)
+                except TimeoutError:
+                    raise HttpError(408, "bad_request", f"body not received within {HTTP_TIMEOUT_S:.0f} s") from None
+                if len(raw) != n:
+                    raise HttpError(400, "bad_request", f"body ended after {len(raw)} of {n} bytes")
+                return raw
 
             def do_GET(self):  # noqa: N802
                 if self.path.split("?", 1)[0] == "/health":
@@ -160,8 +181,5 @@ class SearchR1Server:
                     self._error(HttpError(405, "bad_request", "use POST /retrieve with a JSON body"))
                 else:
                     self._error(HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve"))
-
-            def log_message(self, *args):
-                pass
 
         return Handler

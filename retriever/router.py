@@ -120,6 +120,7 @@ class Router:
 
     # ------------------------------------------------------------------ metrics / health
     def _metrics(self, m) -> None:
+        self.metrics = m  # m.reject(socket, reason): bad input on the ZeroMQ front or HTTP API
         self.m_requests = m.counter("scout_retriever_requests_total", "requests answered", ("source", "outcome"))
         self.m_queries = m.counter("scout_retriever_queries_total", "queries received", ("source",))
         self.m_batch = m.histogram("scout_retriever_batch_queries", "queries per encoded batch", buckets=BATCH_BUCKETS)
@@ -128,6 +129,8 @@ class Router:
         self.m_cache = m.counter("scout_retriever_query_cache_total", "queries answered from the vector cache (hit) "
                                  "or encoded (miss; repeats inside a batch count as hits)", ("result",))
         self.m_search = m.histogram("scout_retriever_search_seconds", "fan-out until every shard answered, per batch")
+        self.m_shard = m.histogram("scout_retriever_shard_search_seconds", "fan-out until this shard answered, "
+                                   "per batch (finds a slow shard)", ("shard",))
         self.m_merge = m.histogram("scout_retriever_merge_seconds", "merge + document lookup + reply, per batch")
         self.m_latency = m.histogram("scout_retriever_request_seconds", "arrival to reply, per request", ("source",))
         self.m_pending = m.gauge("scout_retriever_pending_queries", "queries waiting for a batch")
@@ -202,6 +205,8 @@ class Router:
         try:
             self.validate(p.queries, p.topk)
         except ValueError as e:
+            if p.source == "zmq":  # HTTP bodies are checked (and counted) by the HTTP API
+                self.metrics.reject("zmq", "refused")
             return self._fail(p, "bad_request", str(e))
         if not self.shards.all_up():
             return self._fail(p, "unavailable", self.shards.describe_down())
@@ -220,6 +225,7 @@ class Router:
                 envelope, body = split_envelope(frames)
                 req = decode(body, expect=RetrieveRequest)
             except ProtocolError as e:
+                self.metrics.reject("zmq", e.reason)
                 self.m_requests.labels(source="zmq", outcome="bad_request").inc()
                 self._send_front(frames[:1], error_frames("bad_request", str(e)))
                 continue
@@ -422,6 +428,7 @@ class Router:
                                                        f"{batch.n} queries, top-{batch.k}")
         batch.waiting.discard(res.shard)
         batch.parts[res.shard] = (res.scores, res.ids)
+        self.m_shard.labels(shard=str(res.shard)).observe(time.monotonic() - batch.sent_at)
         if not batch.waiting:
             self.inflight.pop(res.seq)
             self._finish(batch)

@@ -4,6 +4,7 @@ right-search rate; and (slow) a short demo run end to end that must raise the re
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
     run = tmp_path / "run"
     p = procs.start(["cli.py", "demo", "--steps", "25", "--set", f"demo.dir='{tmp_path / 'demo'}'",
                      "--set", f"run_dir='{run}'", "--set", "demo.eval_limit=100"],
-                    stdout=open(tmp_path / "demo.log", "wb"))  # noqa: SIM115
+                    stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     rc = p.wait(timeout=1500)
     log = (tmp_path / "demo.log").read_text(errors="replace")
     assert rc == 0, log[-4000:]
@@ -69,3 +70,47 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
     assert summary["em_swapped_after"] > 0  # answers come from the retrieved passages
     assert (run / "demo.png").stat().st_size > 10_000
     assert "held-out EM: before" in log
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path):
+    """SIGINT while the learner and the actor run: the demo exits and leaves no process behind."""
+    import os
+    import signal
+    import time
+
+    from common.tinymodel import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
+    run = tmp_path / "run"
+    p = procs.start(["cli.py", "demo", "--set", f"demo.dir='{tmp_path / 'demo'}'", "--set", f"run_dir='{run}'",
+                     "--set", f"demo.base_model='{model}'", "--set", "demo.eval_limit=4", "--steps", "1000"],
+                    stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    deadline = time.monotonic() + 600
+    while "started actor" not in (tmp_path / "demo.log").read_text(errors="replace"):
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()[-3000:]
+        time.sleep(1)
+    time.sleep(5)
+
+    from bench.soak import tree
+
+    def alive(pids: list[int]) -> list[int]:
+        out = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                out.append(pid)
+        return out
+
+    family = tree(p.pid)  # the demo and every process below it (retrievers, learner, actor, workers)
+    assert len(family) >= 5
+    os.kill(p.pid, signal.SIGINT)
+    assert p.wait(timeout=120) == 130
+    deadline = time.monotonic() + 30
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive(family) == []
+    assert "interrupted" in (tmp_path / "demo.log").read_text()

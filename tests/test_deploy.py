@@ -27,7 +27,7 @@ K8S_PROM_CONFIG = DEPLOY / "k8s" / "prometheus-k8s.yml"
 DASHBOARD = DEPLOY / "grafana" / "scout-dashboard.json"
 CODE_DIRS = ("actors", "learner", "retriever", "common")
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}  # made by Prometheus itself
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$worker": ".*"}
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$worker": ".*", "$host": ".*"}
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -205,10 +205,11 @@ def test_dashboard_json_is_a_well_formed_grafana_dashboard():
         refs = [t["refId"] for t in p["targets"]]
         assert refs and len(set(refs)) == len(refs), p["title"]
         assert all(t["expr"].strip() for t in p["targets"]), p["title"]
-    for word in ("tokens", "groups", "staleness", "reward", "latency", "queue", "idle", "weight sync"):
+    for word in ("tokens", "groups", "staleness", "reward", "exact match", "latency", "sample latency", "queue",
+                 "idle", "weight sync", "slow", "shard"):
         assert word in topics, f"no panel about {word}"
     names = {v["name"] for v in dash["templating"]["list"]}
-    assert {"datasource", "worker"} <= names
+    assert {"datasource", "worker", "host"} <= names
 
 
 def test_every_dashboard_query_names_a_metric_that_exists_in_the_code():
@@ -264,7 +265,7 @@ def test_declared_metric_names_pass_promtool_lint():
     decls = declared_metrics()
     assert len(decls) > 40
     for kind, name, path in decls:
-        assert re.fullmatch(r"scout_(up|(retriever|actor|learner|\{r\})_[a-z0-9_]+)", name), (path, name)
+        assert re.fullmatch(r"scout_(up|(retriever|actor|learner|\{[a-z_]+\})_[a-z0-9_]+)", name), (path, name)
     r = promtool("check", "metrics", stdin=exposition_of_declared())
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
 
@@ -293,6 +294,70 @@ def test_metrics_issue_7_asks_for_exist():
     pats = series_patterns()
     absent = [what for what, names in REQUIRED_SERIES.items() if not any(metric_exists(n, pats) for n in names)]
     assert not absent, f"no metric for: {absent}"
+
+
+# every one of these must be on the dashboard (the queue depths and idle fractions one by one)
+DASHBOARD_MUST_SHOW = sorted({n for names in REQUIRED_SERIES.values() for n in names} | {
+    "scout_learner_inflight_prompts", "scout_learner_requeued_prompts", "scout_learner_training_groups",
+    "scout_actor_groups_in_flight", "scout_retriever_pending_queries", "scout_retriever_inflight_batches",
+    "scout_retriever_shard_search_seconds_bucket", "scout_actor_rollouts_total"})
+
+
+def family(series: str) -> str:
+    """Metric family of an exposed series name (histogram parts share one family)."""
+    return re.sub(r"_(bucket|sum|count|created)$", "", series)
+
+
+def dashboard_series() -> dict[str, list[str]]:
+    """series name -> titles of the panels that query it"""
+    out: dict[str, list[str]] = {}
+    for title, expr in dashboard_queries(load_dashboard()):
+        for n in promql_metric_names(grafana_to_promql(expr)):
+            out.setdefault(n, []).append(title)
+    return out
+
+
+def test_dashboard_shows_every_metric_issue_7_asks_for():
+    shown = {family(n) for n in dashboard_series()}
+    missing = [n for n in DASHBOARD_MUST_SHOW if family(n) not in shown]
+    assert not missing, f"no dashboard panel queries {missing}"
+
+
+def test_dashboard_panels_for_latency_exact_match_and_slow_workers():
+    queries = dashboard_queries(load_dashboard())
+
+    def exprs(title: str) -> list[str]:
+        found = [e for t, e in queries if t == title]
+        assert found, f"no panel {title!r}"
+        return found
+
+    latency = exprs("End-to-end sample latency")
+    for qtl in ("0.5", "0.99"):  # p50 and p99 of the histogram, not of a gauge
+        assert any(e.startswith(f"histogram_quantile({qtl}, ") and "scout_learner_sample_latency_seconds_bucket" in e
+                   for e in latency), qtl
+    em = " ".join(exprs("Exact match"))
+    assert "scout_actor_correct_total" in em and "scout_actor_rollouts_total" in em
+    assert "scout_learner_correct_fraction" in em
+    idle = " ".join(exprs("Idle fractions"))
+    assert "scout_actor_engine_idle_fraction" in idle and "scout_learner_idle_fraction" in idle
+    # a slow actor is found by host, worker and gpu; a slow shard by shard
+    slow = exprs("Slowest workers (generated tokens/s)")[0]
+    assert slow.startswith("bottomk(") and "by (host, worker, gpu)" in slow
+    assert all("by (le, shard)" in e for e in exprs("Retriever shard latency"))
+    for title, expr in queries:  # actor panels honour the host / worker variables
+        if "scout_actor_" in expr and "worker=~" in expr:
+            assert 'host=~"$host"' in expr, (title, expr)
+
+
+def test_every_scrape_config_labels_host():
+    """Where a process does not label `host` itself, each scrape job adds it: static and file-based
+    targets from the address, Kubernetes pods from their node."""
+    for path in (PROM_CONFIG, K8S_PROM_CONFIG):
+        for job in yaml.safe_load(path.read_text())["scrape_configs"]:
+            rules = [r for r in job.get("relabel_configs", []) if r.get("target_label") == "host"]
+            assert rules, f"{path.name} job {job['job_name']}: no host label"
+            src = rules[0]["source_labels"]
+            assert src in (["__address__"], ["__meta_kubernetes_pod_node_name"]), (path.name, src)
 
 
 # --------------------------------------------------------------------------- Slurm

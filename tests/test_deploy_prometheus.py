@@ -163,15 +163,26 @@ def live_metrics_pass_promtool(url: str) -> None:
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), f"{url}: {r.stdout}{r.stderr}"
 
 
-def evaluate_dashboard(prom: str) -> dict[str, int]:
-    """Every dashboard query through the HTTP API (status success); series returned per query."""
+def evaluate_dashboard(prom: str) -> dict[str, list[dict]]:
+    """Every dashboard query through the HTTP API (status success); the series each returns."""
     out = {}
     for title, expr in dashboard_queries(load_dashboard()):
         q = expr
         for var, value in LIVE_VARS.items():
             q = q.replace(var, value)
-        out[expr] = len(promql(prom, grafana_to_promql(q)))
+        out[expr] = promql(prom, grafana_to_promql(q))
     return out
+
+
+def panel_results(results: dict[str, list[dict]], title: str) -> list[tuple[str, list[dict]]]:
+    """(expr, series) of every query of the panel `title`."""
+    found = [(e, results[e]) for t, e in dashboard_queries(load_dashboard()) if t == title]
+    assert found, f"no panel {title!r}"
+    return found
+
+
+def finite(series: list[dict]) -> list[float]:
+    return [v for v in (float(s["value"][1]) for s in series) if v == v and abs(v) != float("inf")]
 
 
 # --------------------------------------------------------------------------- retriever
@@ -207,7 +218,10 @@ def test_retriever_metrics_through_prometheus(stack):
     assert p99 > 0
     live_metrics_pass_promtool(stack["retriever_metrics"])
     results = evaluate_dashboard(prom)
-    assert results["sum by (source) (rate(scout_retriever_queries_total[$__rate_interval]))"] >= 1
+    assert results["sum by (source) (rate(scout_retriever_queries_total[$__rate_interval]))"]
+    # per-shard latency (a slow shard can be found): the one shard of this index answered every batch
+    for expr, series in panel_results(results, "Retriever shard latency"):
+        assert [s["metric"]["shard"] for s in series] == ["0"] and all(v > 0 for v in finite(series)), expr
 
 
 def get_req(req: urllib.request.Request) -> bytes:
@@ -302,7 +316,8 @@ def test_learner_throughput_through_prometheus_matches_its_log(stack, procs):
     # the actor's side arrived too, with its own labels
     gen = promql(prom, 'scout_actor_generated_tokens_total{job="scout-actor"}')
     assert gen and float(gen[0]["value"][1]) > 0
-    assert gen[0]["metric"]["worker"] == "0" and gen[0]["metric"]["gpu"] == "cpu"
+    labels = gen[0]["metric"]  # enough to find a slow actor: role, host, worker, gpu
+    assert (labels["role"], labels["host"], labels["worker"], labels["gpu"]) == ("actor", "127.0.0.1", "0", "cpu")
     assert scalar(promql(prom, 'up{job="scout-actor", worker="supervisor"}')) == 1
     ports = stack["ports"]
     for port in (ports["LEARNER_METRICS_PORT"], ports["ACTOR_METRICS_PORT"], ports["ACTOR_METRICS_PORT"] + 1):
@@ -315,7 +330,8 @@ def test_learner_throughput_through_prometheus_matches_its_log(stack, procs):
                  "histogram_quantile(0.5, sum by (le) (rate(scout_learner_group_staleness_bucket[$__rate_interval])))",
                  "max(scout_learner_reward_mean)",
                  "histogram_quantile(0.5, sum by (le) (rate(scout_learner_step_seconds_bucket[$__rate_interval])))"):
-        assert results[expr] >= 1, f"no data for {expr}"
+        assert results[expr], f"no data for {expr}"
+    check_new_panels(results)
     with_data = sum(1 for v in results.values() if v)
     print(f"dashboard: {with_data}/{len(results)} queries return data")
     # the same run, summarised without Prometheus
@@ -324,3 +340,18 @@ def test_learner_throughput_through_prometheus_matches_its_log(stack, procs):
     assert r.returncode == 0, r.stderr
     for name in ("reward.png", "em.png", "throughput.png", "staleness.png", "summary.txt"):
         assert (run_dir / "report" / name).stat().st_size > 0
+
+
+def check_new_panels(results: dict[str, list[dict]]) -> None:
+    """End-to-end latency, exact match, idle fractions, queue depths and the slow-worker panel
+    have data from the live run, with values in range."""
+    for expr, series in panel_results(results, "End-to-end sample latency"):
+        assert finite(series) and all(v > 0 for v in finite(series)), expr  # p50, p99, mean
+    for title in ("Exact match", "Idle fractions", "Exact match per worker"):
+        for expr, series in panel_results(results, title):
+            values = finite(series)
+            assert values and all(0 <= v <= 1 for v in values), (title, expr, series)
+    for expr, series in panel_results(results, "Queue depths"):
+        assert finite(series) and all(v >= 0 for v in finite(series)), expr
+    (expr, slow), = panel_results(results, "Slowest workers (generated tokens/s)")
+    assert [(s["metric"]["host"], s["metric"]["worker"], s["metric"]["gpu"]) for s in slow] == [("127.0.0.1", "0", "cpu")]

@@ -44,6 +44,13 @@ SAMPLES: list[P.Message] = [
                          data=np.arange(12, dtype=np.uint8)),
     P.SyncDone(peer_id="a0", run_id="r1", version=1, ok=True, seconds=0.25),
     P.SyncAbort(version=3, generation=2, reason="member too slow", rejoin=True),
+    P.SyncColocated(peer_id="a0", run_id="r1", host="node-1", gpu_uuid="GPU-5f1c2d3e-0000-1111-2222-333344445555"),
+    P.WeightIpcBucket(version=2, generation=1, bucket=0, num_buckets=1, dtype="bfloat16", nbytes=24,
+                      tensors=[P.TensorMeta(name="w", dtype="bfloat16", shape=[3, 4], offset=0)],
+                      ipc=P.IpcHandle(device=0, handle=bytes(range(64)), storage_size_bytes=1 << 20,
+                                      storage_offset_bytes=512, tensor_offset=0, ref_counter_handle=b"/torch_1_2",
+                                      ref_counter_offset=3, event_handle=bytes(64), event_sync_required=True)),
+    P.WeightIpcAck(peer_id="a0", run_id="r1", version=2, bucket=0, ok=False, message="cannot open the handle"),
     P.ShardHello(shard=1, pid=42, count=100, dim=384, device="cpu"),
     P.ShardSearch(seq=3, topk=5, vectors=np.ones((2, 4), np.float32)),
     P.ShardResult(seq=3, shard=1, scores=np.ones((2, 5), np.float32), ids=np.arange(10, dtype=np.int64).reshape(2, 5)),
@@ -129,6 +136,19 @@ def test_clear_errors():
         P.decode(req, expect=P.TrajectoryGroup)
 
 
+def test_ipc_bucket_checks():
+    ipc = next(m for m in SAMPLES if isinstance(m, P.WeightIpcBucket))
+    hdr = msgpack.unpackb(P.encode(ipc)[0])
+    past = {**hdr, "b": {**hdr["b"], "ipc": {**hdr["b"]["ipc"], "storage_size_bytes": 16}}}
+    _bad([msgpack.packb(past)], "run past the shared storage")
+    as_text = {**hdr, "b": {**hdr["b"], "ipc": {**hdr["b"]["ipc"], "handle": "abc"}}}
+    _bad([msgpack.packb(as_text)], "ipc.handle")
+    callable_smuggled = {**hdr, "b": {**hdr["b"], "ipc": {**hdr["b"]["ipc"], "rebuild": "os.system"}}}
+    _bad([msgpack.packb(callable_smuggled)], "rebuild")
+    wrong = {**hdr, "b": {**hdr["b"], "tensors": [{**hdr["b"]["tensors"][0], "dtype": "float32"}]}}
+    _bad([msgpack.packb(wrong)], "is float32 in a bfloat16 bucket")
+
+
 def test_semantic_checks_on_trajectories():
     g = _group()
     frames = P.encode(g)
@@ -156,6 +176,81 @@ def test_oldest_version_and_slices():
     assert g.oldest_version() == 3
     sl = g.sample_slices()
     assert sl[0].start == 0 and sl[-1].stop == int(g.lengths.sum())
+
+
+# ------------------------------------------------------------------ the trajectory fast path
+def _parts(msg: P.Message) -> tuple[dict, dict, dict]:
+    """What decode hands to _fast_construct: (msgpack body, arrays, logical dtypes)."""
+    frames = P.encode(msg)
+    cls, body, specs = P._read_header(frames)
+    arrays, dtypes = {}, {}
+    for entry, frame in zip(specs, frames[1:]):
+        name, dtype, arr = P._read_array(cls, entry, frame)
+        arrays[name], dtypes[name] = arr, dtype
+    return body, arrays, dtypes
+
+
+def test_valid_groups_take_the_fast_path(monkeypatch):
+    """Good groups skip pydantic's model_validate (the hot path); bad ones still get its error."""
+    def refuse(*a, **k):
+        raise AssertionError("model_validate called for a valid group")
+    for n, seed in ((1, 0), (3, 1), (16, 2)):
+        g = _group(n, seed)
+        with monkeypatch.context() as m:
+            m.setattr(P.TrajectoryGroup, "model_validate", refuse)
+            out = P.decode(P.encode(g), expect=P.TrajectoryGroup)
+        assert _equal(g, out) and out.array_dtypes == {k: v for k, v in _parts(g)[2].items()}
+        body, arrays, dtypes = _parts(g)
+        assert out.model_fields_set == P.TrajectoryGroup.model_validate(
+            {**body, **arrays, "array_dtypes": dtypes}).model_fields_set
+        # the fast path builds what pydantic's model_construct builds, and encodes the same body
+        ref = P.TrajectoryGroup.model_construct(**body, **arrays, array_dtypes=dtypes)
+        assert list(out.__dict__) == list(ref.__dict__) and out.model_fields_set == ref.model_fields_set
+        assert out.__pydantic_extra__ == ref.__pydantic_extra__ and out.__pydantic_private__ == ref.__pydantic_private__
+        assert g._body() == g.model_dump(mode="python", exclude=set(P.TrajectoryGroup.ARRAYS) | {"array_dtypes"})
+        assert out.model_copy(update={"prompt_id": 9}).prompt_id == 9 and out.n == n
+    frames = P.encode(_group())
+    hdr = msgpack.unpackb(frames[0])
+    hdr["b"]["peer_id"] = ""
+    _bad([msgpack.packb(hdr), *frames[1:]], "peer_id: String should have at least 1 character")
+
+
+_ODD_VALUES = (st.none() | st.booleans() | st.integers(-(1 << 64), 1 << 65) | st.floats() | st.text(max_size=300)
+               | st.binary(max_size=4)
+               | st.lists(st.integers(-3, 3) | st.booleans() | st.floats(-2, 2) | st.none(), max_size=20))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 5), st.data())
+def test_fast_path_accepts_only_what_pydantic_accepts(n, data):
+    """Property: whenever _fast_construct builds a group, full validation accepts the same input
+    and yields the same fields. Mutates body fields (odd types, lengths, bounds), drops or adds
+    keys, and poisons array values."""
+    body, arrays, dtypes = _parts(_group(n, data.draw(st.integers(0, 3))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        op = data.draw(st.sampled_from(["set", "drop", "add", "array"]))
+        key = data.draw(st.sampled_from(sorted(body)))
+        if op == "set":
+            body[key] = data.draw(_ODD_VALUES)
+        elif op == "drop":
+            body.pop(key, None)
+        elif op == "add":
+            body[data.draw(st.text(min_size=1, max_size=8))] = 1
+        else:
+            name = data.draw(st.sampled_from(sorted(arrays)))
+            arr = arrays[name].copy()
+            if arr.size:
+                i = data.draw(st.integers(0, arr.size - 1))
+                values = {"i": [-1, 0, 1, 2, 7, -(1 << 20)], "u": [0, 1, 2, 255],
+                          "f": [np.nan, -np.inf, np.inf, 0.5, -0.5, 0.0]}[arr.dtype.kind]
+                arr[i] = data.draw(st.sampled_from(values))
+            arrays[name] = arr
+    fast = P.TrajectoryGroup._fast_construct(dict(body), dict(arrays), dict(dtypes))
+    if fast is None:
+        return
+    full = P.TrajectoryGroup.model_validate({**body, **arrays, "array_dtypes": dtypes})  # must not raise
+    assert _equal(fast, full)
+    assert fast.model_dump(exclude=set(P.TrajectoryGroup.ARRAYS)) == full.model_dump(exclude=set(P.TrajectoryGroup.ARRAYS))
 
 
 # ------------------------------------------------------------------ fuzzing: only ProtocolError escapes

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from common.report import ReportError, main, make_report, read_records, summary_text, wall_rate
+from common.report import (ReportError, _fraction_axis, _time_axis, main, make_report, read_records, summary_text,
+                           wall_rate)
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ("reward.png", "em.png", "throughput.png", "staleness.png", "latency.png", "loss.png", "overview.png")
@@ -61,6 +62,9 @@ def test_full_log_gives_every_plot_and_a_summary(tmp_path, capsys):
     assert "reward: 0.025 (first 10% of steps) -> 0.385 (last 10%)" in text
     assert "exact match (correct fraction): 0.013 -> 0.193" in text
     assert "groups dropped as stale: 4" in text and "max 3" in text
+    assert "p90 of the step means 4.00 s" in text
+    # 0.5 s in each of 39 steps over 78 s of wall time
+    assert "learner busy: 25% of the wall time in steps" in text
     assert "read notes" not in text
 
 
@@ -109,6 +113,34 @@ def test_wall_rate_counts_waiting_time():
     assert math.isnan(wall_rate(times, [5, 5, 5, 5])[0])
     assert wall_rate(times, [5, 5, 5, 5], window=1)[1:] == [5.0, 5.0, 5 / 8]
     assert wall_rate(times, [5, 5, 5, 5], window=10)[3] == pytest.approx(15 / 10)
+
+
+def test_plots_read_over_steps_and_wall_time():
+    """Every plot's x axis is the learner step; a top axis gives the wall time since the first step
+    (extrapolated at the run's pace past the last step), unless the log's clock goes backwards.
+    Shares (reward, exact match) get a 0..1 scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, times = [1.0, 2.0, 3.0, 4.0], [100.0, 102.0, 104.0, 106.0]
+    fig, ax = plt.subplots()
+    ax.plot(steps, [0.0, 0.0, 0.0, 0.0])
+    _fraction_axis(ax)
+    assert ax.get_ylim() == (-0.03, 1.03)
+    _time_axis(ax, steps, times)
+    (top,) = ax.child_axes
+    fwd = top._functions[0]
+    assert list(fwd([1.0, 2.5, 4.0, 6.0])) == [0.0, 3.0, 6.0, 10.0]  # seconds since step 1
+    fig2, ax2 = plt.subplots()
+    ax2.plot(steps, [0.0, 2.0, 5.0, 1.0])  # not a share: left alone
+    lim = ax2.get_ylim()
+    _fraction_axis(ax2)
+    assert ax2.get_ylim() == lim
+    _time_axis(ax2, steps, [100.0, 99.0, 104.0, 106.0])  # clock went backwards: no time axis
+    assert not ax2.child_axes
+    plt.close("all")
 
 
 def test_errors_name_what_is_missing(tmp_path, capsys):

@@ -17,9 +17,10 @@ import torch
 
 from common.config import LearnerConfig, TransportConfig
 from common.metrics import Metrics
-from common.protocol import SyncAbort, SyncDone, SyncJoin, WeightUpdateHeader, decode, encode
-from common.weightsync import (DIRECT_DIVISOR, BucketReceiver, SyncError, WeightSender, bucket_segments,
-                               iter_buckets, plan_buckets, unpack_bucket)
+from common.protocol import SyncAbort, SyncDone, SyncJoin, WeightIpcBucket, WeightUpdateHeader, decode, encode
+from common.weightsync import (DIRECT_DIVISOR, BucketReceiver, CudaIpc, ShmIpcStandIn, SyncError, WeightSender,
+                               bucket_segments, header_dict, iter_buckets, pack_bucket, plan_buckets, set_ipc_impl,
+                               unpack_bucket, use_ipc)
 from tests.weightsync_peer import describe, make_weights
 
 PEER = "tests/weightsync_peer.py"
@@ -29,12 +30,13 @@ def expected(version: int) -> dict:
     return describe(make_weights(version).items())
 
 
-def sender_cfg(free_port, timeout_s: float = 10.0, bucket_mb: float = 0.012, chunk_mb: float = 0.0
-               ) -> LearnerConfig:
+def sender_cfg(free_port, timeout_s: float = 10.0, bucket_mb: float = 0.012, chunk_mb: float = 0.0,
+               colocated_ipc: bool = False) -> LearnerConfig:
     """Buckets of ~12 KB, so every sync has several. chunk_mb=0.004: tensors of 4 KB and more go
     as broadcasts of their own, smaller ones packed (the segment path); 0: one per bucket."""
     return LearnerConfig(sync_endpoint=f"tcp://127.0.0.1:{free_port()}", store_port=0,
-                         bucket_mb=bucket_mb, sync_chunk_mb=chunk_mb, sync_timeout_s=timeout_s)
+                         bucket_mb=bucket_mb, sync_chunk_mb=chunk_mb, sync_timeout_s=timeout_s,
+                         colocated_ipc=colocated_ipc)
 
 
 def start_peer(procs, sender, tmp_path, peer_id, **opts):
@@ -89,6 +91,14 @@ def test_buckets_group_by_dtype_and_respect_size():
         offsets = [o for _, _, o in b.items]
         assert offsets == sorted(offsets) and offsets[0] == 0
     assert len(buckets) > 3
+
+
+def test_ramp_starts_small_and_doubles():
+    """WeightSender's first bucket is small (the wire is busy early), then sizes double."""
+    w = [(f"w{i}", torch.zeros(1000, dtype=torch.uint8)) for i in range(60)]
+    sizes = [b.nbytes for b in plan_buckets(w, 16_000, first_bytes=2_000)]
+    assert sizes[:4] == [2_000, 4_000, 8_000, 16_000] and max(sizes) <= 16_000 and sum(sizes) == 60_000
+    assert [b.nbytes for b in plan_buckets(w, 16_000)][0] == 16_000  # no ramp asked: full buckets
 
 
 def test_iter_buckets_round_trip_is_bit_exact():
@@ -340,3 +350,110 @@ def test_nccl_group_between_two_gpus(procs, free_port, tmp_path, sender_factory)
         rep = sender.broadcast(v, [(n, t.cuda()) for n, t in make_weights(v).items()])
         assert rep["ok"] == ["gpu-member"] and rep["backend"] == "nccl", rep
         assert wait_results(out, v)["tensors"] == expected(v)
+
+
+# --------------------------------------------------------------------------- colocated path (CUDA IPC)
+# The CUDA IPC path needs a GPU; the CPU tests run its whole control flow with ShmIpcStandIn, a
+# TEST STAND-IN that shares the packed buckets through shared-memory files instead of CUDA IPC.
+@pytest.fixture
+def ipc_standin():
+    """Install the CPU stand-in for the colocated path in this (learner) process."""
+    standin = ShmIpcStandIn()
+    old = set_ipc_impl(standin)
+    yield standin
+    set_ipc_impl(old)
+
+
+def test_colocated_selection_rules():
+    here = ("node-1", "GPU-5f1c2d3e")
+    assert use_ipc(True, here, here, True)
+    assert not use_ipc(False, here, here, True)  # learner.colocated_ipc off
+    assert not use_ipc(True, None, here, True)  # the learner's weights are not on a GPU
+    assert not use_ipc(True, here, ("node-1", "GPU-other"), True)  # another GPU of the same host
+    assert not use_ipc(True, here, ("node-2", "GPU-5f1c2d3e"), True)  # another host
+    assert not use_ipc(True, here, None, True)  # the member never announced a location
+    assert not use_ipc(True, here, here, False)  # the path failed for it before
+    assert CudaIpc().location(torch.device("cpu")) is None  # the real path never picks CPU weights
+
+
+def test_colocated_bucket_maps_the_learners_memory(ipc_standin):
+    """Message round trip, then the member's views read the learner's buffer itself (no copy)."""
+    b = plan_buckets(make_weights(1).items(), 1 << 20)[0]
+    buf = ipc_standin.alloc(b.nbytes, "cpu")
+    try:
+        flat = pack_bucket(b, out=buf)
+        msg = WeightIpcBucket(version=1, generation=1, bucket=0, num_buckets=1, dtype=b.dtype, nbytes=b.nbytes,
+                              tensors=b.metas(), ipc=ipc_standin.export(flat))
+        back = decode([bytes(f) for f in encode(msg)], expect=WeightIpcBucket)
+        header, data = header_dict(back)
+        assert data is None and "ipc" in header
+        got = BucketReceiver().receive(header)
+        assert describe(got) == describe([(n, t) for n, t, _ in b.items])
+        name, view = got[0]
+        before = view.reshape(-1).view(torch.uint8)[0].item()
+        buf[b.items[0][2]] ^= 0xFF  # the learner writes its buffer: the member's view sees it
+        assert view.reshape(-1).view(torch.uint8)[0].item() == before ^ 0xFF
+    finally:
+        ipc_standin.free(buf)
+    with pytest.raises(SyncError, match="CUDA receiver"):  # the real path refuses a CPU receiver
+        CudaIpc().open(msg.ipc, msg.nbytes, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_colocated_member_gets_handles_and_the_others_the_broadcast(procs, free_port, tmp_path, sender_factory,
+                                                                    ipc_standin):
+    sender = sender_factory(sender_cfg(free_port, colocated_ipc=True))
+    _, near = start_peer(procs, sender, tmp_path, "near", until=3, colocated="standin")
+    _, far = start_peer(procs, sender, tmp_path, "far", until=3, colocated="standin-elsewhere")
+    _, plain = start_peer(procs, sender, tmp_path, "plain", until=3)
+    assert sender.wait_members(3, 60)
+    for v in (1, 2, 3):
+        rep = sender.broadcast(v, make_weights(v).items())
+        assert rep["ok"] == ["far", "near", "plain"], rep
+        assert rep["buckets"] > 3  # more buckets than buffers: buffers are re-packed after release
+    assert sender._members["near"].transport == "cuda_ipc" and sender._members["far"].transport == "gloo"
+    for v in (1, 2, 3):
+        r = wait_results(near, v)
+        assert r["ok"] and r["tensors"] == expected(v) and r["ipc_buckets"] == rep["buckets"]
+        for out in (far, plain):
+            r = wait_results(out, v)
+            assert r["ok"] and r["tensors"] == expected(v) and r["ipc_buckets"] == 0
+
+
+@pytest.mark.slow
+def test_colocated_failure_falls_back_to_the_broadcast(procs, free_port, tmp_path, sender_factory, ipc_standin):
+    """A member that claims the learner's GPU but cannot map its memory fails one version, then
+    gets the broadcast; with learner.colocated_ipc off nobody gets handles at all."""
+    sender = sender_factory(sender_cfg(free_port, colocated_ipc=True))
+    _, out = start_peer(procs, sender, tmp_path, "claims", until=2, colocated="claim-only")
+    assert sender.wait_members(1, 60)
+    rep = sender.broadcast(1, make_weights(1).items())
+    assert rep["failed"] == ["claims"] and "needs a CUDA receiver" in rep["reasons"]["claims"], rep
+    rep = sender.broadcast(2, make_weights(2).items())
+    assert rep["ok"] == ["claims"] and rep["backend"] == "gloo", rep
+    r = wait_results(out, 2)
+    assert r["tensors"] == expected(2) and r["ipc_buckets"] == 0
+
+    off = sender_factory(sender_cfg(free_port, colocated_ipc=False))
+    _, out2 = start_peer(procs, off, tmp_path, "near", until=1, colocated="standin")
+    assert off.wait_members(1, 60)
+    assert off.broadcast(1, make_weights(1).items())["ok"] == ["near"]
+    r = wait_results(out2, 1)
+    assert r["tensors"] == expected(1) and r["ipc_buckets"] == 0
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_colocated_for_real(procs, free_port, tmp_path, sender_factory):
+    """Learner weights on cuda:0, a member process on the same GPU: buckets go through real CUDA
+    IPC handles (no stand-in) and arrive bit-exact."""
+    torch.cuda.set_device(0)
+    sender = sender_factory(sender_cfg(free_port, timeout_s=60.0, colocated_ipc=True))
+    _, out = start_peer(procs, sender, tmp_path, "gpu-near", until=2, transports="nccl,gloo", cuda_device=0,
+                        colocated="cuda")
+    assert sender.wait_members(1, 60)
+    for v in (1, 2):
+        rep = sender.broadcast(v, [(n, t.cuda()) for n, t in make_weights(v).items()])
+        assert rep["ok"] == ["gpu-near"], rep
+        r = wait_results(out, v)
+        assert r["tensors"] == expected(v) and r["ipc_buckets"] == rep["buckets"]
+    assert sender._members["gpu-near"].transport == "cuda_ipc"

@@ -7,6 +7,10 @@ update with a real BucketReceiver, and appends one JSON line per finished update
 --stall-at V:K:S  sleep S seconds when bucket K of version V arrives (a slow member)
 --until V       exit after loading version V
 --cuda-device I   receive NCCL buckets on GPU I (offer "nccl" in --transports)
+--colocated MODE  announce a location for the colocated (CUDA IPC) path: "cuda" (this GPU, real
+                  CUDA IPC), "standin" (the CPU shared-memory TEST STAND-IN, ShmIpcStandIn),
+                  "standin-elsewhere" (stand-in, but another GPU UUID), "claim-only" (announce the
+                  stand-in's location but keep the real CudaIpc, which cannot open on a CPU)
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from common.config import TransportConfig  # noqa: E402
-from common.weightsync import BucketReceiver, SyncClient, follow_sync  # noqa: E402
+from common.weightsync import (BucketReceiver, ShmIpcStandIn, SyncClient, follow_sync, gpu_location,  # noqa: E402
+                               set_ipc_impl)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -62,6 +67,18 @@ def _at(spec: str | None) -> tuple[float, ...] | None:
     return tuple(float(x) for x in spec.split(":")) if spec else None
 
 
+def colocation(args) -> tuple[str, str] | None:
+    if args.colocated is None:
+        return None
+    if args.colocated == "cuda":
+        return gpu_location(torch.device("cuda", args.cuda_device or 0))
+    standin = ShmIpcStandIn()
+    where = standin.location(torch.device("cpu"))
+    if args.colocated in ("standin", "standin-elsewhere"):
+        set_ipc_impl(standin)
+    return (where[0], where[1] + "-elsewhere") if args.colocated == "standin-elsewhere" else where
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--endpoint", required=True)
@@ -75,16 +92,20 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=120.0)
     ap.add_argument("--reuse-buffer", type=int, default=0, help="1: BucketReceiver(reuse_buffer=True)")
     ap.add_argument("--cuda-device", type=int, default=None, help="receive NCCL buckets on this GPU")
+    ap.add_argument("--colocated", default=None, choices=["cuda", "standin", "standin-elsewhere", "claim-only"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.peer_id} %(name)s %(message)s")
     run_id = args.run_id or uuid.uuid4().hex
     die, stall = _at(args.die_at), _at(args.stall_at)
-    client = SyncClient(args.endpoint, args.peer_id, run_id, TransportConfig(), args.transports.split(","))
     if args.cuda_device is not None:
         torch.cuda.set_device(args.cuda_device)
-    receiver = BucketReceiver(reuse_buffer=bool(args.reuse_buffer))
+    client = SyncClient(args.endpoint, args.peer_id, run_id, TransportConfig(), args.transports.split(","),
+                        colocated=colocation(args))
+    device = torch.device("cuda", args.cuda_device) if args.colocated == "cuda" else None
+    receiver = BucketReceiver(device=device, reuse_buffer=bool(args.reuse_buffer))
     client.join(-1)
     received: dict = {}
+    counts = {"ipc": 0}
 
     def on_bucket(header: dict, data) -> None:
         v, k = header["version"], header["bucket"]
@@ -92,16 +113,20 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if stall and (v, k) == stall[:2]:
             time.sleep(stall[2])
+        if "ipc" in header:
+            counts["ipc"] += 1
         received.update(describe(receiver.receive(header, data)))
 
     end = time.monotonic() + args.max_seconds
     with open(args.out, "a") as out:
         while time.monotonic() < end:
             received.clear()
+            counts["ipc"] = 0
             result = follow_sync(client, client.poll(200), receiver.setup, on_bucket)
             if result is None:
                 continue
-            out.write(json.dumps({**result, "run_id": run_id, "tensors": dict(received) if result["ok"] else {}}) + "\n")
+            out.write(json.dumps({**result, "run_id": run_id, "ipc_buckets": counts["ipc"],
+                                  "tensors": dict(received) if result["ok"] else {}}) + "\n")
             out.flush()
             if result["ok"] and result["version"] >= args.until:
                 break
