@@ -50,6 +50,19 @@ def tree(pid: int) -> list[int]:
     return seen
 
 
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` that still run (zombies waiting for their parent's wait() do not)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for p in pids:
@@ -131,7 +144,7 @@ def run(args) -> dict:
     finally:
         children.stop_all()
     time.sleep(2)
-    leaked = [p for p in all_pids if Path(f"/proc/{p}").exists()]
+    leaked = alive(all_pids)
     return {"samples": samples, "kills": kills, "leaked": leaked, "steps": learner_steps(run_dir)}
 
 

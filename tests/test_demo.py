@@ -92,18 +92,7 @@ def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path):
         time.sleep(1)
     time.sleep(5)
 
-    from bench.soak import tree
-
-    def alive(pids: list[int]) -> list[int]:
-        out = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":
-                out.append(pid)
-        return out
+    from bench.soak import alive, tree
 
     family = tree(p.pid)  # the demo and every process below it (retrievers, learner, actor, workers)
     assert len(family) >= 5
