@@ -7,9 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REQ := requirements/$(EXTRA).txt
 STAMP := $(VENV)/.installed-$(EXTRA)-$(shell sha1sum $(REQ) | cut -c1-12)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not long"
 
-.PHONY: setup demo test bench clean prometheus
+.PHONY: setup demo test test-long bench clean prometheus
 setup: $(STAMP)
 
 $(STAMP): $(REQ)
@@ -33,6 +33,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-long: setup  # the minutes-long fault, fuzz and pipeline scenarios (kept out of CI's time budget)
+	$(PY) -m pytest -m long
 
 bench: setup
 	$(PY) bench/protocol_bench.py

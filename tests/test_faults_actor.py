@@ -45,6 +45,7 @@ def world(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the crash, end to end
 @pytest.mark.slow
+@pytest.mark.long
 def test_killed_worker_comes_back_and_learner_keeps_training(world, procs, tmp_path):
     stack = Stack(tmp_path, world, start=procs.start)
     stack.write_config(workers=2, actor={"no_search": True},

@@ -119,6 +119,7 @@ def check_resume_in_process(config: Path, state: dict, tmp: Path) -> None:
 
 # --------------------------------------------------------------------------- kill / resume, end to end
 @pytest.mark.slow
+@pytest.mark.long
 def test_learner_preempted_twice_resumes_and_the_actor_follows(world, procs, tmp_path):
     stack = Stack(tmp_path, world, start=procs.start)
     stack.write_config(actor={"no_search": True, "request_timeout_s": 5.0},

@@ -184,6 +184,7 @@ class OutageProbe:
 
 # --------------------------------------------------------------------------- the outage, end to end
 @pytest.mark.slow
+@pytest.mark.long
 def test_retriever_outage_rollouts_and_stack(world, procs, tmp_path):
     stack = Stack(tmp_path, world, start=procs.start)
     # lr 1e-7: the taught policy must keep searching through the run (a fast learner would teach

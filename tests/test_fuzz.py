@@ -199,6 +199,7 @@ def test_search_r1_body_parser_refuses_what_crashed_the_retriever():
 
 # --------------------------------------------------------------------------- the real roles
 @pytest.mark.slow
+@pytest.mark.long
 def test_roles_survive_fuzz_and_keep_serving_legit_traffic(tmp_path):
     s = run(tmp_path, messages=2000, actor=False, quiet_s=2.0, seed=1)
     assert s["ok"], s["problems"]
