@@ -97,9 +97,10 @@ def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path):
     family = tree(p.pid)  # the demo and every process below it (retrievers, learner, actor, workers)
     assert len(family) >= 5
     os.kill(p.pid, signal.SIGINT)
-    assert p.wait(timeout=120) == 130
-    deadline = time.monotonic() + 30
+    assert p.wait(timeout=300) == 130  # generous: each child gets its own stop timeout on a loaded machine
+    deadline = time.monotonic() + 90
     while alive(family) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert alive(family) == []
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in alive(family)}
+    assert left == {}
     assert "interrupted" in (tmp_path / "demo.log").read_text()
