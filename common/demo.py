@@ -67,9 +67,25 @@ class Children:
         except ProcessLookupError:
             pass
 
-    def stop_all(self) -> None:
-        for name in list(self.procs)[::-1]:
-            self.stop(name)
+    def stop_all(self, timeout: float = 20.0) -> None:
+        """SIGTERM to every child group at once, then one shared deadline before SIGKILL."""
+        procs = [p for p in self.procs.values() if p.poll() is None]
+        self.procs.clear()
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
 
 
 def wait_healthy(port: int, what: str, children: Children, name: str, timeout: float = 600.0) -> None:
