@@ -68,24 +68,29 @@ class Children:
             pass
 
     def stop_all(self, timeout: float = 20.0) -> None:
-        """SIGTERM to every child group at once, then one shared deadline before SIGKILL."""
-        procs = [p for p in self.procs.values() if p.poll() is None]
+        procs = list(self.procs.values())
         self.procs.clear()
-        for p in procs:
+        stop_groups(procs, timeout)
+
+
+def stop_groups(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM to every process group at once, then one shared deadline before SIGKILL."""
+    for p in procs:
+        if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + timeout
-        for p in procs:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 def wait_healthy(port: int, what: str, children: Children, name: str, timeout: float = 600.0) -> None:
