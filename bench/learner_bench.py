@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def synthetic_groups(n_groups: int, samples: int, tokens: int, vocab: int, seed: int):
+def synthetic_groups(n_groups: int, samples: int, tokens: int, vocab: int, seed: int, trained: float = 0.75):
     from common.protocol import TrajectoryGroup
 
     rng = np.random.default_rng(seed)
@@ -31,7 +31,8 @@ def synthetic_groups(n_groups: int, samples: int, tokens: int, vocab: int, seed:
     for g in range(n_groups):
         lens = rng.integers(tokens // 2, tokens + 1, samples).astype(np.int32)
         total = int(lens.sum())
-        mask = np.concatenate([(np.arange(k) >= k // 4).astype(np.uint8) for k in lens])
+        # the last `trained` fraction of each sample is generated (loss mask 1), the rest prompt
+        mask = np.concatenate([(np.arange(k) >= round(k * (1 - trained))).astype(np.uint8) for k in lens])
         out.append(TrajectoryGroup(
             group_id=f"{seed}-{g}", peer_id="bench", run_id="bench", prompt_id=g, num_searches=[0] * samples,
             retrieval_failed=[False] * samples, correct=[False] * samples, lengths=lens,
@@ -55,7 +56,8 @@ def run(args) -> None:
     t = Trainer(lc, d)
     times, tokens = [], 0
     for step in range(args.steps + 1):  # step 0 warms up
-        groups = synthetic_groups(args.groups, args.samples, args.tokens, t.vocab_size, step) if d.rank == 0 else None
+        groups = (synthetic_groups(args.groups, args.samples, args.tokens, t.vocab_size, step, args.trained)
+                  if d.rank == 0 else None)
         t0 = time.perf_counter()
         _, batch = broadcast_command(d, CTRL_BATCH, assemble(groups, True) if groups else None)
         t.train_step(batch)
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--micro-tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per rank")
+    ap.add_argument("--trained", type=float, default=0.75,
+                    help="fraction of each sample's tokens under the loss mask (the demo: about 0.22)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

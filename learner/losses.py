@@ -2,6 +2,7 @@
 
     rewards [n] per group ──grpo_advantages──▶ A per sample ──(every generated token)──┐
     logits ──token_logprobs──▶ log π_θ, entropy                                        │
+      (the learner: selected_logprobs, on loss-mask positions only)                    │
     actor's logprobs ────────▶ log μ            ──policy_loss(mode)──▶ loss, stat sums ◀┘
     learner at step start ───▶ log π_prox  (None: one update per step, π_prox ≡ π_θ)
 
@@ -96,6 +97,25 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: boo
                 ent_parts.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
     logp = torch.cat(lp_parts, dim=1)
     return logp, (torch.cat(ent_parts, dim=1) if with_entropy else None)
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                      chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(target_i) for N selected positions: logits [N, V] are the head's outputs at the
+    positions *before* each target, targets [N]. Float32, `chunk` rows at a time; entropy (no
+    gradient) from the same logsumexp."""
+    lp_parts, ent_parts = [], []
+    for s in range(0, max(1, logits.shape[0]), chunk):  # N = 0 still passes once: the graph stays connected
+        lg = logits[s:s + chunk].float()
+        lse = torch.logsumexp(lg, dim=-1)
+        lp_parts.append(lg.gather(-1, targets[s:s + chunk].long().unsqueeze(-1)).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                ent_parts.append(lse - (torch.exp(lg - lse.unsqueeze(-1)) * lg).sum(-1))
+    logp = torch.cat(lp_parts)
+    if not with_entropy:
+        return logp, None
+    return logp, torch.cat(ent_parts)
 
 
 # --------------------------------------------------------------------------- loss

@@ -6,7 +6,8 @@
     every rank: plan_micro_batches(lengths)  (same plan everywhere: samples → ranks → micro-batches)
        for each minibatch (default 1 = one optimizer update per step):
           for each of the rank's micro-batches (padded with empty ones to the max over ranks):
-             forward → token_logprobs → policy_loss(token-mean over the whole minibatch) → backward
+             forward (output head on loss-mask positions only: head_on) → log π
+             → policy_loss(token-mean over the whole minibatch) → backward
           clip grad norm → AdamW step
        scheduler step; stats summed (max for maxima) over micro-batches and ranks
 
@@ -18,6 +19,7 @@ it, so no attention mask is needed). Every rank runs the same number of forward/
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from common.config import LearnerConfig
 from common.protocol import TrajectoryGroup
 from learner.losses import (MAX_KEYS, LossConfig, add_stats, finalize_stats, grpo_advantages, policy_loss,
-                            token_logprobs)
+                            selected_logprobs, token_logprobs)
 
 log = logging.getLogger("scout.learner.trainer")
 
@@ -181,6 +183,30 @@ def split_minibatches(group_sizes: list[int], k: int) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------- model
+@contextlib.contextmanager
+def head_on(head: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor):
+    """Within the block, the model's output head maps hidden states [B, L, H] to logits only at
+    (rows, cols): [N, V]. The loss reads a generated token's log-probability alone, and those are
+    a fraction of the positions (prompts and retrieved passages are not trained), so the head's
+    matmul and the softmax passes shrink by that fraction. The head's own forward still runs
+    (on the selected rows) inside the root module's forward, where FSDP has its weight unsharded,
+    and parameter names are untouched."""
+    own = head.__dict__.get("forward")  # an instance-level forward someone set before us
+    plain = head.forward
+
+    def selected(hidden: torch.Tensor) -> torch.Tensor:
+        return plain(hidden[rows, cols])
+
+    head.forward = selected
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = own
+
+
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
@@ -270,8 +296,20 @@ class Trainer:
         return {k: v.to(dev, non_blocking=True) for k, v in out.items()}
 
     def _logprobs(self, model, mb: dict, with_entropy: bool):
-        logits = model(input_ids=mb["tokens"]).logits
-        return token_logprobs(logits, mb["tokens"], with_entropy=with_entropy)
+        """[B, L] log π and entropy at the loss-mask positions (0 elsewhere: policy_loss only
+        reads masked tokens). The output head runs on those positions alone (see head_on)."""
+        tokens = mb["tokens"]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:  # no separate head module: full logits
+            return token_logprobs(model(input_ids=tokens).logits, tokens, with_entropy=with_entropy)
+        rows, cols = torch.nonzero(mb["mask"][:, 1:] > 0, as_tuple=True)  # token cols+1, predicted at cols
+        with head_on(head, rows, cols):
+            logits = model(input_ids=tokens).logits  # [N, V]
+        lp, ent = selected_logprobs(logits, tokens[rows, cols + 1], with_entropy=with_entropy)
+        logp = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device).index_put((rows, cols + 1), lp)
+        if ent is not None:
+            ent = torch.zeros_like(logp).index_put((rows, cols + 1), ent)
+        return logp, ent
 
     @staticmethod
     def _scored_tokens(batch: Batch, idx: list[int]) -> float:

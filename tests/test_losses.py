@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learner.losses import (LossConfig, MODES, add_stats, finalize_stats, grpo_advantages, policy_loss,
-                            token_logprobs)
+                            selected_logprobs, token_logprobs)
 
 torch.set_num_threads(1)
 ln = math.log
@@ -180,3 +180,40 @@ def test_token_logprobs_and_entropy_match_direct_computation():
     assert torch.allclose(lp[:, 1:], direct, atol=1e-6) and torch.all(lp[:, 0] == 0)
     direct_ent = -(ls.exp() * ls).sum(-1)[:, :-1]
     assert torch.allclose(ent[:, 1:], direct_ent, atol=1e-5)
+
+
+def test_selected_logprobs_equal_full_ones_at_the_selected_positions():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 9, 17)
+    tokens = torch.randint(0, 17, (3, 9))
+    rows, cols = torch.nonzero(torch.rand(3, 8) > 0.5, as_tuple=True)
+    full_lp, full_ent = token_logprobs(logits, tokens, with_entropy=True)
+    lp, ent = selected_logprobs(logits[rows, cols], tokens[rows, cols + 1], with_entropy=True, chunk=4)
+    assert torch.allclose(lp, full_lp[rows, cols + 1], atol=1e-6)
+    assert torch.allclose(ent, full_ent[rows, cols + 1], atol=1e-5)
+    # no selected position (an empty micro-batch): the result is still part of the graph
+    lp0, _ = selected_logprobs(torch.zeros((0, 17), requires_grad=True) * 2, torch.zeros(0, dtype=torch.long))
+    assert lp0.shape == (0,) and lp0.requires_grad
+
+
+def test_head_on_runs_the_output_head_on_the_selected_positions_only():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from learner.trainer import head_on
+
+    torch.manual_seed(4)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    tokens = torch.randint(0, 50, (2, 6))
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([1, 4, 2])
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda _m, _args, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        full = model(input_ids=tokens).logits
+        with head_on(head, rows, cols):
+            part = model(input_ids=tokens).logits
+        again = model(input_ids=tokens).logits
+    assert seen == [(2, 6, 50), (3, 50), (2, 6, 50)]  # logits for 3 positions only; then all again
+    assert torch.allclose(part, full[rows, cols], atol=1e-5) and torch.equal(again, full)
+    assert "forward" not in head.__dict__
