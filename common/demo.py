@@ -274,6 +274,9 @@ def main(cfg: ScoutConfig) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # explicitly: a process started in the background by a non-interactive shell (`cmd &` in a
+    # script, CI) inherits SIGINT ignored, and Python then leaves it ignored
+    signal.signal(signal.SIGINT, on_signal)
     try:
         paths = prepare(cfg)
         config = write_run_config(cfg, paths, run_dir)
