@@ -501,6 +501,19 @@ class SyncPlan(Message):
     timeout_s: float = Field(gt=0)
 
 
+def _check_bucket_layout(m: "WeightUpdateHeader | WeightIpcBucket") -> None:
+    """The checks a bucket's header shares with a colocated bucket's: index, dtype, tensor spans."""
+    if m.bucket >= m.num_buckets:
+        raise ValueError(f"bucket {m.bucket} of {m.num_buckets}")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"unknown bucket dtype {m.dtype!r}")
+    for t in m.tensors:
+        if t.dtype != m.dtype:
+            raise ValueError(f"tensor {t.name} is {t.dtype} in a {m.dtype} bucket")
+        if t.offset + t.nbytes > m.nbytes:
+            raise ValueError(f"tensor {t.name} runs past the end of the bucket")
+
+
 @register
 class WeightUpdateHeader(Message):
     """Announces one bucket of a weight update. Over gloo/nccl the bucket bytes follow on the
@@ -520,15 +533,7 @@ class WeightUpdateHeader(Message):
 
     @model_validator(mode="after")
     def _check(self) -> "WeightUpdateHeader":
-        if self.bucket >= self.num_buckets:
-            raise ValueError(f"bucket {self.bucket} of {self.num_buckets}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown bucket dtype {self.dtype!r}")
-        for t in self.tensors:
-            if t.dtype != self.dtype:
-                raise ValueError(f"tensor {t.name} is {t.dtype} in a {self.dtype} bucket")
-            if t.offset + t.nbytes > self.nbytes:
-                raise ValueError(f"tensor {t.name} runs past the end of the bucket")
+        _check_bucket_layout(self)
         if self.data is not None and self.data.nbytes != self.nbytes:
             raise ValueError(f"data has {self.data.nbytes} bytes, header says {self.nbytes}")
         return self
@@ -608,15 +613,7 @@ class WeightIpcBucket(Message):
 
     @model_validator(mode="after")
     def _check(self) -> "WeightIpcBucket":
-        if self.bucket >= self.num_buckets:
-            raise ValueError(f"bucket {self.bucket} of {self.num_buckets}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown bucket dtype {self.dtype!r}")
-        for t in self.tensors:
-            if t.dtype != self.dtype:
-                raise ValueError(f"tensor {t.name} is {t.dtype} in a {self.dtype} bucket")
-            if t.offset + t.nbytes > self.nbytes:
-                raise ValueError(f"tensor {t.name} runs past the end of the bucket")
+        _check_bucket_layout(self)
         if self.ipc.tensor_offset + self.nbytes > self.ipc.storage_size_bytes:
             raise ValueError(f"{self.nbytes} bytes at offset {self.ipc.tensor_offset} run past the shared "
                              f"storage of {self.ipc.storage_size_bytes} bytes")

@@ -80,23 +80,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: boo
                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(tokens[:, t] | tokens[:, <t]) for every position t ≥ 1 (position 0 gets 0).
 
-    logits: [B, L, V] from a causal LM over `tokens` [B, L]. Computed in float32, `chunk`
-    positions at a time to bound the memory of the softmax. Entropy (no gradient) likewise.
+    logits: [B, L, V] from a causal LM over `tokens` [B, L]: selected_logprobs over every
+    position, `chunk` positions per row at a time. Entropy (no gradient) likewise.
     """
-    B, L, _ = logits.shape
+    B, L, V = logits.shape
+    # position t predicts token t+1; the last position's target is a dummy and is dropped
+    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
+    lp, ent = selected_logprobs(logits.reshape(B * L, V), targets, with_entropy, chunk=chunk * B)
     zero = logits.new_zeros((B, 1), dtype=torch.float32)
-    lp_parts, ent_parts = [zero], [zero]
-    for s in range(0, L - 1, chunk):
-        e = min(L - 1, s + chunk)
-        lg = logits[:, s:e].float()
-        lse = torch.logsumexp(lg, dim=-1)
-        tgt = tokens[:, s + 1:e + 1].long().unsqueeze(-1)
-        lp_parts.append(lg.gather(-1, tgt).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                ent_parts.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
-    logp = torch.cat(lp_parts, dim=1)
-    return logp, (torch.cat(ent_parts, dim=1) if with_entropy else None)
+    logp = torch.cat([zero, lp.view(B, L)[:, :-1]], dim=1)
+    return logp, (torch.cat([zero, ent.view(B, L)[:, :-1]], dim=1) if with_entropy else None)
 
 
 def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
