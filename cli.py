@@ -47,7 +47,8 @@ def _fail(message: str) -> None:
 @app.command()
 def retriever(
     index: Optional[Path] = typer.Option(None, "--index", help="Index folder made by `index build`."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="Shard GPUs, e.g. 0-1 (faiss-gpu)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Shard GPUs, e.g. 0-1 or all (faiss-gpu; CUDA numbering: "
+                                        "indices into CUDA_VISIBLE_DEVICES when it is set)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="ZeroMQ endpoint to bind."),
     http_port: Optional[int] = typer.Option(None, "--http-port", help="Search-R1 HTTP port (0 = off)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
@@ -87,7 +88,8 @@ def index_build(
 
 @app.command()
 def actor(
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker per GPU: 0-3, 0,2,5 or all."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker per GPU: 0-3, 0,2,5 or all. With "
+                                        "CUDA_VISIBLE_DEVICES set: all = its entries, a list = indices into them."),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers when no --gpus."),
     model: Optional[Path] = typer.Option(None, "--model", help="Local HF causal-LM folder."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,

@@ -20,37 +20,15 @@ from pathlib import Path
 from actors.reward import substring_match
 from actors.rollout import GroupState, RolloutRunner
 from common.config import ConfigError, ScoutConfig
-from common.qa import read_rows
-from common.protocol import MAX_STR, Prompt
+from common.qa import read_qa, read_rows
+from common.protocol import Prompt
 
 log = logging.getLogger("scout.actors.evaluate")
 
 
-def _answers(value, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return [v[:MAX_STR] for v in value]
-    raise ConfigError(f"{where}: golden_answers must be a string or a non-empty list of strings")
-
-
 def load_questions(path: str | Path, limit: int = 0) -> list[Prompt]:
-    """Search-R1 QA rows -> Prompts (prompt_id = row number)."""
-    p = Path(path)
-    rows = read_rows(path, "eval data")
-    out = []
-    for i, row in enumerate(rows[: limit or None]):
-        where = f"eval data {p} row {i}"
-        q = row.get("question") if isinstance(row, dict) else None
-        if not isinstance(q, str) or not q.strip():
-            raise ConfigError(f"{where}: needs a non-empty `question`")
-        out.append(Prompt(prompt_id=i, question=q[:MAX_STR], golden_answers=_answers(row.get("golden_answers"), where),
-                          data_source=str(row.get("data_source") or "")[:256]))
-    if not out:
-        raise ConfigError(f"eval data {p} holds no questions")
-    return out
+    """Search-R1 QA rows -> Prompts (prompt_id = row number); bad rows raise (common.qa.read_qa)."""
+    return [Prompt(prompt_id=i, **row) for i, row in enumerate(read_qa(path, "eval data", limit))]
 
 
 def gold_passages(path: str | Path, limit: int = 0) -> dict[int, str]:

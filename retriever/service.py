@@ -24,7 +24,7 @@ from pathlib import Path
 
 import zmq
 
-from common.config import ConfigError, parse_devices
+from common.config import ConfigError, parse_device_indices
 from common.metrics import Metrics
 from common.transport import check_bind_address, check_host_bind
 from retriever.docstore import DocStore
@@ -36,7 +36,9 @@ log = logging.getLogger("scout.retriever.service")
 
 
 def _gpus(spec: str | None) -> list[str]:
-    gpus = parse_devices(spec)
+    # faiss places shards by CUDA ordinal in the shard processes, which inherit this process's
+    # CUDA_VISIBLE_DEVICES: ordinals, not the names parse_devices gives a child of its own.
+    gpus = parse_device_indices(spec)
     if not gpus:
         return []
     try:

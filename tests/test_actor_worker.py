@@ -6,7 +6,8 @@ with actor.no_search; `cli.py eval` meets the unreachable retriever).
 Shows: Hello / WorkRequest / TrajectoryGroup / GroupAck over real sockets, groups of the learner's
 n_samples, credits respected, retrieval failures flagged (never scored, in eval), a weight update applied
 by the worker (later groups carry the new version), per-worker metrics, a killed worker restarted
-with a fresh run_id, SIGTERM stopping everything; bad --gpus lists refused; `cli.py eval`.
+with a fresh run_id, SIGTERM stopping everything, Ctrl-C stopping two workers and their supervisor;
+bad --gpus lists refused; `cli.py eval`.
 """
 
 from __future__ import annotations
@@ -88,14 +89,14 @@ def learner(ipc_path, free_port):
     srv.stop()
 
 
-def actor_args(model_dir, srv, metrics_port: int, *extra: str) -> list[str]:
+def actor_args(model_dir, srv, metrics_port: int, *extra: str, workers: int = 1) -> list[str]:
     sets = {"actor.engine": "'transformers'", "actor.dtype": "'float32'",
             "actor.learner_endpoint": f"'{srv.endpoint}'", "actor.retriever_endpoint": "'ipc:///nonexistent/retriever'",
             "actor.retrieval_timeout_s": "0.5", "actor.retrieval_retries": "0", "actor.max_new_tokens": "24",
             "actor.max_turns": "1", "actor.max_total_tokens": "512", "actor.max_groups_in_flight": "1",
             "actor.prompts_per_request": "2", "actor.heartbeat_s": "1.0", "actor.restart_backoff_s": "0.5",
             "metrics.actor_port": str(metrics_port)}
-    args = ["cli.py", "actor", "--workers", "1", "--model", str(model_dir)]
+    args = ["cli.py", "actor", "--workers", str(workers), "--model", str(model_dir)]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     for s in extra:
@@ -168,6 +169,44 @@ def test_actor_streams_groups_updates_restarts_and_stops(model_dir, learner, pro
     assert sup.wait(60) == 0
     _wait(lambda: not Path(f"/proc/{new['pid']}").exists() or
           Path(f"/proc/{new['pid']}/stat").read_text().split()[2] == "Z", 30, "worker gone")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_ctrl_c_stops_the_supervisor_and_every_worker(model_dir, learner, procs, free_port):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) on `cli.py actor --workers 2`:
+    exit code 0 (actors/main.py) and no process of the group left. The actor starts with SIGINT
+    ignored, as a background job of a non-interactive shell (CI) does: it must install its handler."""
+    srv, _ = learner
+    mport = free_port()
+    sup = procs.start(actor_args(model_dir, srv, mport, "actor.no_search=true", workers=2),
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pids: list[int] = []
+    try:
+        _wait(lambda: len(srv.peers) == 2, 180, "both workers said hello", sup)
+        pids = [w["pid"] for w in json.loads(_get(f"http://127.0.0.1:{mport}/health"))["workers"]]
+        assert len(pids) == 2 and None not in pids
+        os.killpg(sup.pid, signal.SIGINT)
+        assert sup.wait(60) == 0
+        assert all(_gone(pid) for pid in pids)
+
+        def group_empty():
+            try:
+                os.killpg(sup.pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        _wait(group_empty, 10, "every process of the actor's group gone")
+    finally:
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("spec, needle", [("0-x", "expected a list like 0-3"), ("3-1", "expected a list"),

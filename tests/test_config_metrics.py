@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from common.config import ConfigError, load_config, parse_devices
+from common.config import ConfigError, load_config, parse_device_indices, parse_devices
 from common.metrics import Metrics
 from tests.conftest import ROOT
 
@@ -46,13 +46,90 @@ def test_bad_file(tmp_path):
         load_config(tmp_path / "bad.toml", environ={})
 
 
-def test_parse_devices():
+def test_parse_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert parse_devices("0-3") == ["0", "1", "2", "3"]
     assert parse_devices("0,2,5") == ["0", "2", "5"]
     assert parse_devices(None) == []
     for bad in ("3-1", "a", "0,0", "-1"):
         with pytest.raises(ConfigError, match="--gpus"):
             parse_devices(bad)
+
+
+def test_gpus_all_without_parent_visible_devices(monkeypatch):
+    """No CUDA_VISIBLE_DEVICES: `all` is 0..n-1 from torch; no device is a clear error."""
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert parse_devices("all") == parse_device_indices("all") == ["0", "1", "2"]
+    assert parse_devices("5,7") == ["5", "7"]  # not checked against the count, as before
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="--gpus all: no CUDA device is visible"):
+        parse_devices("all")
+
+
+def test_gpus_under_parent_visible_devices(monkeypatch):
+    """A parent CUDA_VISIBLE_DEVICES: `all` is its entries (torch not asked); lists are indices into it."""
+    import torch
+
+    def no_torch():
+        raise AssertionError("torch.cuda.device_count() called although CUDA_VISIBLE_DEVICES is set")
+
+    monkeypatch.setattr(torch.cuda, "device_count", no_torch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    assert parse_devices("all") == ["4", "6", "7"]
+    assert parse_devices("0,2") == ["4", "7"] and parse_devices("1-2") == ["6", "7"]
+    assert parse_device_indices("all") == ["0", "1", "2"] and parse_device_indices("0,2") == ["0", "2"]
+    for spec in ("3", "0-3"):
+        with pytest.raises(ConfigError, match="device 3 is not visible.*'4,6,7' makes 3 device"):
+            parse_devices(spec)
+    uuids = "GPU-8e1f0c2a-0000-1111-2222-333344445555, GPU-9a2b3c4d-6666-7777-8888-999900001111"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuids)
+    assert parse_devices("all") == [u.strip() for u in uuids.split(",")]
+    assert parse_devices("1") == ["GPU-9a2b3c4d-6666-7777-8888-999900001111"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0d4f6e1a-aaaa-bbbb-cccc-ddddeeeeffff")
+    assert parse_devices("all") == ["MIG-0d4f6e1a-aaaa-bbbb-cccc-ddddeeeeffff"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,-1,2")  # as CUDA: the list ends at -1
+    assert parse_devices("all") == ["0", "1"]
+    for hidden in ("-1", ""):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        with pytest.raises(ConfigError, match="--gpus all: no CUDA device is visible"):
+            parse_devices("all")
+        with pytest.raises(ConfigError, match="device 0 is not visible"):
+            parse_devices("0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,2")
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='2,2' lists a device twice"):
+        parse_devices("all")
+
+
+@pytest.mark.parametrize("parent, expected", [(None, ["0", "2", "5"]), ("1,3,5,7,9,11", ["1", "5", "11"])])
+def test_actor_slots_get_their_own_gpu(monkeypatch, parent, expected):
+    """actor.gpus='0,2,5': one worker slot per GPU, each started with only its GPU visible."""
+    from actors.main import Supervisor, plan_slots
+
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    cfg = load_config(None, ["actor.gpus='0,2,5'", "actor.workers=4"], environ={})
+    slots = plan_slots(cfg)
+    assert [(s.index, s.gpu) for s in slots] == list(enumerate(expected))  # actor.workers is ignored
+    sup = Supervisor(cfg, slots)
+    try:
+        envs = [sup._env(s) for s in slots]
+    finally:
+        sup.m.close()
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == expected
+    assert [e["SCOUT_WORKER_GPU"] for e in envs] == expected
+    assert [e["SCOUT_WORKER_INDEX"] for e in envs] == ["0", "1", "2"]
+    assert json.loads(envs[0]["SCOUT_WORKER_CONFIG"])["actor"]["gpus"] == "0,2,5"
+    cpu = Supervisor(load_config(None, ["actor.workers=2"], environ={}), [])
+    try:
+        cpu_envs = [cpu._env(s) for s in plan_slots(cpu.cfg)]
+    finally:
+        cpu.m.close()
+    assert [(e["CUDA_VISIBLE_DEVICES"], e["SCOUT_WORKER_GPU"]) for e in cpu_envs] == [("", "cpu")] * 2
 
 
 def test_metrics_and_health_endpoints(free_port):

@@ -189,3 +189,27 @@ def test_load_qa_jsonl_and_parquet(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"golden_answers": ["x"]}\n')
     with pytest.raises(ConfigError, match="question"):
         load_qa(tmp_path / "bad.jsonl")
+    # A row missing a key, or with no answers, names the file and the row (never a row that scores 0).
+    ok = json.dumps({"question": "who?", "golden_answers": ["me"]})
+    for i, row in enumerate([{"question": "who?"}, {"question": "who?", "golden_answers": []},
+                             {"question": "who?", "golden_answers": None}, {"golden_answers": ["me"]}]):
+        f = tmp_path / f"bad{i}.jsonl"
+        f.write_text(ok + "\n\n" + json.dumps(row) + "\n")  # row 1, on line 3
+        with pytest.raises(ConfigError, match="golden_answers" if "question" in row else "question") as e:
+            load_qa(f)
+        assert f"{f} row 1 (line 3)" in str(e.value), e.value
+    pq.write_table(pa.table({"question": ["q1", "q2"], "golden_answers": [["g1"], []]}), tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match=r"bad\.parquet row 1: golden_answers is empty"):
+        load_qa(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"question": ["q1"]}), tmp_path / "noanswers.parquet")
+    with pytest.raises(ConfigError, match=r"noanswers\.parquet row 0: needs `golden_answers`"):
+        load_qa(tmp_path / "noanswers.parquet")
+    # The eval loader shares the checks; the demo's toy-world QA files load in both.
+    from actors.evaluate import load_questions
+    from common.toyworld import build_world
+
+    with pytest.raises(ConfigError, match=r"eval data .*bad1\.jsonl row 1 \(line 3\): golden_answers is empty"):
+        load_questions(tmp_path / "bad1.jsonl")
+    paths = build_world(tmp_path / "world")
+    assert all(r["golden_answers"] for r in load_qa(paths.train))
+    assert [p.prompt_id for p in load_questions(paths.heldout, limit=3)] == [0, 1, 2]
