@@ -501,7 +501,7 @@ class HttpGen:
             b"", b"{", b"[]", b"null", b'"q"', b"\xff\xfe", b'{"queries": "q"}', b'{"queries": [1, 2]}',
             b'{"queries": []}', b'{"queries": [""]}', b'{"queries": ["q"], "topk": 0}',
             b'{"queries": ["q"], "topk": -3}', b'{"queries": ["q"], "topk": 1000}', b'{"queries": ["q"], "topk": "3"}',
-            b'{"queries": ["q"], "topk": true}', b'{"queries": ["q"], "topk": 2.5}', b'{"queries": ["q"], "extra": 1}',
+            b'{"queries": ["q"], "topk": true}', b'{"queries": ["q"], "topk": 2.5}', b'{"queries": [""], "extra": 1}',
             b'{"queries": ["q"], "return_scores": "yes"}', b"[" * 100000 + b"]" * 100000,
             b'{"queries": [' + b'"q",' * 5000 + b'"q"]}', json.dumps({"queries": ["x" * 5000]}).encode(),
             b'{"queries": ["q"]' + b" " * rng.randint(0, 9), rng.randbytes(rng.randint(1, 300)),

@@ -62,7 +62,7 @@ class RetrieverConfig(Section):
     normalize: bool = True
     max_query_len: int = Field(256, ge=8)  # tokens
     max_passage_len: int = Field(256, ge=8)  # tokens, at index build
-    max_batch: int = Field(64, ge=1)
+    max_batch: int = Field(64, ge=1)  # queries per encoder batch and shard search (larger requests are split)
     max_wait_ms: float = Field(2.0, ge=0)
     topk_cap: int = Field(100, ge=1, le=100)
     gpus: str | None = None

@@ -226,16 +226,24 @@ class HttpRetrievalClient(_RetryingClient):
         self.url = self.target = url
 
     async def _attempt(self, queries: list[str], topk: int) -> list[list[Passage]]:
+        """One POST, bounded by timeout_s in total: urllib's timeout is per socket operation, so a
+        server that drips its answer a byte at a time would otherwise hold the call for ever."""
         body = json.dumps({"queries": queries, "topk": topk, "return_scores": True}).encode()
-        data = await asyncio.to_thread(self._post, body)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            data = await asyncio.wait_for(asyncio.to_thread(self._post, body, deadline), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise _Fail("timeout", f"{self.url}: no complete answer within {self.timeout_s:g} s") from None
         return parse_search_r1(data, len(queries))
 
-    def _post(self, body: bytes) -> Any:
+    def _post(self, body: bytes, deadline: float) -> Any:
+        """Runs in a worker thread; it also stops reading at the deadline (soon after the caller
+        gave up), so slow servers do not pile up threads."""
         req = urllib.request.Request(self.url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "Accept": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
+                raw = _read_until(resp, deadline)
         except urllib.error.HTTPError as e:
             detail = e.read()[:2000].decode("utf-8", "replace")
             code = "bad_request" if 400 <= e.code < 500 and e.code not in (408, 429) else (
@@ -249,6 +257,17 @@ class HttpRetrievalClient(_RetryingClient):
             return json.loads(raw)
         except json.JSONDecodeError as e:
             raise _Fail("internal", f"answer is not JSON: {e}") from None
+
+
+def _read_until(resp, deadline: float, piece: int = 1 << 16) -> bytes:
+    chunks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not arrive in time")
+        chunk = resp.read1(piece)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def parse_search_r1(data: Any, n: int) -> list[list[Passage]]:

@@ -7,7 +7,9 @@
     GET /health     the service health (same JSON as the metrics port's /health)
 
 `topk` may be omitted or null (then `retriever.http_default_topk`, as Search-R1 falls back to
-its configured top-k); 0, negatives, or values above the cap are refused with 400.
+its configured top-k); 0, negatives, or values above the cap are refused with 400. Unknown
+top-level fields are ignored, as Search-R1's FastAPI server does (counted in
+scout_retriever_http_ignored_fields_total); the known ones are validated in full.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from typing import Callable
 
 from pydantic import ValidationError
 
@@ -26,6 +29,7 @@ from retriever.router import Router, ServiceError
 
 log = logging.getLogger("scout.retriever.http")
 
+KNOWN_FIELDS = frozenset({"queries", "topk", "return_scores"})
 STATUS = {"bad_request": 400, "unauthorised": 401, "unavailable": 503, "timeout": 504, "internal": 500, "stale": 409}
 
 
@@ -35,17 +39,21 @@ class HttpError(Exception):
         self.status, self.code, self.counted = status, code, counted
 
 
-def parse_body(raw: bytes, default_topk: int, cap: int) -> tuple[list[str], int, bool]:
-    """Validate a /retrieve body -> (queries, topk, return_scores); raises HttpError(400)."""
+def parse_body(raw: bytes, default_topk: int, cap: int,
+               on_unknown: Callable[[int], None] | None = None) -> tuple[list[str], int, bool]:
+    """Validate a /retrieve body -> (queries, topk, return_scores); raises HttpError(400).
+    Unknown top-level fields are ignored (`on_unknown(count)` is told)."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, or nested too deep for the parser
         raise HttpError(400, "bad_request", f"body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise HttpError(400, "bad_request", "body must be a JSON object with 'queries'")
-    unknown = set(body) - {"queries", "topk", "return_scores"}
-    if unknown:
-        raise HttpError(400, "bad_request", f"unknown field(s) {sorted(unknown)}")
+    unknown = set(body) - KNOWN_FIELDS
+    if unknown:  # Search-R1's FastAPI server ignores them too
+        log.debug("ignoring unknown field(s) %s", [f[:64] for f in sorted(unknown)[:10]])
+        if on_unknown is not None:
+            on_unknown(len(unknown))
     queries = body.get("queries")
     if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
         raise HttpError(400, "bad_request", "'queries' must be a list of strings")
@@ -91,6 +99,8 @@ class SearchR1Server:
         rc = cfg.retriever
         check_host_bind(rc.http_host, cfg.transport, "retriever.http_host")
         self.rc, self.router, self.docs = rc, router, docs
+        self.m_ignored = router.metrics.counter("scout_retriever_http_ignored_fields_total",
+                                                "unknown top-level /retrieve body fields ignored")
         self.server = QuietHTTPServer((rc.http_host, rc.http_port), self._handler())
         self.port = self.server.server_address[1]
         self.thread: threading.Thread | None = None
@@ -106,7 +116,8 @@ class SearchR1Server:
         self.server.server_close()
 
     def retrieve(self, raw: bytes) -> dict:
-        queries, topk, return_scores = parse_body(raw, self.rc.http_default_topk, self.rc.topk_cap)
+        queries, topk, return_scores = parse_body(raw, self.rc.http_default_topk, self.rc.topk_cap,
+                                                  self.m_ignored.inc)
         fut = self.router.submit(queries, topk, source="http")
         try:
             scores, rows = fut.result(timeout=self.rc.request_timeout_s)

@@ -320,7 +320,8 @@ def verify_checksums(index_dir: str | Path, manifest: dict) -> None:
 
 
 def read_shard(index_dir: str | Path, entry: dict, params: str = "", gpu: str | None = None):
-    """Load one shard's faiss index (onto a GPU when asked and faiss-gpu is installed)."""
+    """Load one shard's faiss index (onto a GPU when asked and faiss-gpu is installed; a factory
+    faiss cannot clone to a GPU stays on the CPU, see `index_device`)."""
     faiss = _faiss()
     index = faiss.read_index(str(Path(index_dir) / entry["file"]))
     if index.ntotal != entry["count"]:
@@ -328,14 +329,33 @@ def read_shard(index_dir: str | Path, entry: dict, params: str = "", gpu: str | 
     if gpu is not None:
         if not hasattr(faiss, "StandardGpuResources"):
             raise IndexFolderError("--gpus given but this faiss build has no GPU support (install faiss-gpu)")
-        opts = faiss.GpuClonerOptions()
-        opts.useFloat16 = True
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, int(gpu), index, opts)
-        index._scout_res = res  # keep the resources alive as long as the index
+        index = _to_gpu(faiss, index, int(gpu), entry["file"])
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)
     return index
+
+
+def _to_gpu(faiss, index, gpu: int, name: str):
+    """The index on GPU `gpu`; factories faiss cannot clone to a GPU (HNSW, some PQ variants)
+    stay on the CPU with a warning instead of failing the shard (and crash-looping it)."""
+    opts = faiss.GpuClonerOptions()
+    opts.useFloat16 = True
+    res = faiss.StandardGpuResources()
+    try:
+        moved = faiss.index_cpu_to_gpu(res, gpu, index, opts)
+    except (RuntimeError, ValueError) as e:
+        why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.warning("%s (%s) cannot be moved to GPU %d (%s): this shard searches on the CPU", name,
+                    type(index).__name__, gpu, why)
+        return index
+    moved._scout_res = res  # keep the resources alive as long as the index
+    moved._scout_device = f"cuda:{gpu}"
+    return moved
+
+
+def index_device(index) -> str:
+    """Where read_shard put this index: "cuda:<i>" or "cpu"."""
+    return getattr(index, "_scout_device", "cpu")
 
 
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:

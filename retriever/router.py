@@ -4,9 +4,10 @@
     HTTP /retrieve threads ──submit() (Future)───────────────┤  validate (bad input -> ErrorReply
                                                              ▼   to that caller only)
                                                 pending queue (FIFO of requests)
-                       batch = whole requests up to max_batch queries, once the oldest has waited
-                       max_wait_ms or the batch is full, the encoder is idle and fewer than
-                       max_inflight batches are at the shards
+                       (a request above max_batch queries is queued as pieces of max_batch)
+                       batch = requests / pieces up to max_batch queries, once the oldest has
+                       waited max_wait_ms or the batch is full, the encoder is idle and fewer
+                       than max_inflight batches are at the shards
                                                              ▼
         encoder thread: distinct queries not in the LRU vector cache (torch, no grad) ─┐
                                                                                       ▼
@@ -19,6 +20,8 @@ Everything but encoding runs on one thread (the loop below); the encoder thread 
 through a pipe, as do HTTP threads. A shard that dies or stops answering fails only the batches
 it held, with ErrorReply(code="unavailable" / "timeout"); while any shard is down, new requests
 are answered "unavailable" at once (no partial results that would look like real answers).
+`retriever.max_batch` is a hard bound: no encoder batch and no shard search holds more queries;
+the pieces of a large request are answered together, in order, or fail together.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -66,6 +70,11 @@ class Pending:
     envelope: list | None = None
     future: concurrent.futures.Future | None = None
     arrived: float = field(default_factory=time.monotonic)
+    answered: bool = False
+    whole: Pending | None = None  # set on a piece of a request above max_batch: answers go there
+    offset: int = 0  # a piece's first query within `whole`
+    left: int = 0  # on a split request: pieces not answered yet
+    parts: list = field(default_factory=list)  # on a split request: (offset, scores, rows) per piece
 
 
 @dataclass
@@ -212,8 +221,18 @@ class Router:
             return self._fail(p, "unavailable", self.shards.describe_down())
         if self.pending_queries + len(p.queries) > self.rc.max_pending_queries:
             return self._fail(p, "unavailable", f"overloaded: {self.pending_queries} queries waiting; retry later")
-        self.pending.append(p)
+        self.pending.extend(self._pieces(p))
         self.pending_queries += len(p.queries)
+
+    def _pieces(self, p: Pending) -> list[Pending]:
+        """A request of more than max_batch queries -> consecutive pieces of at most max_batch."""
+        b = self.rc.max_batch
+        if len(p.queries) <= b:
+            return [p]
+        pieces = [Pending(p.queries[i:i + b], p.topk, p.source, p.request_id, whole=p, offset=i, arrived=p.arrived)
+                  for i in range(0, len(p.queries), b)]
+        p.left = len(pieces)
+        return pieces
 
     def _read_front(self, budget: int = 512) -> None:
         for _ in range(budget):
@@ -227,7 +246,8 @@ class Router:
             except ProtocolError as e:
                 self.metrics.reject("zmq", e.reason)
                 self.m_requests.labels(source="zmq", outcome="bad_request").inc()
-                self._send_front(frames[:1], error_frames("bad_request", str(e)))
+                rid = _request_id_of(frames[1:]) if e.reason != "too_large" else ""
+                self._send_front(frames[:1], error_frames("bad_request", str(e), rid))
                 continue
             self._accept(Pending(req.queries, req.topk, "zmq", req.request_id, envelope=envelope))
 
@@ -239,8 +259,11 @@ class Router:
 
     # ------------------------------------------------------------------ answers
     def _fail(self, p: Pending, code: str, message: str) -> None:
-        if p.future is not None and p.future.done():
+        if p.whole is not None:  # a piece fails its whole request (once)
+            return self._fail(p.whole, code, message)
+        if p.answered or (p.future is not None and p.future.done()):
             return
+        p.answered = True
         self.m_requests.labels(source=p.source, outcome=code).inc()
         if p.future is not None:
             _resolve(p.future, ServiceError(code, message))
@@ -248,8 +271,11 @@ class Router:
             self._send_front(p.envelope, error_frames(code, message, p.request_id))
 
     def _deliver(self, p: Pending, scores: np.ndarray, rows: np.ndarray) -> None:
-        if p.future is not None and p.future.done():
-            return  # the HTTP caller gave up (timed out) and was answered already
+        if p.whole is not None:
+            return self._deliver_piece(p, scores, rows)
+        if p.answered or (p.future is not None and p.future.done()):
+            return  # failed already, or the HTTP caller gave up (timed out) and was answered
+        p.answered = True
         self.m_requests.labels(source=p.source, outcome="ok").inc()
         self.m_latency.labels(source=p.source).observe(time.monotonic() - p.arrived)
         if p.future is not None:
@@ -262,6 +288,17 @@ class Router:
             log.exception("cannot build a reply")
             frames = error_frames("internal", f"cannot build the reply: {type(e).__name__}: {e}", p.request_id)
         self._send_front(p.envelope, frames)
+
+    def _deliver_piece(self, piece: Pending, scores: np.ndarray, rows: np.ndarray) -> None:
+        w = piece.whole
+        if w.answered or (w.future is not None and w.future.done()):
+            return  # another piece failed it, or the HTTP caller gave up
+        w.parts.append((piece.offset, scores, rows))
+        w.left -= 1
+        if w.left == 0:
+            w.parts.sort(key=lambda part: part[0])
+            self._deliver(w, np.concatenate([s for _, s, _ in w.parts]), np.concatenate([r for _, _, r in w.parts]))
+            w.parts.clear()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -504,6 +541,17 @@ def _resolve(fut: concurrent.futures.Future, value) -> None:
             fut.set_result(value)
     except concurrent.futures.InvalidStateError:
         pass  # cancelled by its HTTP thread meanwhile
+
+
+def _request_id_of(body: list) -> str:
+    """The request_id of a message that failed validation, when its header is readable (so the
+    caller can match the ErrorReply); "" otherwise."""
+    try:
+        header = msgpack.unpackb(body[0].buffer if isinstance(body[0], zmq.Frame) else body[0], raw=False)
+        rid = header["b"]["request_id"]
+    except Exception:
+        return ""
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 256 else ""
 
 
 def passages_for(docs: DocStore, scores: np.ndarray, rows: np.ndarray) -> list[list[Passage]]:

@@ -43,7 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 class Shard:
     def __init__(self, args: argparse.Namespace):
-        from retriever.index import load_manifest, read_shard
+        from retriever.index import index_device, load_manifest, read_shard
 
         self.args = args
         manifest = load_manifest(args.index)
@@ -55,6 +55,7 @@ class Shard:
 
         faiss.omp_set_num_threads(max(1, args.threads))
         self.index = read_shard(args.index, self.entry, params=args.params, gpu=args.gpu)
+        self.device = index_device(self.index)
         self.start = int(self.entry["start"])
         self.stop = False
 
@@ -74,7 +75,7 @@ class Shard:
         sock.setsockopt(zmq.SNDTIMEO, 10_000)
         sock.connect(self.args.endpoint)
         send(sock, ShardHello(shard=self.args.shard, pid=os.getpid(), count=int(self.index.ntotal), dim=self.dim,
-                              device=f"cuda:{self.args.gpu}" if self.args.gpu is not None else "cpu"))
+                              device=self.device))
         log.info("shard %d ready: rows %d..%d (%d vectors)", self.args.shard, self.entry["start"],
                  self.entry["end"], self.index.ntotal)
         while not self.stop:

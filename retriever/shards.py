@@ -45,7 +45,10 @@ class ShardProc:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        """As the router thread last saw it: only ShardSet.poll() reaps the process. (A poll() from
+        the /health thread would show a death before its exit code, metrics and restart plan are
+        recorded.)"""
+        return self.proc is not None and self.proc.returncode is None
 
     @property
     def up(self) -> bool:
@@ -68,9 +71,9 @@ class ShardSet:
         for s in self.shards:
             self._gauge(s)
 
-    def _gauge(self, s: ShardProc) -> None:
+    def _gauge(self, s: ShardProc, up: bool | None = None) -> None:
         if self.m_up is not None:
-            self.m_up.labels(shard=str(s.idx)).set(1 if s.up else 0)
+            self.m_up.labels(shard=str(s.idx)).set(1 if (s.up if up is None else up) else 0)
 
     def _spawn(self, s: ShardProc) -> None:
         args = [sys.executable, "-m", "retriever.shard", "--index", str(self.index_dir), "--shard", str(s.idx),
@@ -107,16 +110,19 @@ class ShardSet:
         self._gauge(s)
 
     def poll(self, now: float) -> list[int]:
-        """Detect exited shards (returns the newly dead ones) and restart those that are due."""
+        """Detect exited shards (returns the newly dead ones) and restart those that are due.
+        Router thread only. Everything about a death is recorded before `ready` drops, so /health
+        (another thread) never shows a dead shard without its exit code, counters and gauge."""
         dead = []
         for s in self.shards:
             if s.proc is not None and s.restart_at is None and s.proc.poll() is not None:
-                s.last_exit, s.ready = s.proc.returncode, False
-                s.deaths += 1
-                s.history.append(time.time())
                 if self.m_deaths is not None:
                     self.m_deaths.labels(shard=str(s.idx)).inc()
-                self._gauge(s)
+                self._gauge(s, up=False)
+                s.last_exit = s.proc.returncode
+                s.history.append(time.time())
+                s.deaths += 1
+                s.ready = False
                 dead.append(s.idx)
                 if self.rcfg.shard_restart_s > 0 and not self.stopping:
                     recent = now - s.started_at < MAX_BACKOFF_S

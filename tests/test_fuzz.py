@@ -195,6 +195,13 @@ def test_search_r1_body_parser_refuses_what_crashed_the_retriever():
             parse_body(body, 3, 10)
         assert e.value.status == 400
     assert parse_body('{"queries": ["caf\\u00e9 \\ud83d\\ude00"]}'.encode(), 3, 10)[0] == ["café 😀"]
+    # unknown top-level fields are ignored (as Search-R1's FastAPI server does), the rest still checked
+    told = []
+    assert parse_body(b'{"queries": ["q"], "topk": 2, "k": 9, "extra": {}}', 3, 10, told.append) == (["q"], 2, False)
+    assert told == [2]
+    with pytest.raises(HttpError) as e:
+        parse_body(b'{"queries": [""], "extra": 1}', 3, 10)
+    assert e.value.status == 400
 
 
 # --------------------------------------------------------------------------- the real roles

@@ -4,8 +4,10 @@ clear failure (RetrievalError, never an empty list) when nothing answers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import socket
+import threading
 import time
 
 import pytest
@@ -84,3 +86,78 @@ def test_make_client_follows_actor_config():
     cfg = load_config(None, ["actor.retriever_endpoint='ipc:///tmp/x'", "actor.retrieval_timeout_s=3.5"])
     c = make_client(cfg)
     assert isinstance(c, RetrieverClient) and c.endpoint == "ipc:///tmp/x" and c.timeout_s == 3.5
+
+
+class DripServer:
+    """A real HTTP server that answers a valid Search-R1 body one byte at a time, `gap` seconds
+    apart: every socket read succeeds, only the whole answer is slow."""
+
+    BODY = json.dumps({"result": [[{"document": {"id": "1", "contents": '"T"\nslow text'}, "score": 0.5}]]}).encode()
+
+    def __init__(self, gap: float):
+        self.gap, self.threads = gap, []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            t = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _drip(self, conn: socket.socket):
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.BODY))
+                for i in range(len(self.BODY)):
+                    if self.stop.is_set():
+                        return
+                    conn.sendall(self.BODY[i:i + 1])
+                    time.sleep(self.gap)
+            except OSError:
+                return  # the client gave up and closed the connection
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        for t in self.threads:
+            t.join(5)
+        self.sock.close()
+
+
+def test_http_client_timeout_bounds_a_slow_drip_answer():
+    """urllib's timeout is per socket operation; the client's timeout_s bounds the whole attempt."""
+    server = DripServer(gap=0.02)  # the whole answer takes about 1.7 s, no single read over 0.02 s
+    url = f"http://127.0.0.1:{server.port}/retrieve"
+    try:
+        with SyncRetriever(HttpRetrievalClient(url, timeout_s=0.4, retries=1, backoff_s=0.01)) as c:
+            t0 = time.monotonic()
+            with pytest.raises(RetrievalError) as err:
+                c.search(["where is zorland"], topk=1)
+            took = time.monotonic() - t0
+        assert err.value.code == "timeout" and err.value.attempts == 2, err.value
+        assert took < 1.5, took  # two attempts of 0.4 s (+ backoff), not two full drips
+        with SyncRetriever(HttpRetrievalClient(url, timeout_s=20, retries=0)) as c:
+            got = c.search(["where is zorland"], topk=1)  # the same server, given the time, answers fine
+        assert got[0][0] == Passage(id="1", title="T", text="slow text", score=0.5)
+    finally:
+        server.close()

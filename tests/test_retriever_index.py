@@ -14,8 +14,8 @@ import pytest
 from common.config import RetrieverConfig
 from retriever.docstore import CorpusError, DocStore, read_corpus, split_title, write_docstore
 from retriever.encoder import Encoder
-from retriever.index import (Embeddings, IndexFolderError, LocalIndex, build_index, load_manifest, merge_topk,
-                             verify_checksums)
+from retriever.index import (Embeddings, IndexFolderError, LocalIndex, build_index, encoder_for, load_manifest,
+                             merge_topk, verify_checksums)
 
 SYL = ["ka", "lo", "mi", "ra", "zu", "ten", "bor", "vel", "qui", "dan", "sho", "mer", "pla", "tor", "wex", "fin",
        "gal", "hum", "jor", "nix"]
@@ -249,3 +249,72 @@ def test_build_resumes_after_interruption(tmp_path, encoder):
     (occupied / "notes.txt").write_text("not an index")
     with pytest.raises(IndexFolderError, match="not empty"):
         build_index(cfg, path, occupied, encoder=encoder)
+
+
+def test_prefixes_cls_pooling_and_a_copied_encoder(tmp_path, encoder):
+    """An e5-style build: query/passage prefixes and CLS pooling with an encoder folder that is not
+    the packaged path. The manifest records them, passages are stored prefixed, and queries through
+    the built index are encoded with the query prefix and the same pooling."""
+    enc_dir = tmp_path / "my-encoder"
+    shutil.copytree(encoder.path, enc_dir)
+    rows = make_corpus(40, seed=8)
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    cfg = rcfg(encoder=str(enc_dir), query_prefix="query: ", passage_prefix="passage: ", pooling="cls")
+    m = build_index(cfg, path, tmp_path / "e5", shards=2, factory="Flat", batch_size=16)
+    e = m["encoder"]
+    assert (e["path"], e["resolved"]) == (str(enc_dir), str(enc_dir))
+    assert (e["query_prefix"], e["passage_prefix"]) == ("query: ", "passage: ")
+    assert (e["pooling"], e["normalize"]) == ("cls", True)
+    assert load_manifest(tmp_path / "e5") == m
+
+    cls = Encoder(enc_dir, pooling="cls", threads=1)
+    texts = [r["contents"] for r in rows]
+    stored = np.concatenate(list(Embeddings(tmp_path / "e5" / "emb", 40, 64, 384).rows(0, 40)))
+    np.testing.assert_allclose(stored, cls.encode(texts, prefix="passage: "), atol=1e-5)
+    assert not np.allclose(stored, cls.encode(texts), atol=1e-3)
+
+    local = LocalIndex(tmp_path / "e5", encoder_for(m, threads=1))
+    assert local.encoder.path == enc_dir and local.encoder.pooling == "cls"
+    queries = [f"what is the capital of {r['contents'].split(chr(10))[0].strip(chr(34))}?" for r in rows[:8]]
+    q = local.encode_queries(queries)
+    np.testing.assert_allclose(q, cls.encode(queries, prefix="query: "), atol=1e-5)
+    assert not np.allclose(q, cls.encode(queries), atol=1e-3)
+    assert not np.allclose(q, encoder.encode(queries, prefix="query: "), atol=1e-3)  # mean pooling differs
+    scores, ids = local.search_vectors(q, 3)
+    brute = q @ stored.T
+    np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, ids, axis=1), atol=1e-5)
+
+
+class _NoGpuClone:
+    """Stands in for faiss-gpu where cloning this factory to a GPU is not implemented."""
+
+    def __init__(self):
+        self.asked = []
+
+    def GpuClonerOptions(self):  # noqa: N802 (the faiss name)
+        return type("Opts", (), {})()
+
+    def StandardGpuResources(self):  # noqa: N802
+        return object()
+
+    def index_cpu_to_gpu(self, res, gpu, index, opts):
+        self.asked.append(gpu)
+        raise RuntimeError("Error in virtual faiss::Index* faiss::gpu::ToGpuCloner::clone_Index(...)\n"
+                           "This index type is not implemented on GPU.")
+
+
+def test_a_factory_faiss_cannot_put_on_a_gpu_stays_on_the_cpu(tmp_path, encoder, caplog):
+    """HNSW has no GPU version: with --gpus the shard keeps it on the CPU with a warning instead of
+    exiting (and being restarted, and exiting again)."""
+    from retriever import index as index_mod
+
+    m = build_index(rcfg(), write_jsonl(tmp_path / "c.jsonl", make_corpus(30, seed=4)), tmp_path / "hnsw",
+                    factory="HNSW16", encoder=encoder)
+    cpu = index_mod.read_shard(tmp_path / "hnsw", m["shards"][0])
+    fake = _NoGpuClone()
+    with caplog.at_level("WARNING", logger="scout.retriever.index"):
+        kept = index_mod._to_gpu(fake, cpu, 0, "shard_000.faiss")
+    assert kept is cpu and fake.asked == [0] and index_mod.index_device(kept) == "cpu"
+    assert "shard_000.faiss" in caplog.text and "cannot be moved to GPU 0" in caplog.text
+    assert "not implemented on GPU" in caplog.text

@@ -69,10 +69,10 @@ def wait_until(pred, timeout: float, what: str, proc=None):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def start_service(procs, index_dir, ipc, port_http, port_metrics, *sets: str) -> dict:
+def start_service(procs, index_dir, ipc, port_http, port_metrics, *sets: str, gpus: str | None = None) -> dict:
     endpoint = ipc("retriever")
     args = ["cli.py", "retriever", "--index", str(index_dir), "--endpoint", endpoint, "--http-port", str(port_http),
-            "--set", f"metrics.retriever_port={port_metrics}"]
+            "--set", f"metrics.retriever_port={port_metrics}"] + (["--gpus", gpus] if gpus is not None else [])
     for s in sets:
         args += ["--set", s]
     proc = procs.start(args)
@@ -220,21 +220,26 @@ def test_bad_input_gets_errors_while_others_are_served(service):
     good = GoodClient(service["endpoint"])
     good.start()
     ep = service["endpoint"]
-    cases = [
-        ([b"\x93not msgpack"], "not valid msgpack"),
-        ([header("no_such_type", {})], "unknown message type"),
-        (encode(Hello(role="client", peer_id="p", run_id="r")), "expected retrieve_request"),
-        ([header("retrieve_request", {"request_id": "a", "queries": [""], "topk": 3})], "query 0 is empty"),
-        ([header("retrieve_request", {"request_id": "a", "queries": ["x" * 5000], "topk": 3})], "cap is 4096"),
-        ([header("retrieve_request", {"request_id": "a", "queries": ["ok"], "topk": 0})], "topk"),
-        ([header("retrieve_request", {"request_id": "a", "queries": ["ok"], "topk": 101})], "topk"),
-        ([header("retrieve_request", {"request_id": "a", "queries": [], "topk": 3})], "queries"),
-        ([header("retrieve_request", {"request_id": "a", "queries": "ok", "topk": 3})], "queries"),
-        ([header("retrieve_request", {"request_id": "a", "queries": ["ok"], "topk": 3}), b"extra"], "frames follow"),
+    cases = [  # (frames, text in the error, request_id echoed: readable from a header that decodes)
+        ([b"\x93not msgpack"], "not valid msgpack", ""),
+        ([header("no_such_type", {})], "unknown message type", ""),
+        (encode(Hello(role="client", peer_id="p", run_id="r")), "expected retrieve_request", ""),
+        ([header("retrieve_request", {"request_id": "a", "queries": [""], "topk": 3})], "query 0 is empty", "a"),
+        ([header("retrieve_request", {"request_id": "b", "queries": ["x" * 5000], "topk": 3})], "cap is 4096", "b"),
+        ([header("retrieve_request", {"request_id": "c", "queries": ["ok"], "topk": 0})], "topk", "c"),
+        ([header("retrieve_request", {"request_id": "d", "queries": ["ok"], "topk": 101})], "topk", "d"),
+        ([header("retrieve_request", {"request_id": "e", "queries": [], "topk": 3})], "queries", "e"),
+        ([header("retrieve_request", {"request_id": "f", "queries": "ok", "topk": 3})], "queries", "f"),
+        ([header("retrieve_request", {"request_id": "g", "queries": ["ok"], "topk": 3}), b"extra"], "frames follow",
+         "g"),
+        ([header("retrieve_request", {"request_id": 7, "queries": ["ok"], "topk": 3})], "request_id", ""),
+        ([header("retrieve_request", {"request_id": "h" * 300, "queries": ["ok"], "topk": 3})], "request_id", ""),
+        ([header("retrieve_request", {"request_id": "i", "queries": ["ok"], "topk": 3}, v=99)], "version", "i"),
     ]
-    for frames, needle in cases:
+    for frames, needle, rid in cases:
         err = raw_request(ep, frames)
         assert isinstance(err, ErrorReply) and err.code == "bad_request" and needle in err.message, (needle, err)
+        assert err.request_id == rid, (needle, err)
     capped = raw_request(ep, encode(RetrieveRequest(request_id="cap", queries=["ok"], topk=50)))
     assert isinstance(capped, ErrorReply) and capped.request_id == "cap" and "above the cap 20" in capped.message
     ok = raw_request(ep, encode(RetrieveRequest(request_id="fine", queries=["ok"], topk=20)))
@@ -250,11 +255,17 @@ def test_bad_input_gets_errors_while_others_are_served(service):
                          (json.dumps({"queries": ["q"], "topk": 21}).encode(), "between 1 and 20"),
                          (json.dumps({"queries": ["q"], "topk": "3"}).encode(), "integer"),
                          (json.dumps({"queries": ["q"], "return_scores": "yes"}).encode(), "true or false"),
-                         (json.dumps({"queries": ["q"], "k": 3}).encode(), "unknown field")]:
+                         (json.dumps({"queries": [""], "k": 3}).encode(), "empty")]:  # ignored field, bad query
         status, err = http("POST", url, body)
         assert status == 400 and err["error"]["code"] == "bad_request", (needle, err)
         assert needle in err["error"]["message"], (needle, err)
     assert http("POST", url.replace("/retrieve", "/nope"), b"{}")[0] == 404
+    # fields Search-R1 clients may add are ignored, as Search-R1's FastAPI server does
+    ignored = 'scout_retriever_http_ignored_fields_total{role="retriever"}'
+    before = float(next(x for x in metrics_text(service).splitlines() if x.startswith(ignored)).split()[-1])
+    status, body = http("POST", url, json.dumps({"queries": ["q"], "topk": 2, "k": 9, "extra": {"x": 1}}).encode())
+    assert status == 200 and len(body["result"][0]) == 2
+    assert f"{ignored} {before + 2}" in metrics_text(service)
     assert http("GET", url)[0] == 405
     good.stop.set()
     good.join(timeout=120)
@@ -287,6 +298,53 @@ def test_metrics_health_and_query_cache(service):
     assert all(s["pid"] and s["up"] for s in h["shards"])
 
 
+def batch_stats(svc) -> dict[str, float]:
+    """scout_retriever_batch_queries: sum, count and the le="64.0" bucket (64 = max_batch here)."""
+    out = {}
+    for line in metrics_text(svc).splitlines():
+        if line.startswith("scout_retriever_batch_queries_sum{"):
+            out["sum"] = float(line.split()[-1])
+        elif line.startswith("scout_retriever_batch_queries_count{"):
+            out["count"] = float(line.split()[-1])
+        elif line.startswith("scout_retriever_batch_queries_bucket{") and 'le="64.0"' in line:
+            out["le64"] = float(line.split()[-1])
+    return out
+
+
+def test_concurrent_one_query_clients_are_micro_batched(service):
+    """N separate clients with one query each: the router encodes and searches them together."""
+    n = 24
+    before = batch_stats(service)
+
+    async def one(i: int):
+        async with RetrieverClient(service["endpoint"], timeout_s=30, retries=0) as c:
+            return await c.search([f"who founded {NAMES[i]}, asked by client {i}?"], topk=2)
+
+    async def go():
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    results = asyncio.run(go())
+    assert all(len(r) == 1 and len(r[0]) == 2 for r in results)
+    after = batch_stats(service)
+    queries, batches = after["sum"] - before["sum"], after["count"] - before["count"]
+    assert queries == n and batches < n, (queries, batches)  # mean batch above one query
+
+
+def test_a_request_above_max_batch_is_split_and_answered_in_order(service, local):
+    """max_batch (64 here) bounds every encoder batch and shard search: one request of 150
+    queries goes as pieces of at most 64, and its answer keeps the query order."""
+    queries = [f"the capital of {NAMES[i % N]}, question {i}" for i in range(150)]
+    before = batch_stats(service)
+    reply = raw_request(service["endpoint"], encode(RetrieveRequest(request_id="big", queries=queries, topk=4)))
+    assert isinstance(reply, RetrieveReply) and reply.request_id == "big" and len(reply.results) == 150
+    after = batch_stats(service)
+    assert after["sum"] - before["sum"] == 150 and after["count"] - before["count"] >= 3
+    assert after["le64"] == after["count"]  # no batch above max_batch, ever
+    scores, rows = local.search_vectors(local.encode_queries(queries), 4)
+    assert [[p.id for p in r] for r in reply.results] == [[str(x) for x in row] for row in rows]
+    np.testing.assert_allclose([[p.score for p in r] for r in reply.results], scores, atol=1e-4)
+
+
 def test_killed_shard_restarts(service):
     """Last in this module: SIGKILL a shard of the shared service; it is reported (health,
     deaths metric), restarted with a new pid, and the router answers throughout."""
@@ -303,6 +361,32 @@ def test_killed_shard_restarts(service):
     assert after["pid"] != before["pid"] and after["up"]
     status, body = post(service, {"queries": [f"capital of {NAMES[0]}"], "topk": 1})
     assert status == 200 and body["result"][0][0]["id"] == "0"
+
+
+def test_shard_death_is_seen_whole_by_health():
+    """The flake of the test below: /health (its own thread) used to reap a dead shard through
+    Popen.poll() and report it down before the router thread had recorded its exit code and
+    metrics. Now only the router's poll() reaps, and records everything before `up` drops."""
+    from common.config import RetrieverConfig
+    from common.metrics import Metrics
+    from retriever.shards import ShardSet
+
+    m = Metrics("retriever")
+    shards = ShardSet(RetrieverConfig(shard_restart_s=0), "unused", {"shards": [{"start": 0, "end": 1, "count": 1}]},
+                      "ipc://unused", [], metrics=m)
+    s = shards.shards[0]
+    s.proc, s.ready = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]), True
+    try:
+        os.kill(s.proc.pid, signal.SIGKILL)
+        wait_until(lambda: open(f"/proc/{s.proc.pid}/stat").read().split(") ")[1][0] == "Z", 10, "a zombie")
+        assert [h["up"] for h in shards.health()] == [True]  # dead, but the router has not looked yet
+        assert shards.poll(time.monotonic()) == [0]
+        h = shards.health()[0]
+        assert (h["up"], h["alive"], h["last_exit"], h["deaths"]) == (False, False, -signal.SIGKILL, 1)
+        assert 'scout_retriever_shard_up{role="retriever",shard="0"} 0.0' in m.render().decode()
+    finally:
+        s.proc.kill()
+        s.proc.wait()
 
 
 def test_dead_shard_without_restart_and_sigterm(index_dir, procs, ipc_path, free_port):
@@ -331,3 +415,45 @@ def test_dead_shard_without_restart_and_sigterm(index_dir, procs, ipc_path, free
     assert svc["proc"].wait(timeout=30) == 0
     with pytest.raises(ProcessLookupError):
         os.kill(shards[0]["pid"], 0)  # the surviving shard was stopped too
+
+
+def _faiss_gpu() -> bool:
+    try:
+        import faiss
+
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _faiss_gpu(), reason="needs faiss-gpu and a GPU")
+def test_gpu_shards_match_the_cpu_search(index_dir, local, procs, ipc_path, free_port, tmp_path):
+    """--gpus 0 on a Flat index: shards search on cuda:0 (float16 copies), the encoder runs on
+    the GPU; results are the CPU in-process search's, up to float16 rounding. An HNSW index
+    (no GPU version in faiss) with --gpus stays on the CPU and serves instead of crash-looping."""
+    svc = start_service(procs, index_dir, ipc_path, free_port(), free_port(), gpus="0")
+    assert [s["device"] for s in health(svc)["shards"]] == ["cuda:0", "cuda:0"]
+    queries = [f"what is the capital of {n}?" for n in NAMES[::10]]
+    status, body = post(svc, {"queries": queries, "topk": 5, "return_scores": True})
+    assert status == 200
+    q = local.encode_queries(queries)
+    scores, rows = local.search_vectors(q, 5)
+    all_scores, all_rows = local.search_vectors(q, N)
+    for i, items in enumerate(body["result"]):
+        exact = dict(zip(all_rows[i].tolist(), all_scores[i].tolist()))
+        got = [(int(it["document"]["id"]), it["score"]) for it in items]
+        np.testing.assert_allclose([s for _, s in got], scores[i], atol=5e-3)
+        assert all(abs(exact[r] - s) < 5e-3 for r, s in got), (got, rows[i])
+        if scores[i][0] - scores[i][1] > 1e-2:
+            assert got[0][0] == rows[i][0]
+
+    hnsw = tmp_path / "hnsw"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
+    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(hnsw),
+                    "--shards", "2", "--factory", "HNSW32", "--batch-size", "64"], cwd=ROOT, check=True, timeout=600)
+    svc = start_service(procs, hnsw, ipc_path, free_port(), free_port(), gpus="0")
+    h = health(svc)
+    assert [s["device"] for s in h["shards"]] == ["cpu", "cpu"] and all(s["deaths"] == 0 for s in h["shards"])
+    status, body = post(svc, {"queries": [f"capital of {NAMES[0]}"], "topk": 1})
+    assert status == 200 and body["result"][0][0]["id"] == "0"
