@@ -27,7 +27,12 @@ vLLM is driven in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, async scheduling 
 requests stay in the engine across the update. With `recompute_kv` (default) the KV cache of
 requests in flight is rebuilt under the new weights (running requests are preempted and
 re-prefilled; the prefix cache is reset), so every token after the update is exactly a sample of
-the new policy.
+the new policy. Without it (PipelineRL's choice, and the demo's: re-prefilling every request in
+flight at every update cost the actor a large share of its step) requests in flight keep their
+old KV: a token after the update is sampled from the new weights attending to keys and values
+the old ones computed. Its behaviour logprob is still exactly the probability it was drawn with,
+which is what the learner's importance weights divide by; only the prefix cache is emptied, so
+the mix never outlives the requests that were running.
 """
 
 from __future__ import annotations
@@ -347,9 +352,17 @@ class VllmEngine(Engine):
 
     def _finish_update(self) -> None:
         self._rpc("scout_update_finish")
-        if not self.core.reset_prefix_cache(reset_running_requests=self.recompute_kv):
-            log.warning("prefix cache not reset (requests hold blocks; recompute_kv_on_update is off): "
-                        "cached prefixes computed under the old weights may be reused")
+        if self.recompute_kv:
+            self.core.reset_prefix_cache(reset_running_requests=True)  # vLLM raises if it cannot
+        else:
+            self._forget_prefixes()
+
+    def _forget_prefixes(self) -> None:
+        """Unhash every cached KV block (vLLM's `evict_blocks`) while running requests keep
+        theirs: requests in flight go on with the KV they computed under the old weights, and no
+        request or turn added from now on starts from a prefix computed under them."""
+        kv = self.core.engine_core.engine_core.scheduler.kv_cache_manager  # in-process engine core
+        kv.evict_blocks({b.block_id for b in kv.block_pool.blocks if b.block_hash is not None})
 
     def close(self) -> None:
         super().close()

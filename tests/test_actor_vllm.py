@@ -220,7 +220,7 @@ def sender(tmp_path_factory, procs_mod, model_dir, engine):
     d = tmp_path_factory.mktemp("sync")
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     proc = procs_mod.start([str(Path(__file__)), "--endpoint", endpoint, "--store-port", str(free_tcp_port()),
-                            "--model", str(model_dir), "--dir", str(d)])
+                            "--model", str(model_dir), "--dir", str(d), "--versions", "3"])
     _wait(lambda: (d / "sender-ready").exists(), 120, "weight sender ready", proc)
     client = SyncClient(endpoint, "actor-test-0", uuid.uuid4().hex, TransportConfig(), transports=("gloo",))
     client.join(engine.version)
@@ -404,3 +404,62 @@ def test_trajectory_spans_weight_update(engine, ref, sender):
     assert np.abs(lp[:k] - v1[:k]).max() < 1e-4
     assert np.abs(lp[k:] - v2[k:]).max() < 1e-4
     assert np.abs(lp[k:] - v1[k:]).mean() > 1e-3  # the new weights really were in use
+
+
+def _scheduler(engine):
+    return engine.core.engine_core.engine_core.scheduler  # in-process engine core
+
+
+def _sched_request(sched, req_id: str):
+    """The scheduler's request for our id (vLLM appends a random suffix to request ids)."""
+    found = [r for r in sched.requests.values() if r.request_id.rsplit("-", 1)[0] == req_id]
+    assert len(found) == 1, (req_id, list(sched.requests))
+    return found[0]
+
+
+def test_update_without_recompute_keeps_running_kv_and_forgets_prefixes(engine, ref, sender):
+    """recompute_kv off (the demo's setting): a request in flight keeps its KV across the update
+    (no preemption, no re-prefill), while a request added after the update reuses no prefix
+    computed under the old weights: its logprobs equal the new weights' exactly."""
+    from actors.engine import SamplingSpec
+    from actors.rollout import build_prompt_ids
+
+    while engine.version < 2:
+        apply_update(sender, engine, engine.version + 1)
+    sched = _scheduler(engine)
+    prompt = build_prompt_ids(engine.tokenizer, " ".join([QUESTION] * 30))
+    assert len(prompt) >= 2 * sched.block_size, "the prompt must span several KV blocks"
+    greedy = SamplingSpec(max_tokens=8, temperature=0.0, ignore_eos=True)
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            tokens.setdefault(out.req_id, []).extend(out.token_ids)
+            logprobs.setdefault(out.req_id, []).extend(out.logprobs)
+
+    def cache_hit_tokens(req) -> int:  # vLLM's own prefix lookup for the request's tokens
+        return sched.kv_cache_manager.coordinator.find_longest_cache_hit(req.block_hashes, req.num_tokens - 1)[1]
+
+    engine.recompute_kv = False
+    try:
+        engine.add("keep", prompt, SamplingSpec(max_tokens=24, temperature=1.0, ignore_eos=True))
+        for _ in range(8):
+            step()
+        keep = _sched_request(sched, "keep")
+        assert cache_hit_tokens(keep) >= sched.block_size, "control: its prompt blocks are in the prefix cache"
+        computed = keep.num_computed_tokens
+        apply_update(sender, engine, 3)
+        assert keep in sched.running and keep.num_computed_tokens == computed, "the running request was re-prefilled"
+        assert cache_hit_tokens(keep) == 0, "a prefix computed under the old weights can still be reused"
+        engine.add("probe-after", prompt, greedy)
+        while engine.has_unfinished():
+            step()
+    finally:
+        engine.recompute_kv = True
+    assert len(tokens["keep"]) == 24, "the request in flight ran to its end"
+    load_ref(ref, sender, 3)
+    probe = np.asarray(ref.score(prompt + tokens["probe-after"], len(prompt)))
+    d = np.abs(np.asarray(logprobs["probe-after"]) - probe)
+    print(f"\nafter an update without recompute: new request max |delta| vs new weights {d.max():.3e}")
+    assert len(d) == 8 and d.max() < 1e-4
