@@ -460,8 +460,9 @@ class ActorWorker:
 
     def _rejoin_if_forgotten(self) -> None:
         """The learner re-sends its version to members that lack it every step and every 10 s; an
-        engine left behind for SYNC_REJOIN_S anyway is not being served (e.g. its join crossed a
-        re-formation of the sync group after another member died): join again."""
+        engine left behind for SYNC_REJOIN_S anyway is not being served (its join or the
+        learner's answer was lost somewhere): join again. A safety net: a join handled while the
+        learner re-forms the group is planned at the next sync (WeightSender._reform)."""
         now = time.monotonic()
         if self.learner_version <= self.engine.version:
             self._behind_since = None

@@ -567,7 +567,8 @@ class WeightSender:
         self.store_port: int | None = None
         self.generation = 0
         self._members: dict[str, _Member] = {}
-        self._dirty = True
+        self._dirty = True  # re-form the group at the next sync
+        self._changes = 0  # membership events seen; a re-formation that saw one after its plans stays dirty
         self._group = None
         self._group_key: tuple | None = None
         self._group_store = None
@@ -711,7 +712,7 @@ class WeightSender:
 
     def _on_join(self, identity: bytes, msg: SyncJoin) -> None:
         old = self._members.get(msg.peer_id)
-        self._dirty = True  # whoever joins gets a fresh plan at the next sync
+        self._mark_dirty()  # whoever joins gets a fresh plan at the next sync
         if old is not None and old.run_id == msg.run_id:
             # the same process asks again (it lost its receiver, or was told it had been dropped
             # and the news crossed): keep its record, which a sync in progress may be using
@@ -743,7 +744,7 @@ class WeightSender:
             m.version = msg.version
         else:
             s.failed.setdefault(msg.peer_id, msg.message or "member reported failure")  # the first cause
-            self._dirty = True  # its group may be broken: re-form next time
+            self._mark_dirty()  # its group may be broken: re-form next time
             self._ipc_failed(m)
 
     def _on_colocated(self, msg: SyncColocated) -> None:
@@ -752,7 +753,8 @@ class WeightSender:
             return  # it comes right after the member's SyncJoin; anything else is stale
         where = (msg.host, msg.gpu_uuid)
         if m.where != where:
-            m.where, m.ipc_ok, self._dirty = where, True, True
+            m.where, m.ipc_ok = where, True
+            self._mark_dirty()
 
     def _on_ipc_ack(self, msg: WeightIpcAck) -> None:
         m, s = self._members.get(msg.peer_id), self._sync
@@ -767,7 +769,8 @@ class WeightSender:
     def _ipc_failed(self, m: _Member) -> None:
         if m.transport == "cuda_ipc" and m.ipc_ok:
             log.warning("weight sync: the colocated path failed for %s; it gets the broadcast from now on", m.peer_id)
-            m.ipc_ok, self._dirty = False, True
+            m.ipc_ok = False
+            self._mark_dirty()
 
     def _note_dropped(self, peer_id: str, reason: str) -> None:
         if self._sync is not None:
@@ -781,7 +784,7 @@ class WeightSender:
         m = self._members.pop(peer_id, None)
         if m is None:
             return
-        self._dirty = True
+        self._mark_dirty()
         self._note_dropped(peer_id, reason)
         log.warning("weight sync: dropped %s: %s", peer_id, reason)
         if tell:
@@ -806,6 +809,10 @@ class WeightSender:
                     self._drop(p, "connection lost", tell=False)
 
     # ------------------------------------------------------------------ group formation
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        self._changes += 1
+
     def _close_group(self) -> None:
         if self._group is not None:
             box, self._group = [self._group], None
@@ -861,9 +868,11 @@ class WeightSender:
                 self._group_key = (self.generation, backend, ())
                 self._dirty = False
                 return
+            seen = self._changes  # a join handled during the rendezvous is not in this group
             missing = self._rendezvous(group, deadline)
             if not missing:
-                self._build_group(group, backend, deadline)
+                if self._build_group(group, backend, deadline):
+                    self._dirty = self._changes != seen  # ... so it re-forms the group next time
                 return
             for p in missing:
                 if p in self._members:
@@ -890,7 +899,7 @@ class WeightSender:
         self._group_store = store
         return missing
 
-    def _build_group(self, group: list[_Member], backend: str, deadline: float) -> None:
+    def _build_group(self, group: list[_Member], backend: str, deadline: float) -> bool:
         left = deadline - time.monotonic()
         try:
             if left <= 0:
@@ -903,14 +912,14 @@ class WeightSender:
             for m in group:
                 if self._sync is not None:
                     self._sync.failed.setdefault(m.peer_id, f"group did not form: {e}")
-            self._dirty = True
-            return
+            self._mark_dirty()
+            return False
         if hasattr(pg, "set_timeout"):  # built with what was left of this sync; later syncs get the full time
             pg.set_timeout(_td(self.timeout_s))
         self._group = pg
         self._group_key = (self.generation, backend, tuple((m.peer_id, m.run_id) for m in group))
-        self._dirty = False
         log.info("weight sync: generation %d formed (%s, %d members)", self.generation, backend, len(group))
+        return True
 
     # ------------------------------------------------------------------ one sync
     def broadcast(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
@@ -1154,7 +1163,7 @@ class WeightSender:
             if self._members.get(m.peer_id) is m and not self._send(m, abort, time.monotonic() + 0.1):
                 self._drop(m.peer_id, "connection lost", tell=False)
         self._close_group()
-        self._dirty = True
+        self._mark_dirty()
 
     def _collect(self, until: float) -> None:
         """Wait for SyncDone from every member; probe the silent ones; drop who is gone or late."""

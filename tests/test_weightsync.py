@@ -286,6 +286,35 @@ def test_member_missing_the_rendezvous_is_dropped_and_the_rest_go_on(procs, free
         ctx.term()
 
 
+@pytest.mark.slow
+def test_join_during_a_reformation_is_planned_at_the_next_sync(procs, free_port, tmp_path, sender_factory):
+    """A member whose join is handled while the group is being re-formed (after the plans went
+    out, during the rendezvous) is not in that group; the next sync must re-form and include it.
+    (It used to be marked clean with the group and wait for its own 30 s re-join.)"""
+    sender = sender_factory(sender_cfg(free_port, timeout_s=60.0))
+    _, out_a = start_peer(procs, sender, tmp_path, "actor-a", until=2)
+    assert sender.wait_members(1, 60)
+    rendezvous, late = sender._rendezvous, {}
+
+    def rendezvous_with_a_late_join(group, deadline):
+        if not late:  # first re-formation: actor-b starts now and its join is handled here
+            late["out"] = start_peer(procs, sender, tmp_path, "actor-b", until=2)[1]
+            end = time.monotonic() + 45
+            while "actor-b" not in sender._members and time.monotonic() < end:
+                sender._drain(50)
+            assert "actor-b" in sender._members
+        return rendezvous(group, deadline)
+
+    sender._rendezvous = rendezvous_with_a_late_join
+    rep1 = sender.broadcast(1, make_weights(1).items())
+    assert rep1["ok"] == ["actor-a"], rep1  # actor-b joined after this generation's plans
+    rep2 = sender.broadcast(2, make_weights(2).items())
+    assert rep2["ok"] == ["actor-a", "actor-b"], rep2
+    assert rep2["generation"] == rep1["generation"] + 1
+    assert wait_results(late["out"], 2)["tensors"] == expected(2)
+    assert wait_results(out_a, 2)["tensors"] == expected(2)
+
+
 def test_broadcast_without_members_still_consumes_the_tensors(free_port, sender_factory):
     sender = sender_factory(sender_cfg(free_port))
     seen = []
