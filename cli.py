@@ -22,8 +22,9 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file read by 
 SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
 
 
-def _config(config: Optional[Path], sets: Optional[list[str]], role: str, **cli_overrides):
-    """Load the config, apply CLI overrides, set up logging and log the resolved config."""
+def _config(config: Optional[Path], sets: Optional[list[str]], role: str, log: bool = True, **cli_overrides):
+    """Load the config, apply CLI overrides, set up logging and log the resolved config (unless
+    the role resolves more itself and logs the result: the demo)."""
     from common.config import ConfigError, load_config, log_config
     from common.log import setup_logging
 
@@ -35,7 +36,8 @@ def _config(config: Optional[Path], sets: Optional[list[str]], role: str, **cli_
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     setup_logging(role, cfg.log_level)
-    log_config(cfg, role)
+    if log:
+        log_config(cfg, role)
     return cfg
 
 
@@ -127,7 +129,7 @@ def demo(
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
     """Embedded default: build the toy world and run the whole system on this machine."""
-    cfg = _config(config, set_, "demo", **{"demo.no_search": no_search or None, "demo.steps": steps})
+    cfg = _config(config, set_, "demo", log=False, **{"demo.no_search": no_search or None, "demo.steps": steps})
     from common.demo import main
 
     raise typer.Exit(main(cfg))

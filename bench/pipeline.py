@@ -275,7 +275,9 @@ def _args(argv=None):
     p.add_argument("--final", type=int, default=10, help="steps averaged for the reward at the end")
     p.add_argument("--modes", default="sync,async")
     p.add_argument("--async-staleness", type=int, default=None, help="async max_staleness (default: the demo's, >=1)")
-    p.add_argument("--out", default="runs/pipeline-bench")
+    p.add_argument("--out", default="runs/pipeline-bench",
+                   help="run folders (configs, logs, metrics); the world, index and base model stay cached "
+                        "under demo.dir (default .scout/demo; --set demo.dir=... to move them)")
     p.add_argument("--timeout", type=float, default=1800.0, help="per mode")
     p.add_argument("--config", default=None, help="TOML config (the demo reads the same)")
     p.add_argument("--set", action="append", default=[], help="config override section.key=value")

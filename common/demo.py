@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common.config import ScoutConfig
+from common.config import ScoutConfig, load_config, log_config
 from common.transport import free_tcp_port
 
 log = logging.getLogger("scout.demo")
@@ -280,6 +280,7 @@ def main(cfg: ScoutConfig) -> int:
     try:
         paths = prepare(cfg)
         config = write_run_config(cfg, paths, run_dir)
+        log_config(load_config(config), "demo")  # with the demo recipe and the run's ports applied
         print(f"demo: run dir {run_dir}, config {config}", flush=True)
         children.start("retriever", ["cli.py", "retriever", "--config", str(config)])
         swapped = None if cfg.demo.no_search else start_swapped_retriever(children, config, paths)

@@ -70,6 +70,13 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
     assert summary["em_swapped_after"] > 0  # answers come from the retrieved passages
     assert (run / "demo.png").stat().st_size > 10_000
     assert "held-out EM: before" in log
+    from common.demo import DEMO_RECIPE
+
+    logged = [line for line in log.splitlines() if "demo resolved config:" in line]
+    assert len(logged) == 1, "the demo logs its config once, with the recipe applied"
+    config = json.loads(logged[0].split("demo resolved config: ", 1)[1])
+    assert config["learner"]["micro_batch_tokens"] == DEMO_RECIPE["learner"]["micro_batch_tokens"]
+    assert config["learner"]["steps"] == 25 and config["run_dir"] == str(run)
 
 
 @pytest.mark.slow
