@@ -6,7 +6,8 @@
         ▼
     supervisor ── spawn `python -m actors.worker` per slot (resolved config in the environment)
         │  every 0.5 s: a slot whose process exited → logged, counted, restarted after a back-off
-        │  (at most actor.max_restarts times); the other slots keep going
+        │  (at most actor.max_restarts times); the other slots keep going. A worker that exits
+        │  with EXIT_CONFIG (its metrics port is taken) is not restarted: its slot is down
         │  SIGINT / SIGTERM → SIGTERM to every worker, wait, SIGKILL stragglers, exit 0
         ▼
     metrics on metrics.actor_port (workers on actor_port + 1 + i): restarts, workers up
@@ -27,6 +28,8 @@ from pathlib import Path
 from common.config import ConfigError, ScoutConfig, parse_devices
 from common.metrics import Metrics
 
+EXIT_CONFIG = 5  # a worker's exit code for a problem no restart fixes (its metrics port is taken)
+
 log = logging.getLogger("scout.actors.main")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +44,7 @@ class Slot:
     restarts: int = 0
     restart_at: float = 0.0
     given_up: bool = False
+    config_error: bool = False  # given up because the worker said no restart can help (EXIT_CONFIG)
 
 
 def plan_slots(cfg: ScoutConfig) -> list[Slot]:
@@ -95,6 +99,11 @@ class Supervisor:
         if code is None:
             return
         slot.proc = None
+        if code == EXIT_CONFIG:
+            slot.given_up = slot.config_error = True
+            log.error("worker %d (gpu %s) cannot run with this configuration (see its error above); "
+                      "not restarting it", slot.index, slot.gpu)
+            return
         if slot.restarts >= self.cfg.actor.max_restarts:
             slot.given_up = True
             log.error("worker %d (gpu %s) exited with code %d; restart limit %d reached, slot stays down",
@@ -119,14 +128,15 @@ class Supervisor:
             if all(s.given_up for s in self.slots):
                 log.error("every worker slot is down")
                 self._stop_all()
-                return 1
+                return 2 if all(s.config_error for s in self.slots) else 1
             self.stop.wait(0.5)
         self._stop_all()
         return 0
 
     def _health(self) -> dict:
         return {"workers": [{"slot": s.index, "gpu": s.gpu, "pid": s.proc.pid if s.proc else None,
-                             "restarts": s.restarts, "down": s.given_up} for s in self.slots]}
+                             "restarts": s.restarts, "down": s.given_up, "config_error": s.config_error}
+                            for s in self.slots]}
 
     def _stop_all(self) -> None:
         live = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]

@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 
 from actors.engine import make_engine
+from actors.main import EXIT_CONFIG
 from actors.rollout import GroupState, RolloutRunner, Trajectory, make_searcher
 from common.config import ScoutConfig
 from common.metrics import Metrics
@@ -221,22 +222,30 @@ class ActorWorker:
     def run(self) -> int:
         acfg = self.acfg
         t0 = time.monotonic()
+        try:
+            self._serve_metrics()  # before the engine: a taken port fails in a second, not after the load
+        except OSError as e:
+            log.error("worker %d: cannot serve metrics on %s:%d: %s (metrics.actor_port + 1 + worker index "
+                      "must be free)", self.worker, self.cfg.metrics.host, self._metrics_port(), e)
+            return EXIT_CONFIG
         self.engine = make_engine(acfg)
         self.searcher = make_searcher(self.cfg)
         self.runner = RolloutRunner(self.engine, self.searcher, acfg, on_finished=self._on_rollout)
         log.info("worker %d (gpu %s) ready in %.1fs: engine %s, model %s", self.worker, self.gpu,
                  time.monotonic() - t0, self.engine.name, acfg.model)
-        self._serve_metrics()
         self.metrics.window_t = time.monotonic()  # rates count from here, not from engine load
         try:
             return self._loop()
         finally:
             self._shutdown()
 
+    def _metrics_port(self) -> int:
+        return self.cfg.metrics.actor_port + 1 + self.worker
+
     def _serve_metrics(self) -> None:
         mc = self.cfg.metrics
         if mc.actor_port:
-            port = self.metrics.m.serve(mc.host, mc.actor_port + 1 + self.worker, health=self._health)
+            port = self.metrics.m.serve(mc.host, self._metrics_port(), health=self._health)
             log.info("worker %d metrics on http://%s:%d/metrics", self.worker, mc.host, port)
 
     def _health(self) -> dict:

@@ -209,6 +209,37 @@ def test_ctrl_c_stops_the_supervisor_and_every_worker(model_dir, learner, procs,
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_worker_whose_metrics_port_is_taken_is_not_restarted(model_dir, learner, procs, free_port, tmp_path):
+    """Worker 1's metrics port (actor_port + 2) is taken: it says so and exits before loading its
+    engine, the supervisor does not restart it (no restart can help) and worker 0 keeps working."""
+    import socket
+
+    srv, _ = learner
+    mport = free_port()
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", mport + 2))
+    squatter.listen(1)
+    log_path = tmp_path / "actor.log"
+    sup = procs.start(actor_args(model_dir, srv, mport, "actor.no_search=true", workers=2),
+                      stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        def health():
+            return json.loads(_get(f"http://127.0.0.1:{mport}/health"))["workers"]
+
+        _wait(lambda: health()[1]["config_error"], 120, "worker 1 given up", sup)
+        _wait(lambda: len(srv.peers) == 1, 180, "worker 0 said hello", sup)
+        w0, w1 = health()
+        assert w1["down"] and w1["restarts"] == 0 and w1["pid"] is None
+        assert not w0["down"] and w0["pid"] is not None
+        os.killpg(sup.pid, signal.SIGTERM)
+        assert sup.wait(60) == 0
+        out = log_path.read_text(errors="replace")
+        assert f"cannot serve metrics on 127.0.0.1:{mport + 2}" in out and "not restarting it" in out
+    finally:
+        squatter.close()
+
+
 @pytest.mark.parametrize("spec, needle", [("0-x", "expected a list like 0-3"), ("3-1", "expected a list"),
                                           ("0,0", "listed twice")])
 def test_bad_gpu_list_is_a_clear_error(spec, needle, tmp_path):
