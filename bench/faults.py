@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.report import step_lines  # noqa: E402
+
 QUESTION = "what is the capital of zorland ?"
 ANSWER = "mirabel"
 QUERY = "capital of zorland"
@@ -111,16 +113,6 @@ def get_json(url: str, timeout: float = 3.0) -> dict:
     except urllib.error.HTTPError as e:  # /health answers 503 with a body while starting
         return json.loads(e.read())
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # the line being written
-                pass
-    return out
 
 
 def free_port_run(n: int, host: str = "127.0.0.1") -> int:
@@ -267,7 +259,7 @@ class Stack:
         return get_json(f"http://127.0.0.1:{port}/health")
 
     def steps(self) -> list[dict]:
-        return read_jsonl(self.run_dir / "metrics.jsonl")
+        return step_lines(self.run_dir)
 
     def groups(self, since: int = 0) -> list[dict]:
         """Accepted groups the learner dumped (in acceptance order), each with its file's mtime."""

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.demo import Children, prepare, wait_healthy, write_run_config  # noqa: E402
+from common.report import step_lines  # noqa: E402
 
 log = logging.getLogger("scout.bench.pipeline")
 
@@ -75,17 +76,6 @@ def mode_config(path: Path, mode: str, steps: int, async_staleness: int | None) 
     path.write_bytes(tomli_w.dumps(tree).encode())
     return tree
 
-
-def read_steps(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    out = []
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # the line being written
-                pass
-    return out
 
 
 def scrape_actor(port: int) -> dict[str, float]:
@@ -151,7 +141,7 @@ def follow(children: PinnedChildren, run_dir: Path, supervisor_port: int, args) 
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         children.check_alive("retriever", "actor")
-        steps = read_steps(run_dir)
+        steps = step_lines(run_dir)
         if len(steps) >= args.warmup and "start" not in scrapes:
             pids = {"learner": children.procs["learner"].pid, "actor": worker_pid(supervisor_port),
                     "retriever": children.procs["retriever"].pid}

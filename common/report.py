@@ -54,6 +54,20 @@ def _num(v: Any) -> float:
 
 
 # --------------------------------------------------------------------------- reading
+def step_lines(run_dir: Path) -> list[dict]:
+    """Every readable line of <run_dir>/metrics.jsonl as written, in order ([] before the first
+    step); a line still being written is skipped. For watching a run; read_records is the report's."""
+    path = Path(run_dir) / METRICS_FILE
+    out = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written
+                pass
+    return out
+
+
 def find_metrics_file(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.is_file():

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.report import step_lines
 from tests.conftest import ROOT, Procs
 from tests.test_deploy import PROM_CONFIG, dashboard_queries, grafana_to_promql, load_dashboard
 
@@ -264,18 +265,6 @@ prompts_per_request = 2
     return cfg
 
 
-def log_steps(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written
-            pass
-    return out
-
 
 MIN_STEPS = 25
 
@@ -288,7 +277,7 @@ def test_learner_throughput_through_prometheus_matches_its_log(stack, procs):
     actor = start_role(procs, "actor", env, base / "actor.log")
     run_dir = base / "run"
     try:
-        wait_until(lambda: len(log_steps(run_dir)) >= MIN_STEPS, 600, f"{MIN_STEPS} learner steps", [learner, actor])
+        wait_until(lambda: len(step_lines(run_dir)) >= MIN_STEPS, 600, f"{MIN_STEPS} learner steps", [learner, actor])
     except BaseException:
         print("learner log:\n" + tail(base / "learner.log") + "\nactor log:\n" + tail(base / "actor.log"))
         raise
@@ -299,7 +288,7 @@ def test_learner_throughput_through_prometheus_matches_its_log(stack, procs):
     samples = [(float(t), float(v)) for t, v in matrix[0]["values"]]
     assert matrix[0]["metric"]["role"] == "learner" and matrix[0]["metric"]["rank"] == "0"
     (t0, v0), (t1, v1) = samples[0], samples[-1]
-    steps = log_steps(run_dir)
+    steps = step_lines(run_dir)
     logged = sum(s["tokens"] for s in steps if t0 < s["time"] <= t1)
     assert logged > 0 and len([s for s in steps if t0 < s["time"] <= t1]) >= MIN_STEPS // 2
     log_rate = logged / (t1 - t0)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.report import step_lines
 from tests.conftest import ROOT, Procs
 
 pytestmark = pytest.mark.slow
@@ -82,17 +83,6 @@ def tails(logs, n: int = 25) -> str:
             out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:]))
     return "\n".join(out)
 
-
-def steps_logged(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    out = []
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # the line being written
-                pass
-    return out
 
 
 def dumped_groups(d: Path) -> list[dict]:
@@ -228,7 +218,7 @@ def stack(tmp_path_factory):
 # --------------------------------------------------------------------------- 1. training
 def test_learner_trains_on_vllm_groups(stack):
     run_dir = stack["run_dir"]
-    steps = wait_until(lambda: (s := steps_logged(run_dir)) and len(s) >= MIN_STEPS and s, 420,
+    steps = wait_until(lambda: (s := step_lines(run_dir)) and len(s) >= MIN_STEPS and s, 420,
                        f"{MIN_STEPS} learner steps on the vLLM actor's groups", stack["procs"], stack["logs"])
     versions = [s["version"] for s in steps]
     assert versions == list(range(1, len(steps) + 1)), "sync_every = 1: one new version per step"
@@ -305,7 +295,7 @@ def freeze_until_sync(stack, pid: int) -> tuple[int, int]:
         os.kill(pid, signal.SIGSTOP)
         seen, deadline = None, time.monotonic() + SYNC_TIMEOUT_S
         while time.monotonic() < deadline:
-            step, lines = int(get_json(url)["step"]), len(steps_logged(stack["run_dir"]))
+            step, lines = int(get_json(url)["step"]), len(step_lines(stack["run_dir"]))
             if step > lines:
                 if seen == step:
                     return step, lines
@@ -328,7 +318,7 @@ def test_worker_killed_during_sync_learner_keeps_training(stack):
     stuck, lines = freeze_until_sync(stack, pid)
     os.kill(pid, signal.SIGKILL)
     # That sync ends without the dead member, within the learner's bound (about 1.25 × sync_timeout_s).
-    rec = wait_until(lambda: [s for s in steps_logged(run_dir) if s["step"] == stuck], 4 * SYNC_TIMEOUT_S,
+    rec = wait_until(lambda: [s for s in step_lines(run_dir) if s["step"] == stuck], 4 * SYNC_TIMEOUT_S,
                      "the step whose sync lost its member", [stack["learner"]], stack["logs"])[0]
     assert rec["sync_ok"] == 0 and rec["sync_s"] <= 1.5 * SYNC_TIMEOUT_S + 5, rec
     # The supervisor starts a new worker process with a fresh run_id.
@@ -337,12 +327,12 @@ def test_worker_killed_during_sync_learner_keeps_training(stack):
     # ...whose groups the learner accepts and trains on.
     wait_until(lambda: any(str(g["run_id"]) == new["run_id"] for g in dumped_groups(stack["groups"])), 300,
                "groups from the restarted worker", [stack["learner"], stack["actor"]], stack["logs"])
-    after = len(steps_logged(run_dir))
+    after = len(step_lines(run_dir))
     # at most (max_staleness + 1) * groups_per_step = 3 steps' groups were buffered or assigned: after
     # 4 more steps, the learner has trained on the new worker's groups
-    wait_until(lambda: len(steps_logged(run_dir)) >= after + 4, 300,
+    wait_until(lambda: len(step_lines(run_dir)) >= after + 4, 300,
                "learner steps on the restarted worker's groups", [stack["learner"], stack["actor"]], stack["logs"])
-    steps = steps_logged(run_dir)
+    steps = step_lines(run_dir)
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
     assert any(s["sync_ok"] == 1 for s in steps if s["step"] > stuck), "the new worker receives weights again"
     assert stack["learner"].poll() is None and "dropped" in stack["learner_log"].read_text()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from common.report import (ReportError, _fraction_axis, _time_axis, main, make_report, read_records, summary_text,
-                           wall_rate)
+from common.report import (ReportError, _fraction_axis, _time_axis, main, make_report, read_records, step_lines,
+                           summary_text, wall_rate)
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ("reward.png", "em.png", "throughput.png", "staleness.png", "latency.png", "loss.png", "overview.png")
@@ -166,3 +166,9 @@ def test_cli_report_command(tmp_path):
     r = subprocess.run([sys.executable, "cli.py", "report", str(tmp_path / "missing")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_step_lines_skips_the_line_being_written(tmp_path):
+    assert step_lines(tmp_path) == []  # before the learner's first step
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 1}\n{"step": 3, "rew')
+    assert step_lines(tmp_path) == [{"step": 1}, {"step": 2}, {"step": 1}]  # as written: resumed steps kept
