@@ -22,6 +22,7 @@ at most `max_turns + 1` generation turns in all.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import re
@@ -49,6 +50,7 @@ INSTRUCTION = (
 INVALID_ACTION = ("\nThat was not a valid step. To look something up write <search> query </search>; "
                   "to finish write <answer> answer </answer>.\n")
 STOPS = ("</search>", "</answer>")
+OBS_CACHE_SIZE = 4096  # observation texts whose token ids a runner keeps
 _SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 
 
@@ -164,7 +166,7 @@ class RolloutRunner:
         self.stats = RunnerStats()
         self.on_finished = on_finished
         self._eos = engine.eos_ids
-        self._obs_cache: dict[str, list[int]] = {}
+        self._obs_cache: collections.OrderedDict[str, list[int]] = collections.OrderedDict()  # text -> ids, LRU
 
     # ------------------------------------------------------------------ groups
     def start_group(self, prompt: Prompt, n: int, group_id: str | None = None) -> GroupState:
@@ -266,9 +268,16 @@ class RolloutRunner:
         self._observe(t, self._encode_cached(INVALID_ACTION))
 
     def _encode_cached(self, text: str) -> list[int]:
-        if text not in self._obs_cache:
-            self._obs_cache[text] = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        return self._obs_cache[text]
+        """Token ids of an observation text (callers must not mutate them). The samples of a group
+        mostly search the same words and read the same passages, so most are repeats."""
+        ids = self._obs_cache.get(text)
+        if ids is None:
+            ids = self._obs_cache[text] = list(self.tok(text, add_special_tokens=False)["input_ids"])
+            if len(self._obs_cache) > OBS_CACHE_SIZE:
+                self._obs_cache.popitem(last=False)
+        else:
+            self._obs_cache.move_to_end(text)
+        return ids
 
     def _observe(self, t: Trajectory, ids: list[int]) -> None:
         if len(t.tokens) + len(ids) >= self.cfg.max_total_tokens:
@@ -343,8 +352,7 @@ class RolloutRunner:
 
     def observation_ids(self, passages: list[Passage]) -> list[int]:
         """<information> block with the passages, passage text cut to max_obs_tokens tokens."""
-        body = self.tok(format_passages(passages).strip(), add_special_tokens=False)["input_ids"]
-        body = list(body[: self.cfg.max_obs_tokens])
+        body = self._encode_cached(format_passages(passages).strip())[: self.cfg.max_obs_tokens]
         return self._encode_cached("\n\n<information>") + body + self._encode_cached("</information>\n\n")
 
 

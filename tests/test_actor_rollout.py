@@ -102,6 +102,30 @@ def test_observation_truncated_to_max_obs_tokens(engine):
     assert obs[:len(head)] == head and obs[-len(tail):] == tail and len(obs) == len(head) + 5 + len(tail)
 
 
+def test_observation_ids_are_cached_and_equal_a_fresh_tokenisation(engine, monkeypatch):
+    """Repeated passages (a group's samples read the same ones) are tokenised once; the ids are
+    exactly those of a fresh tokenisation; the cache stays bounded."""
+    import actors.rollout as rollout
+    from retriever.client import format_passages
+
+    runner = make_runner(engine)
+    passages = [Passage(id="1", title="zorland", text="the capital of zorland is mirabel .", score=0.5)]
+    fresh = list(engine.tokenizer(format_passages(passages).strip(), add_special_tokens=False)["input_ids"])
+    calls = []
+    tok = runner.tok
+    runner.tok = lambda text, **kw: calls.append(text) or tok(text, **kw)
+    first = runner.observation_ids(passages)
+    assert runner.observation_ids(passages) == first and len(calls) == 3  # the body and the two tags, once
+    head = runner._encode_cached("\n\n<information>")
+    assert first[len(head):len(head) + len(fresh)] == fresh
+    first.append(-1)  # the caller's list is its own
+    assert -1 not in runner.observation_ids(passages)
+    monkeypatch.setattr(rollout, "OBS_CACHE_SIZE", 4)
+    for i in range(10):
+        runner._encode_cached(f"passage {i}")
+    assert len(runner._obs_cache) == 4
+
+
 def test_last_turn_eos_and_token_budget(engine):
     runner = make_runner(engine, max_turns=1)
     _, (a, b) = start(runner, n=2)
