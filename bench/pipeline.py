@@ -5,7 +5,7 @@
         common.demo.write_run_config(cfg) (the demo recipe) + this mode's keys:
             sync : learner.max_staleness = 0   (one step's prompts out, trained, synced, then the next)
             async: learner.max_staleness = the demo's value (at least 1)
-        retriever (every core) ──▶ learner (pinned to core 0) + actor (pinned to core 1)
+        retriever (on the learner's core) ──▶ learner (pinned to core 0) + actor (pinned to core 1)
               ... until the learner has done --steps steps
         <run>/metrics.jsonl: per step samples, tokens, staleness, reward, wait_s / train_s / ... timers
         actor worker /metrics scraped when the measured window opens and when it closes
@@ -125,7 +125,8 @@ def run_mode(cfg, paths: dict, out: Path, mode: str, args) -> dict:
     children = PinnedChildren(run_dir / "logs")
     env = {"OMP_NUM_THREADS": "1"}
     try:
-        children.start("retriever", ["cli.py", "retriever", "--config", str(config)], env=env)
+        rcores = {"all": None, "learner": LEARNER_CORES, "actor": ACTOR_CORES}[args.retriever_cores]
+        children.start("retriever", ["cli.py", "retriever", "--config", str(config)], env=env, cores=rcores)
         wait_healthy(tree["metrics"]["retriever_port"], "retriever", children, "retriever")
         children.start("learner", ["cli.py", "learner", "--config", str(config)], env=env, cores=LEARNER_CORES)
         children.start("actor", ["cli.py", "actor", "--config", str(config)], env=env, cores=ACTOR_CORES)
@@ -265,6 +266,9 @@ def _args(argv=None):
     p.add_argument("--final", type=int, default=10, help="steps averaged for the reward at the end")
     p.add_argument("--modes", default="sync,async")
     p.add_argument("--async-staleness", type=int, default=None, help="async max_staleness (default: the demo's, >=1)")
+    p.add_argument("--retriever-cores", choices=("all", "learner", "actor"), default="learner",
+                   help="where the retriever (and its shards) may run: the learner's core (default: it idles "
+                        "while the actor generates), the actor's, or any")
     p.add_argument("--out", default="runs/pipeline-bench",
                    help="run folders (configs, logs, metrics); the world, index and base model stay cached "
                         "under demo.dir (default .scout/demo; --set demo.dir=... to move them)")
