@@ -27,12 +27,12 @@ vLLM is driven in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, async scheduling 
 requests stay in the engine across the update. With `recompute_kv` (default) the KV cache of
 requests in flight is rebuilt under the new weights (running requests are preempted and
 re-prefilled; the prefix cache is reset), so every token after the update is exactly a sample of
-the new policy. Without it (PipelineRL's choice, and the demo's: re-prefilling every request in
-flight at every update cost the actor a large share of its step) requests in flight keep their
-old KV: a token after the update is sampled from the new weights attending to keys and values
-the old ones computed. Its behaviour logprob is still exactly the probability it was drawn with,
-which is what the learner's importance weights divide by; only the prefix cache is emptied, so
-the mix never outlives the requests that were running.
+the new policy. Without it (PipelineRL's choice; it saves re-prefilling every request in flight
+at every update, which on the demo was within the pipeline bench's run-to-run spread) requests in
+flight keep their old KV: a token after the update is sampled from the new weights attending to
+keys and values the old ones computed. Its behaviour logprob is still exactly the probability it
+was drawn with, which is what the learner's importance weights divide by; only the prefix cache
+is emptied, so the mix never outlives the requests that were running.
 """
 
 from __future__ import annotations
