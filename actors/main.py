@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common.config import ConfigError, ScoutConfig, parse_devices
 from common.metrics import Metrics
+from common.procs import stop_processes
 
 EXIT_CONFIG = 5  # a worker's exit code for a problem no restart fixes (its metrics port is taken)
 
@@ -139,20 +140,8 @@ class Supervisor:
                             for s in self.slots]}
 
     def _stop_all(self) -> None:
-        live = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
-        for p in live:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in live:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("worker pid %d did not stop in %.0fs: killing it", p.pid, STOP_GRACE_S)
-                p.kill()
-                p.wait(5)
+        # the workers share the supervisor's process group: signal them one by one
+        stop_processes([s.proc for s in self.slots if s.proc is not None], STOP_GRACE_S, group=False, log=log)
         self.m.close()
         log.info("all actor workers stopped")
 

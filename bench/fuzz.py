@@ -161,9 +161,9 @@ class Roles:
                          for r, p in self.logs.items())
 
     def stop(self) -> None:
-        from common.demo import stop_groups
+        from common.procs import stop_processes
 
-        stop_groups(list(self.procs.values()), timeout=20)
+        stop_processes(list(self.procs.values()), timeout=20)
 
 
 def get(url: str, timeout: float = 10) -> tuple[int, bytes]:

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from common.config import ScoutConfig, load_config, log_config
+from common.procs import stop_processes
 from common.transport import free_tcp_port
 
 log = logging.getLogger("scout.demo")
@@ -56,41 +57,14 @@ class Children:
 
     def stop(self, name: str, timeout: float = 20.0) -> None:
         p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        except ProcessLookupError:
-            pass
+        if p is not None:
+            stop_processes([p], timeout)
 
     def stop_all(self, timeout: float = 20.0) -> None:
         procs = list(self.procs.values())
         self.procs.clear()
-        stop_groups(procs, timeout)
+        stop_processes(procs, timeout)
 
-
-def stop_groups(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
-    """SIGTERM to every process group at once, then one shared deadline before SIGKILL."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
 
 
 def wait_healthy(port: int, what: str, children: Children, name: str, timeout: float = 600.0) -> None:

@@ -60,9 +60,9 @@ class Procs:
         return p
 
     def stop_all(self):
-        from common.demo import stop_groups
+        from common.procs import stop_processes
 
-        stop_groups(self.procs, timeout=10)
+        stop_processes(self.procs, timeout=10)
 
 
 @pytest.fixture
