@@ -29,6 +29,7 @@ MAX_HEADER_BYTES = 4 << 20  # 4 MiB of msgpack
 MAX_FRAMES = 4096
 MAX_ARRAY_BYTES = 2 << 30  # 2 GiB in one frame
 MAX_STR = 1 << 16  # characters in one string field
+MAX_ANSWERS = 256  # golden answers in one Prompt
 MAX_QUERY_CHARS = 4096
 MAX_QUERIES = 4096
 MAX_TOPK = 100
@@ -181,7 +182,7 @@ class Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt_id: int = Field(ge=0)
     question: str = Field(min_length=1, max_length=MAX_STR)
-    golden_answers: list[str] = Field(max_length=256)
+    golden_answers: list[str] = Field(max_length=MAX_ANSWERS)
     data_source: str = Field(default="", max_length=256)
 
 

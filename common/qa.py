@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 
 from common.config import ConfigError
-from common.protocol import MAX_STR
-
-MAX_ANSWERS = 256  # the wire's cap on golden answers per prompt (common.protocol.Prompt)
+from common.protocol import MAX_ANSWERS, MAX_STR
 
 
 def _read(path: str | Path, what: str) -> tuple[list[dict], list[int] | None]:
