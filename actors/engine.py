@@ -222,6 +222,10 @@ class Engine(ABC):
         """Receive one bucket through the BucketReceiver and load its tensors; returns count."""
         return self._receiver_call("receive", header, data)
 
+    def release_sync_buffers(self) -> None:
+        """After SyncDone: free the buffers the last update was received into."""
+        self._receiver_call("release")
+
     def load_tensors(self, named: list[tuple[str, Any]]) -> int:
         self._arm()
         return self._load_tensors(named)
@@ -502,6 +506,10 @@ class TransformersEngine(Engine):
                 self._receiver.close()
             self._receiver = make_receiver(self.device)
             return self._receiver.setup(*args)
+        if what == "release":
+            if self._receiver is not None:
+                self._receiver.release()
+            return None
         if self._receiver is None:
             raise EngineError("weight bucket received before any SyncPlan")
         if what == "receive":

@@ -130,6 +130,12 @@ class ScoutWorkerExtension:
             self.scout_update_begin()
         return self.scout_update_load(named)
 
+    def scout_receiver_release(self) -> None:
+        """After SyncDone: free the update's receive buffers (BucketReceiver.release)."""
+        rx = getattr(self, "_scout_receiver", None)
+        if rx is not None:
+            rx.release()
+
     def scout_receiver_close(self) -> None:
         rx = getattr(self, "_scout_receiver", None)
         if rx is not None:

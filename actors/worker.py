@@ -534,6 +534,10 @@ def poll_sync(sync, engine) -> dict | None:
     report = follow_sync(sync, first, engine.sync_setup, receive)
     if report is not None:
         report["begun"] = bool(engine.weights_dirty)
+        try:  # SyncDone is sent: freeing the receive buffers no longer delays the learner
+            engine.release_sync_buffers()
+        except Exception as e:  # the next update's first bucket releases them anyway
+            log.warning("weight sync: could not release the receive buffers: %s", e)
     return report
 
 

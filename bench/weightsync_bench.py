@@ -1,16 +1,20 @@
 """Weight-sync benchmark: WeightSender -> one member process, next to a raw flat broadcast of the
 same bytes on the same kind of standalone gloo group, in the same run, alternating.
 
-    python bench/weightsync_bench.py [--sizes-mb 50,500] [--reps 10] [--bucket-mb 256] [--variants whole,ramp,chunk4]
+    python bench/weightsync_bench.py [--sizes-mb 50,500] [--reps 10] [--bucket-mb 256] [--variants default,bc-whole]
 
 "weight sync" = WeightSender.broadcast(): dtype-grouped buckets, a header per bucket over ZeroMQ,
 the bucket bytes over the gloo group, the member unpacks views and answers SyncDone. Variants:
-"whole" = the shipped default (buckets of bucket_mb, one broadcast each), "ramp" = first bucket
-bucket_mb/16 then doubling (packing of the first bucket shows less), "chunkX" =
-learner.sync_chunk_mb = X (tensors of X MB and more broadcast from their own memory, smaller
-ones packed in X MB runs). "raw" = one broadcast of a ready-made
+"default" = the shipped LearnerConfig; "whole" = one packed segment per bucket of bucket_mb;
+"ramp" = first bucket bucket_mb/16 then doubling (packing of the first bucket shows less);
+"chunkX" = learner.sync_chunk_mb = X (tensors of X MB and more go from their own memory, smaller
+ones packed in X MB runs). Segments travel as point-to-point gloo sends (learner.sync_gloo_op
+"send"), or with the prefix "bc-" as one gloo broadcast each ("bc-whole" was the default before
+2026-11-24). "raw" = one broadcast of a ready-made
 flat uint8 tensor of the same size, then a 1-byte broadcast back from the member (the
-counterpart of SyncDone). Both receive into fresh buffers. The fake model is bf16 decoder layers
+counterpart of SyncDone). Both receive into fresh buffers and free them after the transfer (the
+member calls BucketReceiver.release() after SyncDone, as actors do), untimed, and the next path
+starts only once the member is done with that (`settle`). The fake model is bf16 decoder layers
 (hidden 1024, MLP 2816) with fp32 norms, so every sync has a bf16 and an fp32 bucket.
 
 Every round runs every path back to back in a rotating order. Columns: seconds and GB/s per
@@ -44,7 +48,6 @@ from common.weightsync import (RAMP_DIVISOR, BucketReceiver, SyncClient, WeightS
                                _broadcast_opts, _make_group, follow_sync)
 
 HIDDEN, INTER = 1024, 2816
-LABELS = {"whole": "weight sync (default: whole buckets)", "ramp": "weight sync, ramp"}
 
 
 def fake_model(total_mb: float) -> list[tuple[str, torch.Tensor]]:
@@ -86,6 +89,14 @@ def raw_once(pg, nbytes: int, rank: int, src: torch.Tensor | None = None) -> flo
     return time.perf_counter() - t0
 
 
+def settle(pg) -> None:
+    """Untimed, after every transfer: the member has freed what it received into (raw: its flat
+    buffer; a sync: release() after SyncDone) before the next path's clock starts."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 1
+    pg.broadcast([torch.zeros(1, dtype=torch.uint8)], opts).wait()
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process, all threads (gloo's included)."""
     t = os.times()
@@ -109,9 +120,11 @@ def member(args) -> None:
                     while follow_sync(client, client.poll(60_000), receiver.setup,
                                       lambda h, d: receiver.receive(h, d)) is None:
                         pass
+                    receiver.release()  # as an actor does after SyncDone (raw frees after its ack)
                 if rnd:
                     key = f"{size}/{path}"
                     cpu[key] = cpu.get(key, 0.0) + cpu_seconds() - c0
+                settle(pg)
     receiver.close()
     client.close()
     print("CPU " + json.dumps(cpu), flush=True)
@@ -159,7 +172,7 @@ def run_size(args, size: int, nbytes: int, model, pg, sender, cpu: dict) -> tupl
             if path == "raw":
                 t = raw_once(pg, nbytes, 0, flat)
             else:
-                chunk_mb, ramp = variant(path)
+                chunk_mb, ramp, sender.gloo_op = variant(path)  # a new op re-forms the group
                 sender.chunk_bytes = int(chunk_mb * (1 << 20))
                 sender.first_bucket_bytes = first if ramp else None
                 run_size.version = getattr(run_size, "version", 0) + 1
@@ -170,18 +183,37 @@ def run_size(args, size: int, nbytes: int, model, pg, sender, cpu: dict) -> tupl
                 times[path].append(t)
                 key = f"{size}/{path}"
                 cpu[key] = cpu.get(key, 0.0) + cpu_seconds() - c0
+            settle(pg)
     return times, nbuckets
 
 
-def variant(name: str) -> tuple[float, bool]:
-    """(learner.sync_chunk_mb, ramp) of a --variants entry."""
-    if name == "ramp":
-        return 0.0, True
-    if name == "whole":
-        return 0.0, False
-    if name.startswith("chunk"):
-        return float(name[5:]), False
-    raise SystemExit(f"unknown variant {name!r} (ramp, whole, chunkX)")
+def variant(name: str) -> tuple[float, bool, str]:
+    """(learner.sync_chunk_mb, ramp, learner.sync_gloo_op) of a --variants entry."""
+    if name == "default":
+        cfg = LearnerConfig()
+        return cfg.sync_chunk_mb, False, cfg.sync_gloo_op
+    op, base = ("broadcast", name[3:]) if name.startswith("bc-") else ("send", name)
+    if base == "ramp":
+        return 0.0, True, op
+    if base == "whole":
+        return 0.0, False, op
+    if base.startswith("chunk"):
+        try:
+            return float(base[5:]), False, op
+        except ValueError:
+            pass
+    raise SystemExit(f"unknown variant {name!r} (default, or [bc-]whole, [bc-]ramp, [bc-]chunkX)")
+
+
+def label(key: str) -> str:
+    if key == "raw":
+        return "raw flat broadcast"
+    if key == "default":
+        chunk, _, op = variant(key)
+        return f"weight sync, default ({op}, {chunk:g} MB segments)"
+    chunk, ramp, op = variant(key)
+    how = "whole buckets, ramp" if ramp else "whole buckets" if not chunk else f"{chunk:g} MB segments"
+    return f"weight sync, {op}, {how}"
 
 
 def order(args, rnd: int) -> list:
@@ -209,7 +241,7 @@ def print_table(rows, cpu, args) -> None:
             m, b = statistics.median(ts), min(ts)
             paired = statistics.median(r / t for r, t in zip(raw, ts))  # same round: same background load
             c = cpu[f"{size}/{key}"] / len(ts)
-            path = "raw flat broadcast" if key == "raw" else LABELS.get(key) or f"weight sync, {key[5:]} MB segments"
+            path = label(key)
             print(f"| {nb / 1e6:.0f} MB | {nbuckets[key]} | {path} | {len(ts)} | {m:.3f} / {b:.3f} | {nb / m / 1e9:.2f} / "
                   f"{nb / b / 1e9:.2f} | {100 * paired:.0f}% | {100 * min(raw) / b:.0f}% | {c:.3f} | {100 * raw_cpu / c:.0f}% |")
 
@@ -219,7 +251,9 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="50,500")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--bucket-mb", type=float, default=256.0)
-    ap.add_argument("--variants", default="whole,ramp,chunk4", help="comma list of whole, ramp, chunkX")
+    ap.add_argument("--variants", default="default,bc-whole",
+                    help="comma list: default (the shipped config), or [bc-]whole, [bc-]ramp, [bc-]chunkX "
+                         "(bc-: one gloo broadcast per segment; else point-to-point sends)")
     ap.add_argument("--role", default="leader", choices=["leader", "member"])
     ap.add_argument("--endpoint", default="")
     ap.add_argument("--raw-port", type=int, default=0)

@@ -500,6 +500,9 @@ class SyncPlan(Message):
     rank: int = Field(ge=0)
     world_size: int = Field(ge=1)
     timeout_s: float = Field(gt=0)
+    # how group bytes travel: "broadcast" (one collective per segment) or "send" (the learner, rank
+    # 0, sends each segment to every member, point to point: gloo's cheaper per-op path)
+    op: Literal["broadcast", "send"] = "broadcast"
 
 
 def _check_bucket_layout(m: "WeightUpdateHeader | WeightIpcBucket") -> None:

@@ -93,6 +93,10 @@ PROBE_INTERVAL_S = 0.2
 DIRECT_DIVISOR = 1  # with chunking, tensors of at least chunk/DIRECT_DIVISOR bytes go from their own memory
 ABORT_CHECK_S = 0.05
 RAMP_DIVISOR = 16  # with a ramp (bench variant): first bucket bucket_mb / 16 (at least 1 MiB), then doubling
+# a member keeps the CPU buffers it received a sync into, up to this many bytes, until release():
+# freeing a 256 MB buffer takes 15-18 ms on the 2-core VM (munmap of its pages), time in which
+# the next bucket's receives are not posted yet and SyncDone is not sent
+HOLD_BYTES = 1 << 30
 
 
 class SyncError(RuntimeError):
@@ -256,6 +260,13 @@ def bucket_segments(metas: Iterable[TensorMeta], nbytes: int, chunk_bytes: int) 
     return segs
 
 
+def segment_tag(bucket: int, segment: int) -> int:
+    """The point-to-point tag of a bucket's segment (SyncPlan.op "send"), 32-bit as gloo wants.
+    At most two buckets are in flight, and a bucket has fewer than MAX_TENSORS_PER_BUCKET (< 2**20)
+    segments, so tags of ops in flight together never collide."""
+    return ((bucket % (1 << 11)) << 20) | (segment % (1 << 20))
+
+
 def unpack_bucket(flat: torch.Tensor, metas: Iterable[TensorMeta | dict]) -> list[tuple[str, torch.Tensor]]:
     """Views into `flat` (uint8) for every tensor of a bucket, with their names, dtypes and shapes."""
     out = []
@@ -364,6 +375,45 @@ def _wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | No
             next_check = time.monotonic() + ABORT_CHECK_S
             if should_abort():
                 raise SyncAborted("the learner aborted this transfer")
+
+
+def _wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | None = None) -> None:
+    """Wait for gloo point-to-point ops (SyncPlan.op "send") until `deadline`; raise SyncError on
+    failure or timeout. Unlike a broadcast's, a timed wait on a send or receive that expires
+    closes every connection of the group (gloo's UnboundBuffer), so _wait_work's short slices
+    cannot be used: without should_abort the ops are waited on here with what is left of the
+    deadline; with it, a helper thread waits while this one checks the abort flag every
+    ABORT_CHECK_S (the caller then closes the group, which ends the helper's wait)."""
+    def wait_all() -> None:
+        for w in works:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SyncError("point-to-point transfer timed out")
+            try:
+                w.wait(_td(left))
+            except RuntimeError as e:
+                raise SyncError(f"collective failed: {str(e).splitlines()[0][:300]}") from None
+
+    if should_abort is None:
+        return wait_all()
+    done, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            wait_all()
+        except SyncError as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="weightsync-recv", daemon=True).start()
+    while not done.wait(ABORT_CHECK_S):
+        if time.monotonic() >= deadline:
+            raise SyncError("point-to-point transfer timed out")
+        if should_abort():
+            raise SyncAborted("the learner aborted this transfer")
+    if errors:
+        raise errors[0]
 
 
 # --------------------------------------------------------------------------- colocated path
@@ -559,6 +609,8 @@ class WeightSender:
         # a bucket is also one zmq data frame: keep it under the protocol's array cap
         self.bucket_bytes = max(1, min(int(learner_cfg.bucket_mb * (1 << 20)), MAX_ARRAY_BYTES))
         self.chunk_bytes = int(getattr(learner_cfg, "sync_chunk_mb", 0.0) * (1 << 20))
+        self.gloo_op = getattr(learner_cfg, "sync_gloo_op", "send")  # read at each group formation
+        self._op = "broadcast"  # the formed group's op (SyncPlan.op)
         # ramp (plan_buckets first_bytes): off. Measured on the loaded 2-core VM it lost wall time
         # (more buckets, more wake-ups per sync); bench/weightsync_bench.py --variants ramp tries it
         self.first_bucket_bytes: int | None = None
@@ -846,9 +898,13 @@ class WeightSender:
                                                     generation=self.generation, reason=reason))
         return group, zmq_only, ipc
 
+    def _op_for(self, backend: str) -> str:
+        return "send" if backend == "gloo" and self.gloo_op == "send" else "broadcast"
+
     def _reform(self, version: int, backend: str, deadline: float) -> None:
         """New generation: plan every member, rendezvous the group members, build the group."""
         self._close_group()
+        self._op = self._op_for(backend)
         for _attempt in range(3):
             self.generation += 1
             group, zmq_only, ipc = self._assign(backend)
@@ -859,7 +915,7 @@ class WeightSender:
                 plan = SyncPlan(version=version, generation=self.generation,
                                 transport=m.transport if in_group else "zmq", store_host=self.store_host,
                                 store_port=self.store_port, rank=m.rank, world_size=world if in_group else 1,
-                                timeout_s=self.timeout_s)
+                                timeout_s=self.timeout_s, op=self._op if in_group else "broadcast")
                 if not self._send(m, plan, deadline):
                     self._drop(m.peer_id, "plan could not be delivered", tell=False)
             group = [m for m in group if self._members.get(m.peer_id) is m]
@@ -949,7 +1005,8 @@ class WeightSender:
                 where = _IPC.location(device) if self.colocated_ipc else None
                 if where != self._ipc_where:
                     self._ipc_where, self._dirty = where, True
-                if self._dirty or self._group_key is None or self._group_key[1] != backend:
+                if (self._dirty or self._group_key is None or self._group_key[1] != backend
+                        or self._op != self._op_for(backend)):
                     self._reform(version, backend, deadline)
                 live = [m for m in self._planned if self._members.get(m.peer_id) is m]
                 self._sync.expect = {m.peer_id: m.run_id for m in live}
@@ -1127,10 +1184,11 @@ class WeightSender:
                 return None
         works: list = []
         opts = _broadcast_opts()
+        ranks = [m.rank for m in group]
         items = bucket.items if bucket is not None else []  # in offset order (plan_buckets)
         by_offset = {off: t for _, t, off in items}
         i = 0  # first item not yet packed or sent
-        for s, e, direct in bucket_segments(header.tensors, header.nbytes, header.chunk_bytes):
+        for seg, (s, e, direct) in enumerate(bucket_segments(header.tensors, header.nbytes, header.chunk_bytes)):
             if bucket is None:
                 src = flat[s:e]
             elif direct:
@@ -1138,13 +1196,20 @@ class WeightSender:
             else:
                 i = _pack_range(items, i, flat, s, e)
                 src = flat[s:e]
-            works.append((self._group.broadcast([src], opts), src))  # keep src alive until done
+            if self._op == "send":  # keep src alive until done
+                tag = segment_tag(header.bucket, seg)
+                works.extend((self._group.send([src], r, tag), src) for r in ranks)
+            else:
+                works.append((self._group.broadcast([src], opts), src))
         return works
 
     def _finish(self, works: list, deadline: float, group: list[_Member]) -> str | None:
         try:
-            for w, _src in works:
-                _wait_work(w, deadline, poll=self._group_key is not None and self._group_key[1] == "nccl")
+            if self._op == "send":
+                _wait_p2p([w for w, _src in works], deadline)
+            else:
+                for w, _src in works:
+                    _wait_work(w, deadline, poll=self._group_key is not None and self._group_key[1] == "nccl")
             return None
         except SyncError as e:
             self._abort_group(str(e), group)
@@ -1353,7 +1418,9 @@ class BucketReceiver:
     (e.g. a vLLM worker reached through collective_rpc): it takes plain dicts.
 
     The tensors returned by receive() are views into that bucket's buffer (read-only for zmq
-    data); load or copy them before the buffer is dropped."""
+    data); load or copy them before the buffer is dropped. The receiver holds fresh CPU buffers
+    (up to HOLD_BYTES) until release(), which the member calls after its SyncDone so that freeing
+    them costs the learner nothing; the first bucket of the next update releases them otherwise."""
 
     def __init__(self, device: Any = None, reuse_buffer: bool = False):
         self.device = device  # NCCL only: the CUDA device to receive on (default: the current one)
@@ -1361,6 +1428,8 @@ class BucketReceiver:
         # the views receive() returns are then valid only until the next receive()
         self.reuse_buffer = reuse_buffer
         self._buf: torch.Tensor | None = None
+        self._held: list[torch.Tensor] = []
+        self._held_bytes = 0
         self.plan: SyncPlan | None = None
         self._group = None
         self._prefix = None
@@ -1406,6 +1475,8 @@ class BucketReceiver:
             return self._receive_ipc(header)
         if not isinstance(header, WeightUpdateHeader):
             header = WeightUpdateHeader.model_validate({**header, "data": None})
+        if header.bucket == 0:
+            self.release()  # the previous update's buffers, if nobody released them
         data = header.data if data is None else data
         if data is not None:
             arr = np.asarray(data)
@@ -1428,10 +1499,15 @@ class BucketReceiver:
             deadline = time.monotonic() + plan.timeout_s
             try:
                 opts = _broadcast_opts()
-                works = [self._group.broadcast([flat[s:e]], opts)
-                         for s, e, _ in bucket_segments(header.tensors, header.nbytes, header.chunk_bytes)]
-                for work in works:
-                    _wait_work(work, deadline, self._aborted, poll=plan.transport == "nccl")
+                segs = bucket_segments(header.tensors, header.nbytes, header.chunk_bytes)
+                if plan.op == "send":
+                    works = [self._group.recv([flat[s:e]], 0, segment_tag(header.bucket, k))
+                             for k, (s, e, _) in enumerate(segs)]
+                    _wait_p2p(works, deadline, self._aborted)
+                else:
+                    works = [self._group.broadcast([flat[s:e]], opts) for s, e, _ in segs]
+                    for work in works:
+                        _wait_work(work, deadline, self._aborted, poll=plan.transport == "nccl")
             except Exception as e:
                 self._close_group()
                 raise e if isinstance(e, SyncError) else SyncError(str(e).splitlines()[0][:300]) from None
@@ -1449,11 +1525,24 @@ class BucketReceiver:
         return unpack_bucket(flat, header.tensors)
 
     def _buffer(self, nbytes: int, dev: torch.device) -> torch.Tensor:
-        if not self.reuse_buffer or dev.type != "cpu":
+        if dev.type != "cpu":
             return torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        if not self.reuse_buffer:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._held.append(buf)
+            self._held_bytes += nbytes
+            while self._held_bytes > HOLD_BYTES and len(self._held) > 1:
+                self._held_bytes -= self._held.pop(0).numel()
+            return buf
         if self._buf is None or self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes]
+
+    def release(self) -> None:
+        """Drop this receiver's hold on the buffers received so far (their memory goes once the
+        loaded views are gone too)."""
+        self._held.clear()
+        self._held_bytes = 0
 
     def _close_group(self) -> None:
         if self._group is not None:
@@ -1462,6 +1551,7 @@ class BucketReceiver:
         self._prefix = None
 
     def close(self) -> None:
+        self.release()
         self._close_group()
         _join_all(self._disposing, min(5.0, self.plan.timeout_s if self.plan else 5.0))
         self.plan = None

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from common import weightsync
 from common.config import LearnerConfig, TransportConfig
 from common.metrics import Metrics
-from common.protocol import SyncAbort, SyncDone, SyncJoin, WeightIpcBucket, WeightUpdateHeader, decode, encode
-from common.weightsync import (DIRECT_DIVISOR, BucketReceiver, CudaIpc, ShmIpcStandIn, SyncError, WeightSender,
-                               bucket_segments, header_dict, iter_buckets, pack_bucket, plan_buckets, set_ipc_impl,
-                               unpack_bucket, use_ipc)
+from common.protocol import (SyncAbort, SyncDone, SyncJoin, TensorMeta, WeightIpcBucket, WeightUpdateHeader, decode,
+                             encode)
+from common.weightsync import (DIRECT_DIVISOR, MAX_TENSORS_PER_BUCKET, BucketReceiver, CudaIpc, ShmIpcStandIn,
+                               SyncError, WeightSender, bucket_segments, header_dict, iter_buckets, pack_bucket,
+                               plan_buckets, segment_tag, set_ipc_impl, unpack_bucket, use_ipc)
 from tests.weightsync_peer import describe, make_weights
 
 PEER = "tests/weightsync_peer.py"
@@ -31,12 +33,13 @@ def expected(version: int) -> dict:
 
 
 def sender_cfg(free_port, timeout_s: float = 10.0, bucket_mb: float = 0.012, chunk_mb: float = 0.0,
-               colocated_ipc: bool = False) -> LearnerConfig:
+               colocated_ipc: bool = False, op: str = "send") -> LearnerConfig:
     """Buckets of ~12 KB, so every sync has several. chunk_mb=0.004: tensors of 4 KB and more go
-    as broadcasts of their own, smaller ones packed (the segment path); 0: one per bucket."""
+    as segments of their own, smaller ones packed (the segment path); 0: one per bucket. op: how
+    a gloo group moves them (point-to-point sends, the default, or broadcasts)."""
     return LearnerConfig(sync_endpoint=f"tcp://127.0.0.1:{free_port()}", store_port=0,
                          bucket_mb=bucket_mb, sync_chunk_mb=chunk_mb, sync_timeout_s=timeout_s,
-                         colocated_ipc=colocated_ipc)
+                         colocated_ipc=colocated_ipc, sync_gloo_op=op)
 
 
 def start_peer(procs, sender, tmp_path, peer_id, **opts):
@@ -126,6 +129,15 @@ def test_segments_cover_every_tensor_and_send_big_ones_directly():
                                for _, t, o in b.items if s <= o < e)
 
 
+def test_segment_tags_never_collide_between_buckets_in_flight():
+    """Two buckets are in flight at most; bucket numbers wrap after 2**11."""
+    for k in (0, 1, 2046, 2047, 2048, 5000):
+        here = {segment_tag(k, s) for s in (0, 1, 4095, MAX_TENSORS_PER_BUCKET - 1)}
+        there = {segment_tag(k + 1, s) for s in (0, 1, 4095, MAX_TENSORS_PER_BUCKET - 1)}
+        assert len(here) == 4 and not here & there
+        assert all(0 <= t < 1 << 32 for t in here | there)
+
+
 def test_bad_tensors_are_refused_clearly():
     with pytest.raises(SyncError, match="appears twice"):
         plan_buckets([("a", torch.zeros(2)), ("a", torch.zeros(2))], 100)
@@ -148,9 +160,10 @@ def test_header_with_data_frame_round_trips():
 
 # --------------------------------------------------------------------------- real processes
 @pytest.mark.slow
-def test_two_gloo_members_several_versions(procs, free_port, tmp_path, sender_factory):
+@pytest.mark.parametrize("op,chunk_mb", [("send", 0.004), ("send", 0.0), ("broadcast", 0.004), ("broadcast", 0.0)])
+def test_two_gloo_members_several_versions(procs, free_port, tmp_path, sender_factory, op, chunk_mb):
     metrics = Metrics("learner")
-    sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004), metrics)
+    sender = sender_factory(sender_cfg(free_port, chunk_mb=chunk_mb, op=op), metrics)
     outs = [start_peer(procs, sender, tmp_path, "actor-a", until=3)[1],
             start_peer(procs, sender, tmp_path, "actor-b", until=3, reuse_buffer=1)[1]]
     assert sender.wait_members(2, 60)
@@ -205,9 +218,10 @@ def test_zmq_only_member_next_to_a_gloo_member(procs, free_port, tmp_path, sende
 
 
 @pytest.mark.slow
-def test_kill9_mid_sync_then_restart_rejoins(procs, free_port, tmp_path, sender_factory):
+@pytest.mark.parametrize("op", ["send", "broadcast"])
+def test_kill9_mid_sync_then_restart_rejoins(procs, free_port, tmp_path, sender_factory, op):
     timeout_s = 8.0
-    sender = sender_factory(sender_cfg(free_port, timeout_s=timeout_s))
+    sender = sender_factory(sender_cfg(free_port, timeout_s=timeout_s, chunk_mb=0.004, op=op))
     _, out_a = start_peer(procs, sender, tmp_path, "actor-a", until=4)
     victim, out_b = start_peer(procs, sender, tmp_path, "actor-b", die_at="2:2")
     assert sender.wait_members(2, 60)
@@ -219,6 +233,8 @@ def test_kill9_mid_sync_then_restart_rejoins(procs, free_port, tmp_path, sender_
     assert victim.wait(10) == -signal.SIGKILL
     assert "actor-b" in rep["dropped"] and "actor-b" not in sender.members(), rep
     assert "actor-a" in rep["ok"] + rep["failed"]  # a survivor answers either way
+    # ... and soon: an aborted transfer does not keep it waiting for its receives' timeout
+    assert wait_results(out_a, 2)["seconds"] < 0.5 * timeout_s
 
     rep = sender.broadcast(3, make_weights(3).items())
     assert rep["ok"] == ["actor-a"] and rep["dropped"] == [], rep
@@ -486,3 +502,22 @@ def test_cuda_ipc_colocated_for_real(procs, free_port, tmp_path, sender_factory)
         r = wait_results(out, v)
         assert r["tensors"] == expected(v) and r["ipc_buckets"] == rep["buckets"]
     assert sender._members["gpu-near"].transport == "cuda_ipc"
+
+
+def test_receiver_holds_cpu_buffers_until_released(monkeypatch):
+    """Fresh CPU receive buffers stay referenced until release() (freeing them after SyncDone
+    costs the learner nothing), within HOLD_BYTES; the next update's first bucket releases them."""
+    monkeypatch.setattr(weightsync, "HOLD_BYTES", 2500)
+    rx = BucketReceiver()
+    bufs = [rx._buffer(1000, torch.device("cpu")) for _ in range(3)]
+    assert [b.data_ptr() for b in rx._held] == [b.data_ptr() for b in bufs[1:]]  # the oldest went: 3000 > 2500
+    rx.release()
+    assert rx._held == [] and rx._held_bytes == 0
+    header = WeightUpdateHeader(version=1, generation=0, bucket=0, num_buckets=1, dtype="uint8", nbytes=4,
+                                tensors=[TensorMeta(name="w", dtype="uint8", shape=[4], offset=0)])
+    rx._buffer(1000, torch.device("cpu"))
+    rx.receive(header, np.arange(4, dtype=np.uint8))  # zmq data: no buffer of its own
+    assert rx._held == []
+    kept = BucketReceiver(reuse_buffer=True)
+    kept._buffer(1000, torch.device("cpu"))
+    assert kept._held == []

@@ -125,6 +125,7 @@ def main() -> None:
             result = follow_sync(client, client.poll(200), receiver.setup, on_bucket)
             if result is None:
                 continue
+            receiver.release()
             out.write(json.dumps({**result, "run_id": run_id, "ipc_buckets": counts["ipc"],
                                   "tensors": dict(received) if result["ok"] else {}}) + "\n")
             out.flush()
