@@ -492,6 +492,7 @@ class SyncPlan(Message):
     """The learner's answer to a join: where and how the next broadcast happens."""
 
     TYPE = "sync_plan"
+    VERSION = 2  # 2: `op` (a version-1 member would receive sends as broadcasts)
     version: int = Field(ge=0)
     generation: int = Field(ge=0)  # group incarnation; changes whenever membership changes
     transport: Literal["gloo", "nccl", "zmq"]
