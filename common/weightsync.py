@@ -227,14 +227,14 @@ def as_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def bucket_segments(metas: Iterable[TensorMeta], nbytes: int, chunk_bytes: int) -> list[tuple[int, int, bool]]:
-    """The broadcasts that carry one bucket, as (start, end, direct) byte ranges; both sides derive
-    them from the header. chunk_bytes 0: one broadcast of the whole bucket. Otherwise a tensor of
+    """The segments that carry one bucket, as (start, end, direct) byte ranges; both sides derive
+    them from the header. chunk_bytes 0: the whole packed bucket in one. Otherwise a tensor of
     at least chunk_bytes goes alone, straight from its own memory (direct: no packing copy), and
-    runs of smaller tensors are packed into broadcasts of about chunk_bytes, each sent as soon as
-    it is packed. The default (learner.sync_chunk_mb = 0) is one broadcast per bucket: on gloo,
-    splitting 200 MB into 25 broadcasts cost the receiver ~40% more CPU and wall time than one
-    (measured on the 2-core VM), more than the packing copy it saves.
-    `bench/weightsync_bench.py --chunk-mb 0,64` compares both."""
+    runs of smaller tensors are packed into segments of about chunk_bytes, each sent as soon as
+    it is packed. Default learner.sync_chunk_mb = 4 with point-to-point sends on gloo; as gloo
+    broadcasts (sync_gloo_op "broadcast") each segment costs ~0.4 ms more, which is why one
+    packed segment per bucket was the default before (`bench/gloo_ops.py`,
+    `bench/weightsync_bench.py --variants default,bc-whole`)."""
     if nbytes == 0:
         return []
     if chunk_bytes <= 0:
@@ -1043,7 +1043,7 @@ class WeightSender:
     def _transfer(self, version: int, buckets: list[Bucket], backend: str, live: list[_Member],
                   deadline: float) -> str | None:
         """Per bucket: the header to every member, then the bytes over the group in segments
-        (see bucket_segments), each broadcast as soon as it is ready; bucket k+1 is prepared in
+        (see bucket_segments), each sent (SyncPlan.op) as soon as it is ready; bucket k+1 is prepared in
         the other buffer while bucket k may still be in flight. Colocated members get the packed
         bucket's IPC handle instead, and its buffer is packed again only once they released it.
         Returns the group's error."""
@@ -1174,7 +1174,7 @@ class WeightSender:
 
     def _start_bucket(self, header: WeightUpdateHeader, flat: torch.Tensor, group: list[_Member],
                       deadline: float, bucket: Bucket | None = None) -> list | None:
-        """Send the header to the group, then broadcast the bucket's segments. With `bucket`, large
+        """Send the header to the group, then the bucket's segments (SyncPlan.op). With `bucket`, large
         tensors go straight from their own memory and small ones are packed into `flat` just
         before their segment; without, `flat` is already packed. None: a member is gone."""
         for m in group:
