@@ -11,7 +11,6 @@ learner.sync_gloo_op = "send" (docs/BENCHMARKS.md, weight sync).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -21,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.weightsync_bench import from_member, raw_group  # noqa: E402
 from common.transport import free_tcp_port  # noqa: E402
-from common.weightsync import _broadcast_opts, _make_group  # noqa: E402
+from common.weightsync import _broadcast_opts  # noqa: E402
 
 
 def transfer(pg, rank: int, src: torch.Tensor, keep: torch.Tensor, nops: int, fresh: bool, kind: str
@@ -47,16 +46,12 @@ def transfer(pg, rank: int, src: torch.Tensor, keep: torch.Tensor, nops: int, fr
             works.append(pg.recv([view], 0, i))
     for w in works:
         w.wait()
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 1
-    pg.broadcast([torch.zeros(1, dtype=torch.uint8)], opts).wait()
+    from_member(pg)
     return time.perf_counter() - t0, sum(os.times()[:2]) - c0
 
 
 def run(rank: int, port: int, args) -> None:
-    store = dist.TCPStore("127.0.0.1", port, is_master=rank == 0, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=60))
-    pg = _make_group("gloo", dist.PrefixStore("ops", store), rank, 2, 120.0, True)
+    pg, _store = raw_group(port, rank)
     n = int(args.mb * (1 << 20))
     src = torch.randint(0, 255, (n,), dtype=torch.uint8)
     keep = torch.zeros(n, dtype=torch.uint8)

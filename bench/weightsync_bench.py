@@ -82,19 +82,21 @@ def raw_once(pg, nbytes: int, rank: int, src: torch.Tensor | None = None) -> flo
     t0 = time.perf_counter()
     buf = src if rank == 0 else torch.empty(nbytes, dtype=torch.uint8)
     pg.broadcast([buf], _broadcast_opts()).wait()
-    ack = torch.zeros(1, dtype=torch.uint8)
+    from_member(pg)  # the counterpart of SyncDone
+    return time.perf_counter() - t0
+
+
+def from_member(pg) -> None:
+    """A 1-byte broadcast from the member (rank 1): its answer after a raw transfer, and `settle`."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 1
-    pg.broadcast([ack], opts).wait()
-    return time.perf_counter() - t0
+    pg.broadcast([torch.zeros(1, dtype=torch.uint8)], opts).wait()
 
 
 def settle(pg) -> None:
     """Untimed, after every transfer: the member has freed what it received into (raw: its flat
     buffer; a sync: release() after SyncDone) before the next path's clock starts."""
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 1
-    pg.broadcast([torch.zeros(1, dtype=torch.uint8)], opts).wait()
+    from_member(pg)
 
 
 def cpu_seconds() -> float:
