@@ -164,7 +164,7 @@ class LearnerConfig(Section):
     # smaller ones packed in runs of about this size; 0: one packed segment per bucket
     sync_chunk_mb: float = Field(4.0, ge=0)
     # gloo groups: "send" = point-to-point sends from the learner to each member, "broadcast" = one
-    # gloo broadcast per segment (~0.5 ms more per op on the 2-core VM); NCCL always broadcasts
+    # gloo broadcast per segment (~0.4 ms more per op on the 2-core VM, bench/gloo_ops.py); NCCL always broadcasts
     sync_gloo_op: Literal["send", "broadcast"] = "send"
     # share buckets through CUDA IPC with actors on the learner's own GPU (same host + GPU UUID);
     # others, and every actor when the weights are not on CUDA, get the broadcast
