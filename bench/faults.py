@@ -114,7 +114,6 @@ def get_json(url: str, timeout: float = 3.0) -> dict:
         return json.loads(e.read())
 
 
-
 def free_port_run(n: int, host: str = "127.0.0.1") -> int:
     """A port p with p .. p+n-1 all free right now (the supervisor's and its workers' metrics)."""
     import socket

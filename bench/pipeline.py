@@ -77,7 +77,6 @@ def mode_config(path: Path, mode: str, steps: int, async_staleness: int | None) 
     return tree
 
 
-
 def scrape_actor(port: int) -> dict[str, float]:
     """Worker 0's phase / search seconds and token counters from its Prometheus /metrics."""
     from prometheus_client.parser import text_string_to_metric_families

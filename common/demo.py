@@ -66,7 +66,6 @@ class Children:
         stop_processes(procs, timeout)
 
 
-
 def wait_healthy(port: int, what: str, children: Children, name: str, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

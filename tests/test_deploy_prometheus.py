@@ -265,7 +265,6 @@ prompts_per_request = 2
     return cfg
 
 
-
 MIN_STEPS = 25
 
 

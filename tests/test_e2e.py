@@ -84,7 +84,6 @@ def tails(logs, n: int = 25) -> str:
     return "\n".join(out)
 
 
-
 def dumped_groups(d: Path) -> list[dict]:
     out = []
     for f in sorted(d.glob("*.npz")):
