@@ -114,26 +114,6 @@ def get_json(url: str, timeout: float = 3.0) -> dict:
         return json.loads(e.read())
 
 
-def free_port_run(n: int, host: str = "127.0.0.1") -> int:
-    """A port p with p .. p+n-1 all free right now (the supervisor's and its workers' metrics)."""
-    import socket
-
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind((host, port))
-            return base
-        except OSError:
-            continue
-    raise OSError(f"no run of {n} free ports found")
-
-
 class StackError(AssertionError):
     """A scenario could not go on (a process died, a wait ran out); the text carries log tails."""
 
@@ -149,7 +129,7 @@ class Stack:
         self.env = {"OMP_NUM_THREADS": "1", **(env or {})}
         self.ports = {n: free_tcp_port() for n in ("ingest", "sync", "store", "learner_metrics", "retriever",
                                                   "retriever_metrics")}
-        self.ports["actor_metrics"] = free_port_run(9)  # workers serve on actor_metrics + 1 + i
+        self.ports["actor_metrics"] = free_tcp_port(count=9)  # workers serve on actor_metrics + 1 + i
         self.procs: dict[str, subprocess.Popen] = {}
         self.all_procs: list[subprocess.Popen] = []
         self.run_dir, self.groups_dir, self.ckpt = base / "run", base / "groups", base / "ckpt"

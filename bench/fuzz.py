@@ -85,7 +85,8 @@ def build_world(base: Path, actor: bool, curve_dir: str | None = None) -> dict:
     qa.write_text("".join(json.dumps({"question": f"what is the capital of land {i} ?", "golden_answers": [f"c{i}"]})
                           + "\n" for i in range(40)))
     ports = {n: free_tcp_port() for n in ("retriever", "retriever_http", "retriever_metrics", "ingest", "sync",
-                                          "store", "learner_metrics", "actor_metrics")}
+                                          "store", "learner_metrics")}
+    ports["actor_metrics"] = free_tcp_port(count=2)  # the supervisor's and worker 0's
     cfg = base / "fuzz.toml"
     transport = f'[transport]\ncurve_dir = "{curve_dir}"\n' if curve_dir else ""
     cfg.write_text(f"""run_dir = "{base / 'run'}"

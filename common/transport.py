@@ -33,10 +33,50 @@ class TransportTimeout(TimeoutError):
     """No message arrived (or could be sent) within the configured timeout."""
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
+_handed_out: set[int] = set()
+_handed_lock = threading.Lock()
+
+
+def _ephemeral_low() -> int:
+    """First port of the kernel's range for outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _binds(host: str, port: int) -> bool:
     with pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_tcp_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """The first of `count` consecutive ports that bind now, for tests, benches and the demo.
+
+    Chosen below the kernel's ephemeral range: a port handed out by `bind(0)` is one the kernel
+    may next give an outgoing connection's local end, which then takes it before its user binds
+    it (seen in CI: a worker's metrics port, actor_port + 1). Never the same port twice in one
+    process. Falls back to the kernel's choice when that range starts too low to leave room.
+    """
+    import random
+
+    low, high = 10000, _ephemeral_low() - count
+    with _handed_lock:
+        for _ in range(500 if high > low else 0):
+            base = random.randint(low, high)
+            ports = range(base, base + count)
+            if not _handed_out.intersection(ports) and all(_binds(host, p) for p in ports):
+                _handed_out.update(ports)
+                return base
+        if count != 1:
+            raise RuntimeError(f"no {count} consecutive free ports found on {host}")
+        with pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
 
 
 def is_loopback(host: str) -> bool:

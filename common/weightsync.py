@@ -339,6 +339,11 @@ def _broadcast_opts() -> Any:
     return opts
 
 
+def _failed(e: BaseException) -> SyncError:
+    """A transport error as a SyncError: its first line, cut to 300 characters."""
+    return SyncError(f"collective failed: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}")
+
+
 def _wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | None = None,
                poll: bool = False) -> None:
     """Wait for a collective until `deadline` (monotonic); raise SyncError on failure or timeout.
@@ -368,9 +373,9 @@ def _wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | No
                     work.wait()
                     return
                 except RuntimeError as e2:
-                    raise SyncError(f"collective failed: {str(e2).splitlines()[0][:300]}") from None
+                    raise _failed(e2) from None
             if "timed out" not in str(e).lower():
-                raise SyncError(f"collective failed: {str(e).splitlines()[0][:300]}") from None
+                raise _failed(e) from None
         if should_abort is not None and time.monotonic() >= next_check:
             next_check = time.monotonic() + ABORT_CHECK_S
             if should_abort():
@@ -392,7 +397,7 @@ def _wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | N
             try:
                 w.wait(_td(left))
             except RuntimeError as e:
-                raise SyncError(f"collective failed: {str(e).splitlines()[0][:300]}") from None
+                raise _failed(e) from None
 
     if should_abort is None:
         return wait_all()

@@ -115,7 +115,7 @@ def test_actor_streams_groups_updates_restarts_and_stops(model_dir, learner, pro
     from transformers import AutoModelForCausalLM
 
     srv, ws = learner
-    mport = free_port()
+    mport = free_port(count=3)  # the supervisor and up to two workers
     # actor.no_search: every search finds nothing (an empty <information> block). With the retriever
     # unreachable every group would consist of failed retrievals only, which the learner now refuses
     # (tests/test_faults_retriever.py covers that path; test_eval_command_writes_summary below too).
@@ -183,7 +183,7 @@ def test_ctrl_c_stops_the_supervisor_and_every_worker(model_dir, learner, procs,
     exit code 0 (actors/main.py) and no process of the group left. The actor starts with SIGINT
     ignored, as a background job of a non-interactive shell (CI) does: it must install its handler."""
     srv, _ = learner
-    mport = free_port()
+    mport = free_port(count=3)  # the supervisor and up to two workers
     sup = procs.start(actor_args(model_dir, srv, mport, "actor.no_search=true", workers=2),
                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     pids: list[int] = []
@@ -215,7 +215,7 @@ def test_worker_whose_metrics_port_is_taken_is_not_restarted(model_dir, learner,
     import socket
 
     srv, _ = learner
-    mport = free_port()
+    mport = free_port(count=3)  # the supervisor and up to two workers
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", mport + 2))

@@ -122,7 +122,7 @@ def stack(tmp_path_factory):
     names = ("RETRIEVER_PORT", "RETRIEVER_HTTP_PORT", "RETRIEVER_METRICS_PORT", "INGEST_PORT", "SYNC_PORT",
              "STORE_PORT", "TORCH_PORT", "LEARNER_METRICS_PORT", "PROM_PORT")
     ports = {n: free_tcp_port() for n in names}
-    ports["ACTOR_METRICS_PORT"] = free_tcp_port()
+    ports["ACTOR_METRICS_PORT"] = free_tcp_port(count=2)  # the supervisor's and worker 0's
     ports["ACTOR_METRICS_PORT_W0"] = ports["ACTOR_METRICS_PORT"] + 1
     subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus",
                     str(write_jsonl(base / "corpus.jsonl", make_corpus(40, seed=5))), "--out", str(base / "index"),

@@ -190,7 +190,8 @@ def stack(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("e2e")
     ports = {n: free_tcp_port() for n in ("retriever", "retriever_metrics", "ingest", "sync", "store",
-                                          "learner_metrics", "actor_metrics")}
+                                          "learner_metrics")}
+    ports["actor_metrics"] = free_tcp_port(count=2)  # the supervisor's and worker 0's
     cfg = write_config(base, ports)
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     logs = {n: base / f"{n}.log" for n in ("retriever", "learner", "actor")}

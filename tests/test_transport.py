@@ -88,3 +88,22 @@ def test_receive_times_out_instead_of_hanging(ipc_path):
         recv(sock, 200)
     sock.close(0)
     ctx.term()
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_repeated():
+    """Tests hand out ports before their users bind them; a port from the kernel's ephemeral range
+    can meanwhile become an outgoing connection's local end (a CI failure: actor_port + 1 taken).
+    Runs of `count` ports are all free, and no port is handed out twice in one process."""
+    import socket
+
+    from common.transport import _ephemeral_low, free_tcp_port
+
+    seen: set[int] = set()
+    for count in (1, 1, 3, 9, 2):
+        base = free_tcp_port(count=count)
+        run = set(range(base, base + count))
+        assert base + count - 1 < _ephemeral_low() and not run & seen
+        seen |= run
+        for port in run:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
