@@ -294,6 +294,9 @@ def actor_crash(stack: Stack, workers: int = 2, warm_steps: int = 4, after_steps
         stack.health("actor", i)["version"] >= 1 for i in range(workers)), timeout,
         f"{warm_steps} steps with every worker holding broadcast weights", watch)
     old = stack.health("actor", slot)
+    # the victim's run must have had a group accepted (a fast peer can fill the first steps alone)
+    stack.wait(lambda: any(str(g["run_id"]) == old["run_id"] for g in stack.groups()), timeout,
+               f"a group from worker {slot} accepted", watch)
     t_kill = stack.kill9(int(old["pid"]))
     steps_at_kill = len(stack.steps())
     new = stack.wait(lambda: (h := stack.health("actor", slot))["pid"] != old["pid"] and h, timeout,
