@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 import socket as pysocket
 import threading
 from pathlib import Path
@@ -35,6 +36,7 @@ class TransportTimeout(TimeoutError):
 
 _handed_out: set[int] = set()
 _handed_lock = threading.Lock()
+_port_rng = random.SystemRandom()  # not the global generator, which a caller may have seeded
 
 
 def _ephemeral_low() -> int:
@@ -62,12 +64,11 @@ def free_tcp_port(host: str = "127.0.0.1", count: int = 1) -> int:
     it (seen in CI: a worker's metrics port, actor_port + 1). Never the same port twice in one
     process. Falls back to the kernel's choice when that range starts too low to leave room.
     """
-    import random
-
     low, high = 10000, _ephemeral_low() - count
+    tries = 500 if high > low else 0  # no room below the ephemeral range: only the kernel's choice
     with _handed_lock:
-        for _ in range(500 if high > low else 0):
-            base = random.randint(low, high)
+        for _ in range(tries):
+            base = _port_rng.randint(low, high)
             ports = range(base, base + count)
             if not _handed_out.intersection(ports) and all(_binds(host, p) for p in ports):
                 _handed_out.update(ports)
