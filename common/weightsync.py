@@ -339,9 +339,15 @@ def _broadcast_opts() -> Any:
     return opts
 
 
+def _first_line(e: BaseException) -> str:
+    """An error's first line, cut to 300 characters (torch's gloo errors carry long traces);
+    its type's name when it has no message."""
+    lines = str(e).splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def _failed(e: BaseException) -> SyncError:
-    """A transport error as a SyncError: its first line, cut to 300 characters."""
-    return SyncError(f"collective failed: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}")
+    return SyncError(f"collective failed: {_first_line(e)}")
 
 
 def _wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | None = None,
@@ -1465,7 +1471,7 @@ class BucketReceiver:
             self._group = _make_group(plan.transport, prefix, plan.rank, plan.world_size,
                                       plan.timeout_s, is_loopback(plan.store_host))
         except Exception as e:
-            raise SyncError(f"generation {plan.generation}: group did not form: {str(e).splitlines()[0][:300]}") from None
+            raise SyncError(f"generation {plan.generation}: group did not form: {_first_line(e)}") from None
         self._prefix = prefix
 
     def _aborted(self) -> bool:
@@ -1515,7 +1521,7 @@ class BucketReceiver:
                         _wait_work(work, deadline, self._aborted, poll=plan.transport == "nccl")
             except Exception as e:
                 self._close_group()
-                raise e if isinstance(e, SyncError) else SyncError(str(e).splitlines()[0][:300]) from None
+                raise e if isinstance(e, SyncError) else SyncError(_first_line(e)) from None
         return unpack_bucket(flat, header.tensors)
 
     def _receive_ipc(self, header: dict | WeightIpcBucket) -> list[tuple[str, torch.Tensor]]:
