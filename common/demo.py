@@ -143,9 +143,11 @@ def write_run_config(cfg: ScoutConfig, paths: dict[str, Path], run_dir: Path) ->
     tree = apply_recipe(cfg, cfg.model_dump(mode="json", exclude_none=True))
     tree["run_dir"] = str(run_dir)
     tree["retriever"].update(index_dir=str(paths["index"]), endpoint=f"ipc://{ipc}/retriever", http_port=0)
+    from actors.main import plan_slots
+
     # the actor's supervisor serves on actor_port and worker i on actor_port + 1 + i
     tree["metrics"].update(retriever_port=free_tcp_port(),
-                           actor_port=free_tcp_port(count=1 + tree["actor"].get("workers", 1)),
+                           actor_port=free_tcp_port(count=1 + len(plan_slots(cfg))),
                            learner_port=free_tcp_port())
     tree["learner"].update(model=str(paths["model"]), data=str(paths["train"]),
                            ingest_endpoint=f"ipc://{ipc}/ingest", sync_endpoint=f"ipc://{ipc}/sync",
