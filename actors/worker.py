@@ -50,8 +50,9 @@ from actors.main import EXIT_CONFIG
 from actors.rollout import GroupState, RolloutRunner, Trajectory, make_searcher
 from common.config import ScoutConfig
 from common.metrics import Metrics
-from common.protocol import (ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, Message, ProtocolError,
-                             SyncAbort, WorkAssignment, WorkRequest, decode)
+from common.wire import Message, ProtocolError, decode
+from common.protocol import ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, WorkAssignment, WorkRequest
+from common.weightsync.messages import SyncAbort
 from common.transport import TransportTimeout, connect, send
 
 log = logging.getLogger("scout.actors.worker")

@@ -55,8 +55,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common import protocol as P  # noqa: E402
+from common import wire as W  # noqa: E402
+from common.weightsync import messages as S  # noqa: E402
 from common.metrics import HTTP_TIMEOUT_S  # noqa: E402
-from common.protocol import ProtocolError, decode, encode  # noqa: E402
+from common.wire import ProtocolError, decode, encode  # noqa: E402
 from common.transport import free_tcp_port  # noqa: E402
 
 N_SAMPLES = 2
@@ -225,7 +227,7 @@ def _group(rng: random.Random, vocab: int, n: int = N_SAMPLES, prompt_id: int = 
         versions=np.where(mask, version, -1).astype(np.int32), rewards=np.array([1.0] * n, dtype=np.float32))
 
 
-def valid_messages(rng: random.Random, vocab: int) -> list[P.Message]:
+def valid_messages(rng: random.Random, vocab: int) -> list[W.Message]:
     """One valid instance of every message type (the seeds of mutations and of wrong-type sends)."""
     return [
         P.Hello(role="actor", peer_id="p", run_id="r", worker=1, host="h", pid=3, version=2),
@@ -242,14 +244,14 @@ def valid_messages(rng: random.Random, vocab: int) -> list[P.Message]:
         P.ShardHello(shard=0, pid=1, count=3, dim=4),
         P.ShardSearch(seq=1, topk=2, vectors=np.ones((2, 4), dtype=np.float32)),
         P.ShardResult(seq=1, shard=0, scores=np.ones((2, 2), dtype=np.float32), ids=np.ones((2, 2), dtype=np.int64)),
-        P.SyncJoin(peer_id="p", run_id="r", version=-1, transports=["gloo", "zmq"]),
-        P.SyncPlan(version=1, generation=1, transport="gloo", store_host="h", store_port=1, rank=1, world_size=2,
+        S.SyncJoin(peer_id="p", run_id="r", version=-1, transports=["gloo", "zmq"]),
+        S.SyncPlan(version=1, generation=1, transport="gloo", store_host="h", store_port=1, rank=1, world_size=2,
                    timeout_s=5.0),
-        P.WeightUpdateHeader(version=1, bucket=0, num_buckets=1, dtype="float32", nbytes=8,
-                             tensors=[P.TensorMeta(name="w", dtype="float32", shape=[2], offset=0)],
+        S.WeightUpdateHeader(version=1, bucket=0, num_buckets=1, dtype="float32", nbytes=8,
+                             tensors=[S.TensorMeta(name="w", dtype="float32", shape=[2], offset=0)],
                              data=np.zeros(8, dtype=np.uint8)),
-        P.SyncAbort(version=1, generation=1, reason="r"),
-        P.SyncDone(peer_id="p", run_id="r", version=1, ok=True, seconds=0.1),
+        S.SyncAbort(version=1, generation=1, reason="r"),
+        S.SyncDone(peer_id="p", run_id="r", version=1, ok=True, seconds=0.1),
     ]
 
 
@@ -298,7 +300,7 @@ class ZmqGen:
             return self.rng.randint(65, 4096)
         if r < 0.9995:
             return self.rng.randint(4097, 1 << 16)
-        return P.MAX_HEADER_BYTES + self.rng.randint(1, 1 << 16)  # over the header cap
+        return W.MAX_HEADER_BYTES + self.rng.randint(1, 1 << 16)  # over the header cap
 
     def random_bytes(self) -> list[bytes]:
         return [self._bytes(self._size())]
@@ -364,7 +366,7 @@ class ZmqGen:
         if edit == "p":
             hdr["p"] = rng.choice([0, 2, -1, 255, "1", None, [1]])
         elif edit == "t":
-            hdr["t"] = rng.choice(["", "nope", "x" * 100000, 5, None, ["hello"], rng.choice(list(P.REGISTRY))])
+            hdr["t"] = rng.choice(["", "nope", "x" * 100000, 5, None, ["hello"], rng.choice(list(W.REGISTRY))])
         elif edit == "v":
             hdr["v"] = rng.choice([0, 2, -1, "1", None, (1 << 63) - 1, 1.5])
         elif edit == "b":
@@ -434,7 +436,7 @@ def refused_builders(target: str, vocab: int) -> list:
 
 
 TARGET_TYPES = {"retriever": (P.RetrieveRequest,), "ingest": (P.Hello, P.WorkRequest, P.TrajectoryGroup, P.Heartbeat),
-                "sync": (P.SyncJoin, P.SyncDone)}
+                "sync": (S.SyncJoin, S.SyncDone)}
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -817,7 +819,7 @@ class IngestActor(Legit):
         self.accepted = 0
         self.sync_endpoint = ""
 
-    def _ask(self, msg: P.Message, expect) -> P.Message:
+    def _ask(self, msg: W.Message, expect) -> W.Message:
         self.sock.send_multipart(encode(msg))
         if not self.sock.poll(30000):
             raise TimeoutError(f"no answer to {msg.TYPE} within 30 s")

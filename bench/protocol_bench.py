@@ -31,7 +31,8 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.protocol import TrajectoryGroup, decode, encode  # noqa: E402
+from common.wire import decode, encode  # noqa: E402
+from common.protocol import TrajectoryGroup  # noqa: E402
 
 
 def make_group(samples: int, tokens: int) -> TrajectoryGroup:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from common.config import ConfigError
-from common.protocol import MAX_ANSWERS, MAX_STR
+from common.wire import MAX_STR
+from common.protocol import MAX_ANSWERS
 
 
 def _read(path: str | Path, what: str) -> tuple[list[dict], list[int] | None]:

@@ -24,7 +24,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from common.config import ConfigError, TransportConfig
-from common.protocol import Message, ProtocolError, decode, encode
+from common.wire import Message, ProtocolError, decode, encode
 
 _auth_lock = threading.Lock()
 _authenticators: dict[int, ThreadAuthenticator] = {}

@@ -38,8 +38,9 @@ import zmq
 from common.config import ConfigError, ScoutConfig
 from common.qa import read_qa
 from common.metrics import Metrics
-from common.protocol import (MAX_STR, ErrorReply, error_frames, GroupAck, Heartbeat, Hello, HelloAck, Message, Prompt,
-                             ProtocolError, TrajectoryGroup, WorkAssignment, WorkRequest, decode, encode)
+from common.wire import MAX_STR, Message, ProtocolError, decode, encode
+from common.protocol import (ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, Prompt, TrajectoryGroup,
+                             WorkAssignment, WorkRequest, error_frames)
 from common.transport import bind, bound_endpoint
 
 log = logging.getLogger("scout.learner.ingest")

@@ -32,7 +32,8 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from common.config import TransportConfig
-from common.protocol import ErrorReply, Passage, ProtocolError, RetrieveReply, RetrieveRequest, decode, encode
+from common.wire import ProtocolError, decode, encode
+from common.protocol import ErrorReply, Passage, RetrieveReply, RetrieveRequest
 from common.transport import connect
 from retriever.docstore import split_title
 

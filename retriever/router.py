@@ -41,8 +41,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from common.protocol import (MAX_STR, ErrorReply, Passage, ProtocolError, RetrieveReply, RetrieveRequest,
-                             ShardHello, ShardResult, ShardSearch, decode, encode, error_frames)
+from common.wire import MAX_STR, ProtocolError, decode, encode
+from common.protocol import (ErrorReply, Passage, RetrieveReply, RetrieveRequest, ShardHello, ShardResult,
+                             ShardSearch, error_frames)
 from common.transport import bind, split_envelope
 from retriever.docstore import DocStore, split_title
 from retriever.index import merge_topk

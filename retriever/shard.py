@@ -22,7 +22,8 @@ import numpy as np
 import zmq
 
 from common.log import setup_logging
-from common.protocol import ErrorReply, ProtocolError, ShardHello, ShardResult, ShardSearch, decode
+from common.wire import ProtocolError, decode
+from common.protocol import ErrorReply, ShardHello, ShardResult, ShardSearch
 from common.transport import send
 
 log = logging.getLogger("scout.retriever.shard")

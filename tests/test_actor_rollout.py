@@ -12,7 +12,8 @@ import pytest
 from actors.engine import SamplingSpec, StepOutput, TransformersEngine
 from actors.rollout import INVALID_ACTION, RolloutRunner, build_prompt_ids
 from common.config import ActorConfig, TransportConfig
-from common.protocol import Passage, Prompt, TrajectoryGroup, decode, encode
+from common.wire import decode, encode
+from common.protocol import Passage, Prompt, TrajectoryGroup
 
 PASSAGES = [Passage(id="0", title="zorland", text="the capital of zorland is mirabel .", score=0.9)]
 

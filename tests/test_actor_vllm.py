@@ -283,7 +283,8 @@ def test_full_rollout_against_real_retriever(engine, ref, searcher, acfg):
     """Greedy: search once (real retriever), read, answer; mask is 1 exactly on generated tokens;
     the greedy tokens' logprobs match the transformers recomputation."""
     from actors.rollout import RolloutRunner
-    from common.protocol import TrajectoryGroup, decode, encode
+    from common.wire import decode, encode
+    from common.protocol import TrajectoryGroup
 
     g = rollout_group(engine, searcher, acfg, n=2, greedy=True)
     tok = engine.tokenizer

@@ -27,8 +27,10 @@ import zmq
 
 from bench.fuzz import N_SAMPLES, _group, get, metric, start_world
 from common import protocol as P
+from common import wire as W
+from common.weightsync import messages as S
 from common.config import TransportConfig
-from common.protocol import decode, encode
+from common.wire import decode, encode
 from common.transport import connect, generate_keys
 from tests.conftest import ROOT
 
@@ -71,7 +73,7 @@ class Peer:
             self.sock = connect(self.ctx, zmq.DEALER, endpoint, cfg)
         self.sock.setsockopt(zmq.LINGER, 0)
 
-    def ask(self, msg: P.Message, timeout_ms: int) -> P.Message | None:
+    def ask(self, msg: W.Message, timeout_ms: int) -> W.Message | None:
         try:
             self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:  # the handshake failed and the connection is gone: nothing can even be sent
@@ -85,10 +87,10 @@ class Peer:
         self.ctx.term()
 
 
-def probes() -> dict[str, P.Message]:
+def probes() -> dict[str, W.Message]:
     return {"retriever": P.RetrieveRequest(request_id="r1", queries=["capital"], topk=2),
             "ingest": P.Hello(role="actor", peer_id="probe", run_id=uuid.uuid4().hex),
-            "sync": P.SyncJoin(peer_id="rogue-sync", run_id=uuid.uuid4().hex, version=-1, transports=["zmq"])}
+            "sync": S.SyncJoin(peer_id="rogue-sync", run_id=uuid.uuid4().hex, version=-1, transports=["zmq"])}
 
 
 def learner_metrics(w) -> str:

@@ -31,7 +31,8 @@ import pytest
 import zmq
 
 from bench.faults import Stack, actor_crash, build_world, check_group_whole
-from common.protocol import GroupAck, Hello, HelloAck, TrajectoryGroup, WorkAssignment, WorkRequest, encode
+from common.wire import encode
+from common.protocol import GroupAck, Hello, HelloAck, TrajectoryGroup, WorkAssignment, WorkRequest
 from common.transport import connect, recv, send
 
 SYNC_TIMEOUT_S = 8.0
@@ -189,7 +190,7 @@ def test_failed_transfer_leaves_the_engine_weights_intact(world):
     import torch
 
     from actors.engine import TransformersEngine
-    from common.protocol import WeightUpdateHeader
+    from common.weightsync.messages import WeightUpdateHeader
     from common.weightsync import SyncError, pack_bucket, plan_buckets
 
     eng = TransformersEngine(world["model"], dtype="float32")

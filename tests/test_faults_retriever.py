@@ -36,7 +36,8 @@ import torch
 import zmq
 
 from bench.faults import ANSWER, QUESTION, Stack, build_world, retriever_outage
-from common.protocol import Prompt, RetrieveRequest, TrajectoryGroup, decode
+from common.wire import decode
+from common.protocol import Prompt, RetrieveRequest, TrajectoryGroup
 from retriever.client import RetrievalError, RetrieverClient, SyncRetriever
 
 

@@ -26,9 +26,11 @@ import zmq
 from bench.fuzz import (TARGET_TYPES, HttpGen, ZmqGen, _group, fire_http, fire_zmq, get, refused_builders, rejected,
                         run)
 from common import protocol as P
+from common import wire as W
+from common.weightsync import messages as S
 from common.config import load_config
 from common.metrics import CountingHandler, Metrics
-from common.protocol import ProtocolError, decode, encode
+from common.wire import ProtocolError, decode, encode
 from common.transport import connect
 
 REASONS = {"malformed", "too_large", "version", "unknown_type", "unexpected_type", "invalid"}
@@ -46,7 +48,7 @@ def test_generated_messages_are_refused_with_protocol_errors_only():
                 msg = decode(frames, expect=accept)
             except ProtocolError as e:  # nothing else may escape decode
                 assert e.reason in REASONS, e
-                assert len(str(e)) <= P.MAX_STR
+                assert len(str(e)) <= W.MAX_STR
                 continue
             assert kind == "refused", f"{target}: a {kind} mutation decoded: {msg!r:.200}"
         assert {"random_bytes", "random_multipart", "bitflip", "truncate", "header", "array_garbage"} <= kinds
@@ -233,7 +235,7 @@ def test_clients_skip_malformed_replies_from_a_bad_server(ipc_path):
     server = ctx.socket(zmq.ROUTER)
     server.setsockopt(zmq.LINGER, 0)
     server.bind(ep)
-    junk = ZmqGen(9, (P.RetrieveReply, P.ErrorReply, P.SyncPlan, P.WeightUpdateHeader, P.SyncAbort, P.Heartbeat),
+    junk = ZmqGen(9, (P.RetrieveReply, P.ErrorReply, S.SyncPlan, S.WeightUpdateHeader, S.SyncAbort, P.Heartbeat),
                   [lambda r: P.GroupAck(group_id="g", accepted=False, version=0)], VOCAB)
     stop = threading.Event()
 
@@ -249,7 +251,7 @@ def test_clients_skip_malformed_replies_from_a_bad_server(ipc_path):
                 reply = P.RetrieveReply(request_id=msg.request_id, results=[[P.Passage(id="7", title="t", text="x",
                                                                                        score=1.0)]])
             else:
-                reply = P.SyncAbort(version=3, generation=1, reason="test")
+                reply = S.SyncAbort(version=3, generation=1, reason="test")
             server.send_multipart([ident, *encode(reply)])
 
     t = threading.Thread(target=serve, daemon=True)
@@ -269,7 +271,7 @@ def test_clients_skip_malformed_replies_from_a_bad_server(ipc_path):
         while got is None and time.monotonic() < deadline:
             got = sync.poll(200)
         sync.close()
-        assert isinstance(got, P.SyncAbort) and got.reason == "test"
+        assert isinstance(got, S.SyncAbort) and got.reason == "test"
     finally:
         stop.set()
         t.join(5)

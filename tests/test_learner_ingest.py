@@ -11,8 +11,9 @@ import pytest
 import zmq
 
 from common.config import ConfigError, load_config
+from common.wire import decode
 from common.protocol import (ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, RetrieveRequest, TrajectoryGroup,
-                             WorkAssignment, WorkRequest, decode)
+                             WorkAssignment, WorkRequest)
 from common.transport import connect, recv, send
 from learner.ingest import Dispatcher, IngestServer, load_qa
 

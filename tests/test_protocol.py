@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import protocol as P
+from common import wire as W
+from common.weightsync import messages as S
 
 
 def _group(n: int = 3, seed: int = 0) -> P.TrajectoryGroup:
@@ -24,7 +26,7 @@ def _group(n: int = 3, seed: int = 0) -> P.TrajectoryGroup:
         versions=np.where(mask == 1, 3, -1).astype(np.int32), rewards=rng.random(n).astype(np.float32))
 
 
-SAMPLES: list[P.Message] = [
+SAMPLES: list[W.Message] = [
     P.Hello(role="actor", peer_id="a0", run_id="r1", worker=1, gpu="cuda:1", host="h", pid=42, version=3),
     P.HelloAck(learner_run_id="L", version=2, n_samples=5, max_staleness=4, sync_endpoint="tcp://127.0.0.1:1"),
     P.Heartbeat(peer_id="a0", run_id="r1", seq=9, version=1, time=1.5),
@@ -36,28 +38,28 @@ SAMPLES: list[P.Message] = [
     P.GroupAck(group_id="g-1", accepted=False, reason="stale", version=9),
     P.RetrieveRequest(request_id="q1", queries=["capital of zorland", "b"], topk=3),
     P.RetrieveReply(request_id="q1", results=[[P.Passage(id="1", title="Z", text="t", score=0.5)], []]),
-    P.SyncJoin(peer_id="a0", run_id="r1", version=-1, transports=["gloo", "zmq"]),
-    P.SyncPlan(version=1, generation=2, transport="gloo", store_host="127.0.0.1", store_port=29500,
+    S.SyncJoin(peer_id="a0", run_id="r1", version=-1, transports=["gloo", "zmq"]),
+    S.SyncPlan(version=1, generation=2, transport="gloo", store_host="127.0.0.1", store_port=29500,
                rank=1, world_size=3, timeout_s=30.0),
-    P.WeightUpdateHeader(version=1, bucket=0, num_buckets=2, dtype="bfloat16", nbytes=12,
-                         tensors=[P.TensorMeta(name="w", dtype="bfloat16", shape=[2, 3], offset=0)],
+    S.WeightUpdateHeader(version=1, bucket=0, num_buckets=2, dtype="bfloat16", nbytes=12,
+                         tensors=[S.TensorMeta(name="w", dtype="bfloat16", shape=[2, 3], offset=0)],
                          data=np.arange(12, dtype=np.uint8)),
-    P.SyncDone(peer_id="a0", run_id="r1", version=1, ok=True, seconds=0.25),
-    P.SyncAbort(version=3, generation=2, reason="member too slow", rejoin=True),
-    P.SyncColocated(peer_id="a0", run_id="r1", host="node-1", gpu_uuid="GPU-5f1c2d3e-0000-1111-2222-333344445555"),
-    P.WeightIpcBucket(version=2, generation=1, bucket=0, num_buckets=1, dtype="bfloat16", nbytes=24,
-                      tensors=[P.TensorMeta(name="w", dtype="bfloat16", shape=[3, 4], offset=0)],
-                      ipc=P.IpcHandle(device=0, handle=bytes(range(64)), storage_size_bytes=1 << 20,
+    S.SyncDone(peer_id="a0", run_id="r1", version=1, ok=True, seconds=0.25),
+    S.SyncAbort(version=3, generation=2, reason="member too slow", rejoin=True),
+    S.SyncColocated(peer_id="a0", run_id="r1", host="node-1", gpu_uuid="GPU-5f1c2d3e-0000-1111-2222-333344445555"),
+    S.WeightIpcBucket(version=2, generation=1, bucket=0, num_buckets=1, dtype="bfloat16", nbytes=24,
+                      tensors=[S.TensorMeta(name="w", dtype="bfloat16", shape=[3, 4], offset=0)],
+                      ipc=S.IpcHandle(device=0, handle=bytes(range(64)), storage_size_bytes=1 << 20,
                                       storage_offset_bytes=512, tensor_offset=0, ref_counter_handle=b"/torch_1_2",
                                       ref_counter_offset=3, event_handle=bytes(64), event_sync_required=True)),
-    P.WeightIpcAck(peer_id="a0", run_id="r1", version=2, bucket=0, ok=False, message="cannot open the handle"),
+    S.WeightIpcAck(peer_id="a0", run_id="r1", version=2, bucket=0, ok=False, message="cannot open the handle"),
     P.ShardHello(shard=1, pid=42, count=100, dim=384, device="cpu"),
     P.ShardSearch(seq=3, topk=5, vectors=np.ones((2, 4), np.float32)),
     P.ShardResult(seq=3, shard=1, scores=np.ones((2, 5), np.float32), ids=np.arange(10, dtype=np.int64).reshape(2, 5)),
 ]
 
 
-def _equal(a: P.Message, b: P.Message) -> bool:
+def _equal(a: W.Message, b: W.Message) -> bool:
     if type(a) is not type(b):
         return False
     for name in type(a).model_fields:
@@ -74,21 +76,21 @@ def _equal(a: P.Message, b: P.Message) -> bool:
 
 
 def test_every_registered_type_has_a_sample():
-    assert {type(m).TYPE for m in SAMPLES} >= set(P.REGISTRY)
+    assert {type(m).TYPE for m in SAMPLES} >= set(W.REGISTRY)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TYPE)
 def test_round_trip(msg):
-    frames = P.encode(msg)
+    frames = W.encode(msg)
     assert isinstance(frames[0], bytes)
-    out = P.decode([bytes(f) for f in frames])
+    out = W.decode([bytes(f) for f in frames])
     assert _equal(msg, out)
-    assert P.decode(frames, expect=type(msg)).TYPE == msg.TYPE
+    assert W.decode(frames, expect=type(msg)).TYPE == msg.TYPE
 
 
 def test_arrays_travel_as_raw_frames_without_copies():
     g = _group(4)
-    frames = P.encode(g)
+    frames = W.encode(g)
     header = msgpack.unpackb(frames[0])
     assert [a[0] for a in header["a"]] == list(P.TrajectoryGroup.ARRAYS)
     assert "tokens" not in header["b"]
@@ -98,19 +100,19 @@ def test_arrays_travel_as_raw_frames_without_copies():
     buf = bytearray(frames[2])
     frames2 = list(frames)
     frames2[2] = buf
-    out = P.decode(frames2)
+    out = W.decode(frames2)
     buf[0:4] = (99).to_bytes(4, "little")
     assert out.tokens[0] == 99
 
 
 def _bad(frames, fragment: str):
-    with pytest.raises(P.ProtocolError) as e:
-        P.decode(frames)
+    with pytest.raises(W.ProtocolError) as e:
+        W.decode(frames)
     assert fragment in str(e.value), str(e.value)
 
 
 def test_clear_errors():
-    good = P.encode(_group())
+    good = W.encode(_group())
     hdr = msgpack.unpackb(good[0])
     _bad([], "at least one frame")
     _bad([b"\xc1"], "not valid msgpack")
@@ -127,18 +129,18 @@ def test_clear_errors():
     extra = dict(hdr)
     extra["b"] = {**hdr["b"], "evil": 1}
     _bad([msgpack.packb(extra), *good[1:]], "evil")
-    req = P.encode(P.RetrieveRequest(request_id="r", queries=["a"], topk=3))
+    req = W.encode(P.RetrieveRequest(request_id="r", queries=["a"], topk=3))
     rh = msgpack.unpackb(req[0])
     _bad([msgpack.packb({**rh, "b": {**rh["b"], "topk": 0}})], "topk")
     _bad([msgpack.packb({**rh, "b": {**rh["b"], "queries": ["  "]}})], "query 0 is empty")
     _bad([msgpack.packb({**rh, "b": {**rh["b"], "queries": ["x" * 5000]}})], "cap is 4096")
-    with pytest.raises(P.ProtocolError, match="expected"):
-        P.decode(req, expect=P.TrajectoryGroup)
+    with pytest.raises(W.ProtocolError, match="expected"):
+        W.decode(req, expect=P.TrajectoryGroup)
 
 
 def test_ipc_bucket_checks():
-    ipc = next(m for m in SAMPLES if isinstance(m, P.WeightIpcBucket))
-    hdr = msgpack.unpackb(P.encode(ipc)[0])
+    ipc = next(m for m in SAMPLES if isinstance(m, S.WeightIpcBucket))
+    hdr = msgpack.unpackb(W.encode(ipc)[0])
     past = {**hdr, "b": {**hdr["b"], "ipc": {**hdr["b"]["ipc"], "storage_size_bytes": 16}}}
     _bad([msgpack.packb(past)], "run past the shared storage")
     as_text = {**hdr, "b": {**hdr["b"], "ipc": {**hdr["b"]["ipc"], "handle": "abc"}}}
@@ -151,7 +153,7 @@ def test_ipc_bucket_checks():
 
 def test_semantic_checks_on_trajectories():
     g = _group()
-    frames = P.encode(g)
+    frames = W.encode(g)
     hdr = msgpack.unpackb(frames[0])
     idx = [a[0] for a in hdr["a"]].index("logprobs") + 1
     lp = g.logprobs.copy()
@@ -179,13 +181,13 @@ def test_oldest_version_and_slices():
 
 
 # ------------------------------------------------------------------ the trajectory fast path
-def _parts(msg: P.Message) -> tuple[dict, dict, dict]:
+def _parts(msg: W.Message) -> tuple[dict, dict, dict]:
     """What decode hands to _fast_construct: (msgpack body, arrays, logical dtypes)."""
-    frames = P.encode(msg)
-    cls, body, specs = P._read_header(frames)
+    frames = W.encode(msg)
+    cls, body, specs = W._read_header(frames)
     arrays, dtypes = {}, {}
     for entry, frame in zip(specs, frames[1:]):
-        name, dtype, arr = P._read_array(cls, entry, frame)
+        name, dtype, arr = W._read_array(cls, entry, frame)
         arrays[name], dtypes[name] = arr, dtype
     return body, arrays, dtypes
 
@@ -198,7 +200,7 @@ def test_valid_groups_take_the_fast_path(monkeypatch):
         g = _group(n, seed)
         with monkeypatch.context() as m:
             m.setattr(P.TrajectoryGroup, "model_validate", refuse)
-            out = P.decode(P.encode(g), expect=P.TrajectoryGroup)
+            out = W.decode(W.encode(g), expect=P.TrajectoryGroup)
         assert _equal(g, out) and out.array_dtypes == {k: v for k, v in _parts(g)[2].items()}
         body, arrays, dtypes = _parts(g)
         assert out.model_fields_set == P.TrajectoryGroup.model_validate(
@@ -209,7 +211,7 @@ def test_valid_groups_take_the_fast_path(monkeypatch):
         assert out.__pydantic_extra__ == ref.__pydantic_extra__ and out.__pydantic_private__ == ref.__pydantic_private__
         assert g._body() == g.model_dump(mode="python", exclude=set(P.TrajectoryGroup.ARRAYS) | {"array_dtypes"})
         assert out.model_copy(update={"prompt_id": 9}).prompt_id == 9 and out.n == n
-    frames = P.encode(_group())
+    frames = W.encode(_group())
     hdr = msgpack.unpackb(frames[0])
     hdr["b"]["peer_id"] = ""
     _bad([msgpack.packb(hdr), *frames[1:]], "peer_id: String should have at least 1 character")
@@ -254,13 +256,13 @@ def test_fast_path_accepts_only_what_pydantic_accepts(n, data):
 
 
 # ------------------------------------------------------------------ fuzzing: only ProtocolError escapes
-ALL_FRAMES = [P.encode(m) for m in SAMPLES]
+ALL_FRAMES = [W.encode(m) for m in SAMPLES]
 
 
 def _decode_only_protocol_errors(frames):
     try:
-        P.decode(frames)
-    except P.ProtocolError:
+        W.decode(frames)
+    except W.ProtocolError:
         pass
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import zmq
 
-from common.protocol import ErrorReply, Hello, RetrieveReply, RetrieveRequest, decode, encode
+from common.wire import decode, encode
+from common.protocol import ErrorReply, Hello, RetrieveReply, RetrieveRequest
 from retriever.client import HttpRetrievalClient, RetrievalError, RetrieverClient, SyncRetriever
 from tests.conftest import ROOT, Procs
 from tests.test_retriever_index import make_corpus, write_jsonl

@@ -38,7 +38,7 @@ def test_request_reply_and_bad_input(procs, ipc_path):
     raw.connect(ep)
     raw.send_multipart([b"\x93garbage"])
     assert raw.poll(3000)
-    from common.protocol import decode
+    from common.wire import decode
     err = decode(raw.recv_multipart())
     assert isinstance(err, ErrorReply) and err.code == "bad_request" and "msgpack" in err.message
     assert _ping(ctx, ep, cfg, seq=1).seq == 2  # still serving

@@ -18,8 +18,8 @@ import torch
 from common import weightsync
 from common.config import LearnerConfig, TransportConfig
 from common.metrics import Metrics
-from common.protocol import (SyncAbort, SyncDone, SyncJoin, TensorMeta, WeightIpcBucket, WeightUpdateHeader, decode,
-                             encode)
+from common.wire import decode, encode
+from common.weightsync.messages import SyncAbort, SyncDone, SyncJoin, TensorMeta, WeightIpcBucket, WeightUpdateHeader
 from common.weightsync import (DIRECT_DIVISOR, MAX_TENSORS_PER_BUCKET, BucketReceiver, CudaIpc, ShmIpcStandIn,
                                SyncError, WeightSender, bucket_segments, header_dict, iter_buckets, pack_bucket,
                                plan_buckets, segment_tag, set_ipc_impl, unpack_bucket, use_ipc)

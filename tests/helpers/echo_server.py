@@ -9,7 +9,8 @@ import sys
 import zmq
 
 from common.config import TransportConfig
-from common.protocol import ErrorReply, Heartbeat, ProtocolError, decode
+from common.wire import ProtocolError, decode
+from common.protocol import ErrorReply, Heartbeat
 from common.transport import bind, send, split_envelope
 
 

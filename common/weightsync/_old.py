@@ -72,9 +72,10 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from common.protocol import (DTYPES, MAX_ARRAY_BYTES, ErrorReply, Heartbeat, IpcHandle, Message, ProtocolError, SyncAbort,
-                             SyncColocated, SyncDone, SyncJoin, SyncPlan, TensorMeta, WeightIpcAck, WeightIpcBucket,
-                             WeightUpdateHeader, decode, encode)
+from common.protocol import ErrorReply, Heartbeat
+from common.weightsync.messages import (IpcHandle, SyncAbort, SyncColocated, SyncDone, SyncJoin, SyncPlan, TensorMeta,
+                                        WeightIpcAck, WeightIpcBucket, WeightUpdateHeader)
+from common.wire import DTYPES, MAX_ARRAY_BYTES, Message, ProtocolError, decode, encode
 from common.transport import (bind, bound_endpoint, check_host_bind, connect, is_loopback, recv_frames,
                               send, split_envelope, TransportTimeout)
 
