@@ -130,7 +130,7 @@ def demo(
 ):
     """Embedded default: build the toy world and run the whole system on this machine."""
     cfg = _config(config, set_, "demo", log=False, **{"demo.no_search": no_search or None, "demo.steps": steps})
-    from common.demo import main
+    from demo.run import main
 
     raise typer.Exit(main(cfg))
 
@@ -180,7 +180,7 @@ def export(ckpt: Path = typer.Argument(...), out: Path = typer.Argument(...)):
 def report(run_dir: Path = typer.Argument(...)):
     """PNG plots and a text summary from what a run logged."""
     try:
-        from common.report import main
+        from learner.report import main
     except ImportError:
         _fail("`report` is not available yet: the observability issue (#7) has not landed")
     raise typer.Exit(main(run_dir))

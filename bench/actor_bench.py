@@ -3,7 +3,7 @@
     python bench/actor_bench.py --engine vllm --requests 32 --tokens 128 --updates 5 [--stop]
     python bench/actor_bench.py --engine transformers --requests 8 --tokens 64
 
-Without --model it builds the tiny test Qwen2 (common/tinymodel.py) in a temporary folder.
+Without --model it builds the tiny test Qwen2 (demo/tinymodel.py) in a temporary folder.
 Decode: `--requests` requests of `--tokens` new tokens each (EOS ignored), all added at once and
 stepped to completion through the scout engine interface (stop checks and per-token
 bookkeeping included), after one warm-up round; `--repeat` rounds, best and median reported
@@ -54,7 +54,7 @@ def main() -> int:
     import torch
 
     from actors.engine import TransformersEngine, VllmEngine
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp(prefix="scout-bench-")) / "tiny"))
     t0 = time.perf_counter()

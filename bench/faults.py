@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.report import step_lines  # noqa: E402
+from learner.report import step_lines  # noqa: E402
 
 QUESTION = "what is the capital of zorland ?"
 ANSWER = "mirabel"
@@ -56,10 +56,10 @@ def build_world(base: Path, questions: int = 200, corpus: bool = False, coin: bo
     so groups have reward variance and every step moves the weights and the optimizer state."""
     from actors.engine import TransformersEngine
     from actors.rollout import RolloutRunner
-    from actors.teach import script_example, script_texts, teach
+    from demo.teach import script_example, script_texts, teach
     from common.config import ActorConfig
     from common.protocol import Passage
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     base.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(base / "tiny", texts=script_texts([f"<answer> {ANSWER} </answer>"]), layers=2, hidden=64)

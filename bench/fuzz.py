@@ -71,7 +71,7 @@ SYL = ["ka", "lo", "mi", "ra", "zu", "ten", "bor", "vel", "qui", "dan", "sho", "
 def build_world(base: Path, actor: bool, curve_dir: str | None = None) -> dict:
     """Corpus + index (real CLI), tiny model, QA file, ports and one TOML config for every role
     (`curve_dir`: CurveZMQ on every ZeroMQ socket, as tests/test_auth.py runs it)."""
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     rng = random.Random(5)
     with (base / "corpus.jsonl").open("w") as f:

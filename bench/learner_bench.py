@@ -103,7 +103,7 @@ def main() -> None:
     if args.worker:
         return run(args)
     if args.model is None:
-        from common.tinymodel import build_tiny_model
+        from demo.tinymodel import build_tiny_model
 
         args.model = str(build_tiny_model(tempfile.mkdtemp(prefix="scout-learner-bench-"), layers=args.layers,
                                           hidden=args.hidden, heads=4))

@@ -1,8 +1,8 @@
 """Pipeline benchmark: the demo configuration run synchronously and asynchronously, one invocation.
 
-    common.demo.prepare(cfg) ──▶ world, index, base model (cached under demo.dir)
+    demo.recipe.prepare(cfg) ──▶ world, index, base model (cached under demo.dir)
     for mode in (sync, async):
-        common.demo.write_run_config(cfg) (the demo recipe) + this mode's keys:
+        demo.recipe.write_run_config(cfg) (the demo recipe) + this mode's keys:
             sync : learner.max_staleness = 0   (one step's prompts out, trained, synced, then the next)
             async: learner.max_staleness = the demo's value (at least 1)
         retriever (on the learner's core) ──▶ learner (pinned to core 0) + actor (pinned to core 1)
@@ -35,8 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.demo import Children, prepare, wait_healthy, write_run_config  # noqa: E402
-from common.report import step_lines  # noqa: E402
+from demo.children import Children, wait_healthy  # noqa: E402
+from demo.recipe import prepare, write_run_config  # noqa: E402
+from learner.report import step_lines  # noqa: E402
 
 log = logging.getLogger("scout.bench.pipeline")
 
@@ -46,7 +47,7 @@ ACTOR_PHASES = ("engine", "rollout", "send", "link", "weight_load", "search_wait
 
 
 class PinnedChildren(Children):
-    """common.demo.Children whose processes can be pinned to CPU cores (sched_setaffinity)."""
+    """demo.children.Children whose processes can be pinned to CPU cores (sched_setaffinity)."""
 
     def start(self, name: str, args: list[str], env: dict | None = None, cores: set[int] | None = None):
         self.log_dir.mkdir(parents=True, exist_ok=True)

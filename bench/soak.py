@@ -105,7 +105,8 @@ def learner_steps(run_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the run
 def run(args) -> dict:
     from common.config import load_config
-    from common.demo import Children, cfg_port, prepare, wait_healthy, write_run_config
+    from demo.children import Children, cfg_port, wait_healthy
+    from demo.recipe import prepare, write_run_config
 
     cfg = load_config(None, [f"demo.dir='{args.demo_dir}'", f"run_dir='{args.out}'", "demo.steps=1000000",
                              "learner.checkpoint_every=200", "learner.keep_checkpoints=2"])

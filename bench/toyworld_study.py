@@ -1,8 +1,8 @@
 """Feasibility harness for the embedded demo: can the tiny pretrained model learn, by
 outcome-only GRPO, to search and answer from what it found? Plain PyTorch, one process.
 
-    build_world ──▶ corpus / train / heldout / swapped   (common.toyworld, cached)
-    pretrain_base_model ──▶ HF Qwen2 folder               (learner.pretrain, cached)
+    build_world ──▶ corpus / train / heldout / swapped   (demo.toyworld, cached)
+    pretrain_base_model ──▶ HF Qwen2 folder               (demo.pretrain, cached)
     Retrieval: packaged all-MiniLM-L6-v2 (retriever.encoder.Encoder: AutoModel, mean pooling,
                normalised) over a faiss IndexFlatIP of the corpus (and of the swapped corpus)
     loop:  B questions × G samples ──Rollouts (KV-cache sampling, multi-turn:
@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.toyworld import build_world, format_information, make_prompt  # noqa: E402
+from demo.toyworld import build_world, format_information, make_prompt  # noqa: E402
 
 EMPTY_INFO = "\n\n<information></information>\n\n"
 
@@ -352,7 +352,7 @@ def _args(argv=None):
     p.add_argument("--out", default="/tmp/toystudy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--pretrain", default="{}", help="JSON overrides of learner.pretrain.PretrainSpec")
+    p.add_argument("--pretrain", default="{}", help="JSON overrides of demo.pretrain.PretrainSpec")
     p.add_argument("--rl", default="{}", help="JSON overrides of RLSpec")
     p.add_argument("--eval-n", type=int, default=300, help="held-out questions evaluated")
     p.add_argument("--eval-every", type=int, default=25)
@@ -365,7 +365,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from learner.pretrain import pretrain_base_model
+    from demo.pretrain import pretrain_base_model
 
     a = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

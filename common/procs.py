@@ -1,5 +1,5 @@
-"""Stopping child processes: every role that starts others (the demo, the actor supervisor, the
-benches and the tests) ends them the same way."""
+"""Stopping child processes: everything that starts others (the actor supervisor, the retriever
+service and its shards, the demo, the benches and the tests) ends them the same way."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ through safetensors, the rest is JSON. `export_hf` turns a checkpoint into a fol
 
 Progress: while the ranks write, a thread on rank 0 polls the size of the .tmp folder twice a
 second (the save path itself does no extra work) and shows it as a bar on a terminal
-(common.status.Activity) or as a log line every 10 s otherwise; the save ends with one line
+(learner.status.Activity) or as a log line every 10 s otherwise; the save ends with one line
 naming the shard files, bytes, seconds and MiB/s.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common.status import Activity, human_bytes
+from learner.status import Activity, human_bytes
 
 log = logging.getLogger("scout.learner.checkpoint")
 

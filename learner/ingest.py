@@ -25,7 +25,6 @@ The socket lives in its own thread; the trainer only touches the lock-protected 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time

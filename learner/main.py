@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from common.config import ConfigError, ScoutConfig
 from common.metrics import Metrics
-from common.status import StatusLine
+from learner.status import StatusLine
 from learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from learner.trainer import (CTRL_BATCH, CTRL_STOP, CTRL_SYNC, CTRL_WAIT, Batch, Dist, Trainer, assemble,
                              broadcast_command, init_distributed)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.procs import stop_processes
 from common.protocol import ShardHello
 
 log = logging.getLogger("scout.retriever.shards")
@@ -167,21 +167,7 @@ class ShardSet:
 
     def stop_all(self, timeout: float = 10.0) -> None:
         self.stopping = True
+        stop_processes([s.proc for s in self.shards if s.proc is not None], timeout, group=False, log=log)
         for s in self.shards:
-            if s.alive:
-                try:
-                    s.proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
-        for s in self.shards:
-            if s.proc is None:
-                continue
-            try:
-                s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("shard %d (pid %d) did not stop in %.0f s: killing it", s.idx, s.proc.pid, timeout)
-                s.proc.kill()
-                s.proc.wait(timeout=5)
             s.ready = False
             self._gauge(s)

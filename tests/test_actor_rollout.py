@@ -20,8 +20,8 @@ PASSAGES = [Passage(id="0", title="zorland", text="the capital of zorland is mir
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from actors.teach import script_texts
-    from common.tinymodel import build_tiny_model
+    from demo.teach import script_texts
+    from demo.tinymodel import build_tiny_model
 
     return TransformersEngine(build_tiny_model(tmp_path_factory.mktemp("m") / "tiny", texts=script_texts()),
                               dtype="float32")

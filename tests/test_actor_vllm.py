@@ -179,8 +179,8 @@ def model_dir(tmp_path_factory, searcher, acfg):
     """Tiny Qwen2 taught to search once with the real retriever's answer, then answer."""
     from actors.engine import TransformersEngine
     from actors.rollout import RolloutRunner
-    from actors.teach import script_example, script_texts, teach
-    from common.tinymodel import build_tiny_model
+    from demo.teach import script_example, script_texts, teach
+    from demo.tinymodel import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", texts=script_texts())
     tok_engine = TransformersEngine(path, dtype="float32")

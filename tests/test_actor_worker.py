@@ -56,10 +56,10 @@ def model_dir(tmp_path_factory):
     """Tiny Qwen2 taught to search first (its search will fail: no retriever runs)."""
     from actors.engine import TransformersEngine
     from actors.rollout import RolloutRunner
-    from actors.teach import script_example, script_texts, teach
+    from demo.teach import script_example, script_texts, teach
     from common.config import ActorConfig
     from common.protocol import Passage
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("worker-model") / "tiny", texts=script_texts())
     eng = TransformersEngine(path, dtype="float32")

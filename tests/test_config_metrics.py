@@ -178,7 +178,7 @@ def test_keys_generate(tmp_path):
 
 
 def test_status_line_renders_on_a_terminal_and_is_silent_off_one(capsys):
-    from common.status import StatusLine
+    from learner.status import StatusLine
 
     off = StatusLine("learner", 10, enabled=False)
     off.update(3, "reward 0.5")

@@ -13,7 +13,7 @@ from common.config import load_config
 
 
 def test_recipe_fills_only_what_the_user_left_alone():
-    from common.demo import DEMO_RECIPE, apply_recipe
+    from demo.recipe import DEMO_RECIPE, apply_recipe
 
     cfg = load_config(None, ["learner.lr=1e-5", "actor.n_samples=3"])
     tree = apply_recipe(cfg, cfg.model_dump(mode="json", exclude_none=True))
@@ -70,7 +70,7 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
     assert summary["em_swapped_after"] > 0  # answers come from the retrieved passages
     assert (run / "demo.png").stat().st_size > 10_000
     assert "held-out EM: before" in log
-    from common.demo import DEMO_RECIPE
+    from demo.recipe import DEMO_RECIPE
 
     logged = [line for line in log.splitlines() if "demo resolved config:" in line]
     assert len(logged) == 1, "the demo logs its config once, with the recipe applied"
@@ -86,7 +86,7 @@ def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path):
     import signal
     import time
 
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
     run = tmp_path / "run"

@@ -4,7 +4,7 @@ moved to free ports, 1 s scrapes, the file_sd glob moved to a temp folder holdin
 
 The roles are started the way deploy/slurm/scout-role.sh starts them on a cluster node (the
 script itself runs, with BIND_HOST=127.0.0.1), from a tiny index (`cli.py index build` on a
-generated corpus) and a tiny random Qwen2 (common.tinymodel).
+generated corpus) and a tiny random Qwen2 (demo.tinymodel).
 
 - test_retriever_metrics_through_prometheus: static and file-based discovery both reach the
   retriever; a counter read back through /api/v1/query matches the queries we sent; every
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.report import step_lines
+from learner.report import step_lines
 from tests.conftest import ROOT, Procs
 from tests.test_deploy import PROM_CONFIG, dashboard_queries, grafana_to_promql, load_dashboard
 
@@ -232,7 +232,7 @@ def get_req(req: urllib.request.Request) -> bytes:
 
 # --------------------------------------------------------------------------- learner + actor
 def write_run_config(stack) -> Path:
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     base = stack["base"]
     model = build_tiny_model(base / "tiny", layers=2, hidden=64)

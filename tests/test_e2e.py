@@ -7,7 +7,7 @@
          └────────────── weights after every step (gloo) ──────────────┘ per step, accepted groups
                                                                           as .npz (dump_groups_dir)
 
-A tiny random Qwen2 (common.tinymodel) is both the learner's and the actor's model. The learner
+A tiny random Qwen2 (demo.tinymodel) is both the learner's and the actor's model. The learner
 saves a checkpoint after every step (sync_every = 1, so checkpoint step-v holds version v) and,
 through the config-gated `learner.dump_groups_dir`, writes every group it accepts; the test only
 reads those files, the learner is the sole consumer of the actor's groups.
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.report import step_lines
+from learner.report import step_lines
 from tests.conftest import ROOT, Procs
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,7 @@ def teach_answer(model_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     from actors.rollout import build_prompt_ids
-    from actors.teach import teach
+    from demo.teach import teach
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt = build_prompt_ids(tok, QUESTION)
@@ -120,8 +120,8 @@ def teach_answer(model_dir: Path) -> Path:
 
 
 def write_config(base: Path, ports: dict) -> Path:
-    from actors.teach import script_texts
-    from common.tinymodel import build_tiny_model
+    from demo.teach import script_texts
+    from demo.tinymodel import build_tiny_model
     from tests.test_retriever_index import make_corpus, write_jsonl
 
     corpus = write_jsonl(base / "corpus.jsonl", make_corpus(30, seed=3))

@@ -35,8 +35,9 @@ def _wait(pred, timeout: float, what: str, children):
 def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path):
     from bench.soak import worker_pid
     from common.config import load_config
-    from common.demo import Children, cfg_port, prepare, wait_healthy, write_run_config
-    from common.tinymodel import build_tiny_model
+    from demo.children import Children, cfg_port, wait_healthy
+    from demo.recipe import prepare, write_run_config
+    from demo.tinymodel import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
     run = tmp_path / "run"

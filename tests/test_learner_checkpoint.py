@@ -28,7 +28,7 @@ _TINY: list[str] = []
 
 def tiny_model(tmp_path_factory) -> str:
     """One tiny Qwen2 folder per test session, shared by the learner test modules."""
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     if not _TINY or not Path(_TINY[0], "config.json").is_file():
         _TINY[:] = [str(build_tiny_model(tmp_path_factory.mktemp("tiny-learner"), layers=2, hidden=64))]

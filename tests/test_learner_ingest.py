@@ -207,7 +207,7 @@ def test_load_qa_jsonl_and_parquet(tmp_path):
         load_qa(tmp_path / "noanswers.parquet")
     # The eval loader shares the checks; the demo's toy-world QA files load in both.
     from actors.evaluate import load_questions
-    from common.toyworld import build_world
+    from demo.toyworld import build_world
 
     with pytest.raises(ConfigError, match=r"eval data .*bad1\.jsonl row 1 \(line 3\): golden_answers is empty"):
         load_questions(tmp_path / "bad1.jsonl")

@@ -30,7 +30,7 @@ N_SAMPLES = 2
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("pipeline") / "tiny", layers=2, hidden=64)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.report import (ReportError, _fraction_axis, _time_axis, main, make_report, read_records, step_lines,
+from learner.report import (ReportError, _fraction_axis, _time_axis, main, make_report, read_records, step_lines,
                            summary_text, wall_rate)
 
 ROOT = Path(__file__).resolve().parent.parent

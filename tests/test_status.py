@@ -1,4 +1,4 @@
-"""Progress for people (common/status.py) and its use by checkpoint saves (learner/checkpoint.py).
+"""Progress for people (learner/status.py) and its use by checkpoint saves (learner/checkpoint.py).
 
 - an Activity off a terminal logs progress lines (amount, share, seconds) and nothing on screen;
   on a terminal it draws a rich bar, and while the learner's StatusLine is on screen it joins
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from common.status import Activity, StatusLine, human_bytes
+from learner.status import Activity, StatusLine, human_bytes
 
 torch.set_num_threads(1)
 

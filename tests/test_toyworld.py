@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from common import toyworld as tw
+from demo import toyworld as tw
 from retriever.docstore import read_corpus, split_title
 
 SMALL = dict(n_entities=120, heldout_entities=20)
@@ -128,8 +128,8 @@ def test_information_block_matches_search_r1():
 
 @pytest.mark.slow
 def test_tokenizer_keeps_every_world_word_whole(tmp_path):
-    from common.tinymodel import build_tokenizer
-    from learner.pretrain import _check_tokenizer
+    from demo.tinymodel import build_tokenizer
+    from demo.pretrain import _check_tokenizer
 
     w = tw.make_world(tw.WorldSpec(seed=5, **SMALL))
     texts = [t.text for t in tw.pretraining_transcripts(w, 300, seed=0)]
@@ -143,7 +143,7 @@ def test_pretrain_writes_a_loadable_cached_model(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from learner.pretrain import PretrainSpec, check_spec, pretrain_base_model
+    from demo.pretrain import PretrainSpec, check_spec, pretrain_base_model
 
     paths = tw.build_world(tmp_path / "w", seed=0, **SMALL)
     out = pretrain_base_model(paths.dir, tmp_path / "m", seed=0, steps=3, batch=4, tokenizer_texts=200)

@@ -17,8 +17,8 @@ from actors.rollout import INSTRUCTION, INVALID_ACTION, build_prompt_ids
 
 
 def script_texts(extra: list[str] = ()) -> list[str]:
-    """Texts for `common.tinymodel.build_tiny_model(texts=...)`: our templates get short tokens."""
-    from common.tinymodel import DEFAULT_TEXTS
+    """Texts for `demo.tinymodel.build_tiny_model(texts=...)`: our templates get short tokens."""
+    from demo.tinymodel import DEFAULT_TEXTS
 
     return [*DEFAULT_TEXTS, INSTRUCTION.format(question="what is the capital of zorland ?"), INVALID_ACTION,
             "<think> i should search </think> <search> capital of zorland </search>",

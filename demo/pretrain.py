@@ -1,10 +1,10 @@
 """Pretrain the embedded demo's base model on CPU: language, tags and a generic copy prior.
 
-    world_dir (common.toyworld) ──load_world──▶ World
+    world_dir (demo.toyworld) ──load_world──▶ World
          │ pretraining_transcripts(seed): training entities only, values re-drawn, answers
-         │ never gold (see common/toyworld.py)
+         │ never gold (see demo/toyworld.py)
          ▼
-    build_tiny_model (common.tinymodel): byte-level BPE trained on those transcripts (every
+    build_tiny_model (demo.tinymodel): byte-level BPE trained on those transcripts (every
          │ world word checked to be one token) + randomly initialised Qwen2
          ▼
     AdamW, warm-up + cosine, batches of similar-length transcripts (each tokenised segment by
@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.toyworld import PriorSpec, Transcript, World, load_world, pretraining_transcripts, world_words
+from demo.toyworld import PriorSpec, Transcript, World, load_world, pretraining_transcripts, world_words
 
-log = logging.getLogger("scout.learner.pretrain")
+log = logging.getLogger("scout.demo.pretrain")
 
 PRETRAIN_FORMAT = 2
 
@@ -142,7 +142,7 @@ def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from common.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     spec = spec or PretrainSpec()
     if isinstance(overrides.get("prior"), dict):
