@@ -212,7 +212,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+def _set_path(tree: dict, dotted: str, value: Any, source: str, sources: dict[str, str]) -> None:
     parts = [p for p in dotted.split(".") if p]
     if not parts:
         raise ConfigError(f"{source}: empty key")
@@ -222,6 +222,18 @@ def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: {dotted} is not a section")
     node[parts[-1]] = value
+    sources[".".join(parts)] = source
+
+
+def _source_of(key: str, sources: dict[str, str]) -> str:
+    """Where the value at `key` was set (an env variable, a --set, or the config file): the entry
+    for the key, a section above it, or, for a whole section, the first key set below it."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in sources:
+            return sources[".".join(parts[:n])]
+    below = [src for dotted, src in sources.items() if dotted.startswith(key + ".")]
+    return below[0] if below else sources.get("", "the defaults")
 
 
 def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any, str]]:
@@ -235,7 +247,10 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any, str]]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 environ: dict[str, str] | None = None) -> ScoutConfig:
+    """The config file, then SCOUT_SECTION__KEY environment overrides, then --set (later wins).
+    A bad value is a ConfigError naming the key and where it was set."""
     tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -244,13 +259,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             tree = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p}: {e}") from None
+        sources[""] = f"config file {p}"
     for dotted, value, source in _env_overrides(dict(os.environ if environ is None else environ)):
-        _set_path(tree, dotted, value, source)
+        _set_path(tree, dotted, value, source, sources)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, text = item.split("=", 1)
-        _set_path(tree, dotted.strip(), _parse_value(text.strip()), f"--set {item}")
+        _set_path(tree, dotted.strip(), _parse_value(text.strip()), f"--set {item}", sources)
     try:
         return ScoutConfig.model_validate(tree)
     except ValidationError as e:
@@ -258,7 +274,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            msgs.append(f"{key}: {err['msg']}{got}")
+            msgs.append(f"{key}: {err['msg']}{got}, from {_source_of(key, sources)}")
         raise ConfigError("invalid configuration: " + "; ".join(msgs)) from None
 
 

@@ -38,6 +38,19 @@ def test_invalid_values_name_the_key(override, fragment):
     assert fragment in str(e.value)
 
 
+def test_invalid_values_name_where_they_were_set(tmp_path):
+    f = tmp_path / "scout.toml"
+    f.write_text("[learner]\nlr = -3.0\n")
+    with pytest.raises(ConfigError, match=r"learner\.lr: .*, from config file .*scout\.toml"):
+        load_config(f, environ={})
+    with pytest.raises(ConfigError, match=r"actor\.n_samples: .*, from environment SCOUT_ACTOR__N_SAMPLES"):
+        load_config(f, ["learner.lr=1e-5"], environ={"SCOUT_ACTOR__N_SAMPLES": "many"})
+    with pytest.raises(ConfigError, match=r"learner\.nope: .*, from --set learner\.nope=1"):
+        load_config(None, ["learner.nope=1"], environ={})
+    with pytest.raises(ConfigError, match=r"nope: .*, from environment SCOUT_NOPE__X"):
+        load_config(None, environ={"SCOUT_NOPE__X": "1"})
+
+
 def test_bad_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", environ={})
