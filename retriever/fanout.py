@@ -1,0 +1,156 @@
+"""The router's fan-out: one encoded batch -> every shard process -> its per-shard top-k.
+
+    send(batch) ── back ROUTER ── ShardSearch(seq, k, vectors) ──▶ shard-0, shard-1, ... (FAISS)
+                               ◀── ShardResult(seq, scores, global rows) / ShardHello / ErrorReply
+    read() ─▶ inflight[seq].parts[shard] ─▶ every shard answered: on_done(batch)
+    check_shards(), expire() ─▶ a shard died / did not answer in shard_timeout_s:
+                                on_fail(batch, "unavailable" / "timeout", message)
+
+Runs on the router loop's thread. `shards` (the ShardSet supervising the processes) is
+attached by the service through `Router.shards`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from common.wire import ProtocolError, decode, encode
+from common.protocol import ErrorReply, ShardHello, ShardResult, ShardSearch
+from common.transport import split_envelope
+from retriever.batching import Batch
+
+log = logging.getLogger("scout.retriever.router")  # a part of the router: logs as the router
+
+
+def received(sock: zmq.Socket, budget: int):
+    """Up to `budget` messages already waiting on `sock` (multipart, zero-copy); never blocks."""
+    for _ in range(budget):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        yield frames
+
+
+class FanOut:
+    """The back ROUTER socket, the batches in flight at the shards, and their deadlines."""
+
+    def __init__(self, ctx: zmq.Context, rc, metrics, on_done: Callable[[Batch], None],
+                 on_fail: Callable[[Batch, str, str], None]):
+        self.rc, self.on_done, self.on_fail = rc, on_done, on_fail
+        self.shards = None  # ShardSet
+        self.inflight: dict[int, Batch] = {}
+        self.back = ctx.socket(zmq.ROUTER)
+        self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.back.setsockopt(zmq.SNDTIMEO, 1000)
+        m = metrics
+        self.m_search = m.histogram("scout_retriever_search_seconds", "fan-out until every shard answered, per batch")
+        self.m_shard = m.histogram("scout_retriever_shard_search_seconds", "fan-out until this shard answered, "
+                                   "per batch (finds a slow shard)", ("shard",))
+        self.m_timeouts = m.counter("scout_retriever_shard_timeouts_total", "batches a shard did not answer in time",
+                                    ("shard",))
+
+    def bind(self, endpoint: str) -> str:
+        self.back.bind(endpoint)
+        return endpoint
+
+    def wait_ready(self, timeout_s: float, stop: threading.Event) -> bool:
+        """Serve shard hellos (nothing else) until every shard is up."""
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            if self.shards.all_up():
+                return True
+            dead = self.shards.poll(time.monotonic())
+            if dead and self.rc.shard_restart_s == 0:
+                log.error("shard(s) %s exited during start-up (see their log above)", dead)
+                return False
+            if self.back.poll(100, zmq.POLLIN):
+                self.read()
+        if not stop.is_set():
+            log.error("shards not ready after %.0f s: %s", timeout_s, self.shards.describe_down())
+        return False
+
+    def send(self, batch: Batch) -> None:
+        frames = encode(ShardSearch(seq=batch.seq, topk=batch.k, vectors=batch.vectors))
+        batch.sent_at = time.monotonic()
+        batch.deadline = batch.sent_at + self.rc.shard_timeout_s
+        self.inflight[batch.seq] = batch
+        for s in self.shards.shards:
+            try:
+                self.back.send_multipart([f"shard-{s.idx}".encode(), *frames], copy=False)
+            except zmq.ZMQError as e:
+                self.inflight.pop(batch.seq, None)
+                self.on_fail(batch, "unavailable", f"shard {s.idx} is unreachable ({e})")
+                return
+            batch.waiting.add(s.idx)
+
+    def read(self, budget: int = 512) -> None:
+        for frames in received(self.back, budget):
+            try:
+                _, body = split_envelope(frames)
+                msg = decode(body, expect=(ShardResult, ShardHello, ErrorReply))
+            except ProtocolError as e:
+                log.error("bad message from a shard: %s", e)
+                continue
+            if isinstance(msg, ShardHello):
+                self.shards.on_hello(msg)
+            elif isinstance(msg, ShardResult):
+                self._on_result(msg)
+            else:
+                log.error("shard error: %s (%s)", msg.message, msg.code)
+                batch = self.inflight.pop(int(msg.request_id), None) if msg.request_id.isdigit() else None
+                if batch is not None:
+                    self.on_fail(batch, "internal", msg.message)
+
+    def _on_result(self, res: ShardResult) -> None:
+        batch = self.inflight.get(res.seq)
+        if batch is None or res.shard not in batch.waiting:
+            return  # late answer for a batch already failed or answered
+        if res.ids.shape[0] != batch.n or res.ids.shape[1] > batch.k:
+            self.inflight.pop(res.seq)
+            return self.on_fail(batch, "internal", f"shard {res.shard} answered {res.ids.shape} for "
+                                                   f"{batch.n} queries, top-{batch.k}")
+        batch.waiting.discard(res.shard)
+        batch.parts[res.shard] = (res.scores, res.ids)
+        self.m_shard.labels(shard=str(res.shard)).observe(time.monotonic() - batch.sent_at)
+        if not batch.waiting:
+            self.inflight.pop(res.seq)
+            self.m_search.observe(time.monotonic() - batch.sent_at)
+            self.on_done(batch)
+
+    def check_shards(self, now: float) -> None:
+        """Fail the batches a shard that has just died was holding."""
+        dead = self.shards.poll(now)
+        if not dead:
+            return
+        reason = self.shards.describe_down()
+        for seq, batch in list(self.inflight.items()):
+            if batch.waiting & set(dead):
+                del self.inflight[seq]
+                self.on_fail(batch, "unavailable", reason)
+
+    def expire(self, now: float) -> None:
+        """Fail the batches some shard did not answer within shard_timeout_s."""
+        for seq, batch in list(self.inflight.items()):
+            if now > batch.deadline:
+                del self.inflight[seq]
+                for s in batch.waiting:
+                    self.m_timeouts.labels(shard=str(s)).inc()
+                self.on_fail(batch, "timeout", f"shard(s) {sorted(batch.waiting)} did not answer within "
+                                               f"{self.rc.shard_timeout_s:.0f} s")
+
+    def fail_all(self, message: str) -> None:
+        """Shutting down: every batch in flight fails "unavailable"."""
+        for batch in list(self.inflight.values()):
+            self.on_fail(batch, "unavailable", message)
+        self.inflight.clear()
+
+    def close(self) -> None:
+        self.back.close(0)
