@@ -27,8 +27,8 @@ log = logging.getLogger("scout.actors.evaluate")
 
 
 def load_questions(path: str | Path, limit: int = 0) -> list[Prompt]:
-    """Search-R1 QA rows -> Prompts (prompt_id = row number); bad rows raise (common.qa.read_qa)."""
-    return [Prompt(prompt_id=i, **row) for i, row in enumerate(read_qa(path, "eval data", limit))]
+    """QA rows (raw or Search-R1's processed ones) -> Prompts; bad rows raise (common.qa.read_qa)."""
+    return [Prompt(**row) for row in read_qa(path, "eval data", limit)]
 
 
 def gold_passages(path: str | Path, limit: int = 0) -> dict[int, str]:

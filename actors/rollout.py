@@ -58,10 +58,11 @@ class Searcher(Protocol):
     def search(self, queries: list[str], topk: int) -> list[list[Passage]]: ...
 
 
-def build_prompt_ids(tokenizer, question: str, template: str | None = None) -> list[int]:
-    """Our instruction + question (or `actor.prompt_template`, a format string with {question});
-    through the chat template when the tokenizer has one."""
-    text = (template or INSTRUCTION).format(question=question.strip())
+def build_prompt_ids(tokenizer, question: str, template: str | None = None, text: str = "") -> list[int]:
+    """Our instruction + question (or `actor.prompt_template`, a format string with {question}),
+    or `text` verbatim when the data brought its own prompt (Prompt.text); through the chat
+    template when the tokenizer has one."""
+    text = text or (template or INSTRUCTION).format(question=question.strip())
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
@@ -171,7 +172,7 @@ class RolloutRunner:
     # ------------------------------------------------------------------ groups
     def start_group(self, prompt: Prompt, n: int, group_id: str | None = None) -> GroupState:
         gid = group_id or f"{prompt.prompt_id}-{uuid.uuid4().hex[:12]}"
-        ids = build_prompt_ids(self.tok, prompt.question, self.cfg.prompt_template)
+        ids = build_prompt_ids(self.tok, prompt.question, self.cfg.prompt_template, prompt.text)
         samples = [Trajectory(gid, i, list(prompt.golden_answers), list(ids), len(ids)) for i in range(n)]
         g = self.groups[gid] = GroupState(gid, prompt, samples, time.time())
         for t in samples:

@@ -80,6 +80,9 @@ class Prompt(BaseModel):
     question: str = Field(min_length=1, max_length=MAX_STR)
     golden_answers: list[str] = Field(max_length=MAX_ANSWERS)
     data_source: str = Field(default="", max_length=256)
+    # the user message verbatim when the data brings its own template (Search-R1's processed
+    # parquet); empty: the actor wraps `question` in its instruction
+    text: str = Field(default="", max_length=MAX_STR)
 
 
 @register
@@ -98,6 +101,7 @@ class WorkAssignment(Message):
     """The learner hands out prompts: each is a credit for one group. Empty means wait."""
 
     TYPE = "work_assignment"
+    VERSION = 2  # 2: Prompt.text (a version-1 actor would wrap a templated prompt a second time)
     prompts: list[Prompt] = Field(max_length=MAX_PROMPTS)
     version: int = Field(ge=0)  # learner's current policy version
     min_version: int = Field(ge=0)  # oldest policy version whose tokens will still be accepted

@@ -49,8 +49,9 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 # --------------------------------------------------------------------------- data
 def load_qa(path: str | Path) -> list[dict]:
-    """Rows of `question`, `golden_answers` (str or non-empty list) and optional `data_source`;
-    a row missing either key is a ConfigError naming the file and the row (common.qa.read_qa)."""
+    """Training rows, raw (`question`, `golden_answers`, `data_source`) or Search-R1's processed
+    parquet (`prompt`, `reward_model`, ...); a bad row is a ConfigError naming the file and the row
+    (common.qa.read_qa)."""
     return read_qa(path, "learner.data:")
 
 
@@ -63,7 +64,13 @@ class Dispatcher:
     """
 
     def __init__(self, rows: list[dict], seed: int = 0):
+        """`rows` as common.qa.read_qa gives them; a row's prompt id is its `prompt_id` (Search-R1's
+        extra_info.index), or its position when it has none."""
         self.rows, self.seed = rows, seed
+        self.ids = [int(r.get("prompt_id", n)) for n, r in enumerate(rows)]
+        self.position = {pid: n for n, pid in enumerate(self.ids)}
+        if len(self.position) != len(rows):
+            raise ValueError("prompt ids repeat in the learner's data")
         self.epoch, self.cursor = 0, 0
         self.requeue: collections.deque[int] = collections.deque()
         self.held: dict[tuple[str, str], collections.Counter] = {}
@@ -72,10 +79,13 @@ class Dispatcher:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
+    def knows(self, pid: int) -> bool:
+        return pid in self.position
+
     def prompt(self, pid: int) -> Prompt:
-        r = self.rows[pid]
+        r = self.rows[self.position[pid]]
         return Prompt(prompt_id=pid, question=r["question"], golden_answers=r["golden_answers"],
-                      data_source=r["data_source"])
+                      data_source=r["data_source"], text=r.get("text", ""))
 
     def _next_id(self) -> int:
         if self.requeue:
@@ -83,7 +93,7 @@ class Dispatcher:
         if self.cursor >= len(self._order):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        pid = int(self._order[self.cursor])
+        pid = self.ids[int(self._order[self.cursor])]
         self.cursor += 1
         return pid
 
@@ -133,7 +143,7 @@ class Dispatcher:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
         self.held = {}
-        self.requeue = collections.deque(int(p) for p in state["pending"] if 0 <= int(p) < len(self.rows))
+        self.requeue = collections.deque(int(p) for p in state["pending"] if self.knows(int(p)))
 
 
 # --------------------------------------------------------------------------- server
@@ -336,7 +346,7 @@ class IngestServer:
         """Why this group cannot be trained on ('' if it can)."""
         if g.n != self.lc.n_samples:
             return f"group has {g.n} samples, the learner trains on groups of {self.lc.n_samples}"
-        if g.prompt_id >= len(self.dispatcher.rows):
+        if not self.dispatcher.knows(g.prompt_id):
             return f"prompt_id {g.prompt_id} is not in the learner's data ({len(self.dispatcher.rows)} rows)"
         if g.tokens.size and int(g.tokens.max()) >= self.vocab_size:
             return f"token id {int(g.tokens.max())} outside the model's vocabulary of {self.vocab_size}"
@@ -358,7 +368,7 @@ class IngestServer:
             self.m_groups.labels(result="duplicate").inc()
             return GroupAck(group_id=g.group_id, accepted=True, reason="duplicate", version=self.version)
         problem = self._check_group(g)
-        known = g.prompt_id < len(self.dispatcher.rows)
+        known = self.dispatcher.knows(g.prompt_id)
         result, reason = "accepted", problem
         if problem:
             result = "rejected"
