@@ -40,8 +40,8 @@ def _own_colocated(named: list) -> list:
 
 
 def make_receiver(device: Any):
-    """A BucketReceiver for tensors on `device` (common/weightsync.py)."""
-    from common.weightsync import BucketReceiver
+    """A BucketReceiver for tensors on `device` (common/weightsync/receiver.py)."""
+    from common.weightsync.receiver import BucketReceiver
 
     return BucketReceiver(device=device)
 

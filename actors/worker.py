@@ -340,7 +340,7 @@ class ActorWorker:
             self._open_sync(ack.sync_endpoint)
 
     def _open_sync(self, endpoint: str) -> None:
-        from common.weightsync import SyncClient
+        from common.weightsync.client import SyncClient
 
         if self.sync is not None:
             self.sync.close()
@@ -472,7 +472,7 @@ class ActorWorker:
         """The learner re-sends its version to members that lack it every step and every 10 s; an
         engine left behind for SYNC_REJOIN_S anyway is not being served (its join or the
         learner's answer was lost somewhere): join again. A safety net: a join handled while the
-        learner re-forms the group is planned at the next sync (WeightSender._reform)."""
+        learner re-forms the group is planned at the next sync (common/weightsync/group.py, SyncGroup.reform)."""
         now = time.monotonic()
         if self.learner_version <= self.engine.version:
             self._behind_since = None
@@ -515,7 +515,8 @@ def poll_sync(sync, engine) -> dict | None:
     the engine's weights may be half-loaded after a failure: `engine.weights_dirty`; a transfer
     that failed before any tensor was loaded, e.g. because another member of the sync group died,
     leaves the current weights intact and the worker keeps going)."""
-    from common.weightsync import SyncError, follow_sync
+    from common.weightsync.client import follow_sync
+    from common.weightsync.errors import SyncError
 
     try:
         first = sync.poll(0)

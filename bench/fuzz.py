@@ -865,14 +865,15 @@ class SyncMember(Legit):
 
     def setup(self) -> None:
         from common.config import TransportConfig
-        from common.weightsync import BucketReceiver, SyncClient
+        from common.weightsync.client import SyncClient
+        from common.weightsync.receiver import BucketReceiver
 
         self.client = SyncClient(self.endpoint, "legit-sync", uuid.uuid4().hex, TransportConfig(), transports=("zmq",))
         self.receiver = BucketReceiver()
         self.client.join(-1)
 
     def run(self) -> None:  # records only real updates, not idle polls
-        from common.weightsync import follow_sync
+        from common.weightsync.client import follow_sync
 
         self.setup()
         while not self.stop_evt.is_set():

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.weightsync_bench import from_member, raw_group  # noqa: E402
 from common.transport import free_tcp_port  # noqa: E402
-from common.weightsync import _broadcast_opts  # noqa: E402
+from common.weightsync.collective import broadcast_opts  # noqa: E402
 
 
 def transfer(pg, rank: int, src: torch.Tensor, keep: torch.Tensor, nops: int, fresh: bool, kind: str
@@ -39,7 +39,7 @@ def transfer(pg, rank: int, src: torch.Tensor, keep: torch.Tensor, nops: int, fr
     for i in range(nops):
         view = buf[i * seg:(i + 1) * seg] if i < nops - 1 else buf[i * seg:]
         if kind == "broadcast":
-            works.append(pg.broadcast([view], _broadcast_opts()))
+            works.append(pg.broadcast([view], broadcast_opts()))
         elif rank == 0:
             works.append(pg.send([view], 1, i))
         else:

@@ -44,8 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from common.config import LearnerConfig, TransportConfig  # noqa: E402
 from common.transport import free_tcp_port  # noqa: E402
-from common.weightsync import (RAMP_DIVISOR, BucketReceiver, SyncClient, WeightSender,  # noqa: E402
-                               _broadcast_opts, _make_group, follow_sync)
+from common.weightsync.buckets import RAMP_DIVISOR  # noqa: E402
+from common.weightsync.client import SyncClient, follow_sync  # noqa: E402
+from common.weightsync.collective import broadcast_opts, make_group  # noqa: E402
+from common.weightsync.receiver import BucketReceiver  # noqa: E402
+from common.weightsync.sender import WeightSender  # noqa: E402
 
 HIDDEN, INTER = 1024, 2816
 
@@ -75,13 +78,13 @@ def fake_model(total_mb: float) -> list[tuple[str, torch.Tensor]]:
 def raw_group(port: int, rank: int):
     store = dist.TCPStore("127.0.0.1", port, is_master=rank == 0, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
-    return _make_group("gloo", dist.PrefixStore("raw", store), rank, 2, 60.0, True), store
+    return make_group("gloo", dist.PrefixStore("raw", store), rank, 2, 60.0, True), store
 
 
 def raw_once(pg, nbytes: int, rank: int, src: torch.Tensor | None = None) -> float:
     t0 = time.perf_counter()
     buf = src if rank == 0 else torch.empty(nbytes, dtype=torch.uint8)
-    pg.broadcast([buf], _broadcast_opts()).wait()
+    pg.broadcast([buf], broadcast_opts()).wait()
     from_member(pg)  # the counterpart of SyncDone
     return time.perf_counter() - t0
 

@@ -145,7 +145,7 @@ class Learner:
         self._last_log_t: float | None = None
 
     def _start_services(self, dispatcher) -> None:
-        from common.weightsync import WeightSender
+        from common.weightsync.sender import WeightSender
         from learner.ingest import IngestServer
 
         port = self.cfg.metrics.learner_port

@@ -70,7 +70,7 @@ def _sender_main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM
 
     from common.config import LearnerConfig, TransportConfig
-    from common.weightsync import WeightSender
+    from common.weightsync.sender import WeightSender
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--endpoint", required=True)
@@ -215,7 +215,7 @@ def sender(tmp_path_factory, procs_mod, model_dir, engine):
     """Real WeightSender process + our SyncClient joined with the engine's version."""
     from common.config import TransportConfig
     from common.transport import free_tcp_port
-    from common.weightsync import SyncClient
+    from common.weightsync.client import SyncClient
 
     d = tmp_path_factory.mktemp("sync")
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"

@@ -73,7 +73,7 @@ def model_dir(tmp_path_factory):
 def learner(ipc_path, free_port):
     """The learner's real ingest (IngestServer + Dispatcher) and weight sender, in this process."""
     from common.config import load_config
-    from common.weightsync import WeightSender
+    from common.weightsync.sender import WeightSender
     from learner.ingest import Dispatcher, IngestServer
 
     cfg = load_config(None, [f"learner.ingest_endpoint='{ipc_path('ingest')}'", "learner.n_samples=2",

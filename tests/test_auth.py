@@ -119,7 +119,8 @@ def test_unauthorised_peers_get_nothing_from_any_socket(world):
 
 
 def test_authorised_sync_member_receives_weights(world):
-    from common.weightsync import BucketReceiver, SyncClient, follow_sync
+    from common.weightsync.client import SyncClient, follow_sync
+    from common.weightsync.receiver import BucketReceiver
 
     client = SyncClient(endpoints(world)["sync"], "good-sync", uuid.uuid4().hex,
                         TransportConfig(curve_dir=str(world["keys"])), transports=("zmq",))

@@ -191,7 +191,8 @@ def test_failed_transfer_leaves_the_engine_weights_intact(world):
 
     from actors.engine import TransformersEngine
     from common.weightsync.messages import WeightUpdateHeader
-    from common.weightsync import SyncError, pack_bucket, plan_buckets
+    from common.weightsync.buckets import pack_bucket, plan_buckets
+    from common.weightsync.errors import SyncError
 
     eng = TransformersEngine(world["model"], dtype="float32")
     try:

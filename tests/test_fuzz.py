@@ -7,7 +7,7 @@ Fast, in-process (real ZeroMQ sockets, real http.server threads):
   scout_learner_rejected_messages_total{socket="ingest"}, then serves a real actor exchange;
 - a refused group does not make a re-queued prompt vanish (a fix found while fuzzing);
 - the weight-sync control socket handles a flood in bounded slices (the training loop is never
-  held in `_drain`), and answers and counts every message in the end;
+  held in `Membership.drain`), and answers and counts every message in the end;
 - a metrics server refuses and counts malformed HTTP and drops peers that stall mid-request;
 - the Search-R1 body parser refuses what used to crash the retriever (deep JSON, lone surrogates).
 Slow: bench.fuzz.run with the real retriever and learner processes, a few thousand messages
@@ -138,7 +138,7 @@ def test_refused_group_keeps_a_requeued_prompt(ingest):
 # --------------------------------------------------------------------------- weight-sync control socket
 @pytest.mark.slow
 def test_sync_socket_flood_is_handled_in_bounded_slices(ipc_path):
-    from common.weightsync import WeightSender
+    from common.weightsync.sender import WeightSender
 
     cfg = load_config(None, [f"learner.sync_endpoint='{ipc_path('sync')}'", "learner.store_port=0"])
     metrics = Metrics("learner")
@@ -227,7 +227,7 @@ def test_clients_skip_malformed_replies_from_a_bad_server(ipc_path):
     import threading
 
     from common.config import TransportConfig
-    from common.weightsync import SyncClient
+    from common.weightsync.client import SyncClient
     from retriever.client import RetrieverClient
 
     ep = ipc_path("bad-server")

@@ -1,6 +1,6 @@
 """The learner as it runs in production: `torchrun --nproc-per-node 2 cli.py learner`, fed by a
 test-side actor over the ingest protocol, with a real weight-sync member (common.weightsync's
-SyncClient + BucketReceiver over gloo) receiving the versions it broadcasts."""
+client.SyncClient + receiver.BucketReceiver over gloo) receiving the versions it broadcasts."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class SyncMember(threading.Thread):
 
     def run(self):
         from common.config import TransportConfig
-        from common.weightsync import BucketReceiver, SyncClient, follow_sync
+        from common.weightsync.client import SyncClient, follow_sync
+        from common.weightsync.receiver import BucketReceiver
 
         client = SyncClient(self.endpoint, "member-0", uuid.uuid4().hex, TransportConfig(), transports=("gloo",))
         rx = BucketReceiver()

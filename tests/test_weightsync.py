@@ -15,14 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from common import weightsync
 from common.config import LearnerConfig, TransportConfig
 from common.metrics import Metrics
 from common.wire import decode, encode
 from common.weightsync.messages import SyncAbort, SyncDone, SyncJoin, TensorMeta, WeightIpcBucket, WeightUpdateHeader
-from common.weightsync import (DIRECT_DIVISOR, MAX_TENSORS_PER_BUCKET, BucketReceiver, CudaIpc, ShmIpcStandIn,
-                               SyncError, WeightSender, bucket_segments, header_dict, iter_buckets, pack_bucket,
-                               plan_buckets, segment_tag, set_ipc_impl, unpack_bucket, use_ipc)
+from common.weightsync import receiver
+from common.weightsync.buckets import (DIRECT_DIVISOR, MAX_TENSORS_PER_BUCKET, bucket_segments, iter_buckets,
+                                       pack_bucket, plan_buckets, segment_tag, unpack_bucket)
+from common.weightsync.client import header_dict
+from common.weightsync.cuda_ipc import CudaIpc, ShmIpcStandIn, set_ipc_impl, use_ipc
+from common.weightsync.errors import SyncError
+from common.weightsync.receiver import BucketReceiver
+from common.weightsync.sender import WeightSender
 from tests.weightsync_peer import describe, make_weights
 
 PEER = "tests/weightsync_peer.py"
@@ -310,18 +314,18 @@ def test_join_during_a_reformation_is_planned_at_the_next_sync(procs, free_port,
     sender = sender_factory(sender_cfg(free_port, timeout_s=60.0))
     _, out_a = start_peer(procs, sender, tmp_path, "actor-a", until=2)
     assert sender.wait_members(1, 60)
-    rendezvous, late = sender._rendezvous, {}
+    rendezvous, late = sender.group.rendezvous, {}
 
     def rendezvous_with_a_late_join(group, deadline):
         if not late:  # first re-formation: actor-b starts now and its join is handled here
             late["out"] = start_peer(procs, sender, tmp_path, "actor-b", until=2)[1]
             end = time.monotonic() + 45
-            while "actor-b" not in sender._members and time.monotonic() < end:
-                sender._drain(50)
-            assert "actor-b" in sender._members
+            while "actor-b" not in sender.membership.members and time.monotonic() < end:
+                sender.membership.drain(50)
+            assert "actor-b" in sender.membership.members
         return rendezvous(group, deadline)
 
-    sender._rendezvous = rendezvous_with_a_late_join
+    sender.group.rendezvous = rendezvous_with_a_late_join
     rep1 = sender.broadcast(1, make_weights(1).items())
     assert rep1["ok"] == ["actor-a"], rep1  # actor-b joined after this generation's plans
     rep2 = sender.broadcast(2, make_weights(2).items())
@@ -456,7 +460,8 @@ def test_colocated_member_gets_handles_and_the_others_the_broadcast(procs, free_
         rep = sender.broadcast(v, make_weights(v).items())
         assert rep["ok"] == ["far", "near", "plain"], rep
         assert rep["buckets"] > 3  # more buckets than buffers: buffers are re-packed after release
-    assert sender._members["near"].transport == "cuda_ipc" and sender._members["far"].transport == "gloo"
+    members = sender.membership.members
+    assert members["near"].transport == "cuda_ipc" and members["far"].transport == "gloo"
     for v in (1, 2, 3):
         r = wait_results(near, v)
         assert r["ok"] and r["tensors"] == expected(v) and r["ipc_buckets"] == rep["buckets"]
@@ -501,13 +506,13 @@ def test_cuda_ipc_colocated_for_real(procs, free_port, tmp_path, sender_factory)
         assert rep["ok"] == ["gpu-near"], rep
         r = wait_results(out, v)
         assert r["tensors"] == expected(v) and r["ipc_buckets"] == rep["buckets"]
-    assert sender._members["gpu-near"].transport == "cuda_ipc"
+    assert sender.membership.members["gpu-near"].transport == "cuda_ipc"
 
 
 def test_receiver_holds_cpu_buffers_until_released(monkeypatch):
     """Fresh CPU receive buffers stay referenced until release() (freeing them after SyncDone
     costs the learner nothing), within HOLD_BYTES; the next update's first bucket releases them."""
-    monkeypatch.setattr(weightsync, "HOLD_BYTES", 2500)
+    monkeypatch.setattr(receiver, "HOLD_BYTES", 2500)  # where BucketReceiver looks it up
     rx = BucketReceiver()
     bufs = [rx._buffer(1000, torch.device("cpu")) for _ in range(3)]
     assert [b.data_ptr() for b in rx._held] == [b.data_ptr() for b in bufs[1:]]  # the oldest went: 3000 > 2500

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from common.config import LearnerConfig, TransportConfig  # noqa: E402
-from common.weightsync import WeightSender  # noqa: E402
+from common.weightsync.sender import WeightSender  # noqa: E402
 from tests.weightsync_peer import make_weights  # noqa: E402
 
 

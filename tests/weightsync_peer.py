@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from common.config import TransportConfig  # noqa: E402
-from common.weightsync import (BucketReceiver, ShmIpcStandIn, SyncClient, follow_sync, gpu_location,  # noqa: E402
-                               set_ipc_impl)
+from common.weightsync.client import SyncClient, follow_sync  # noqa: E402
+from common.weightsync.cuda_ipc import ShmIpcStandIn, gpu_location, set_ipc_impl  # noqa: E402
+from common.weightsync.receiver import BucketReceiver  # noqa: E402
 
 
 def digest(t: torch.Tensor) -> str:

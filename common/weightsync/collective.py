@@ -1,0 +1,250 @@
+"""The gloo/NCCL transport: standalone process groups and the segments that travel over them.
+
+    learner (rank 0)                                       member (rank 1..N)
+    group.py sets "go" in PrefixStore("scout/<gen>") ─▶   join_group(plan): set ready/<rank>,
+      make_group(backend, prefix store, 0, N)               wait "go", make_group(…, rank, N)
+    post_segments(): per bucket_segments() range           receive_segments(): the same ranges,
+      send to every rank (op "send", segment_tag)  ═════▶    recv (op "send") or broadcast
+      or broadcast from root 0 (op "broadcast")            into the member's flat buffer
+    wait_segments(): wait_p2p / wait_work, deadline        wait_p2p / wait_work, deadline, and
+                                                             the learner's "abort" key
+
+A group is built directly from a PrefixStore over the learner's own TCPStore and never touches
+torch.distributed's default group (the learner's FSDP group). Gloo on CPU; NCCL when the
+learner's tensors are on CUDA and the member offers "nccl". Every wait has a deadline; a group
+with a collective stuck on a dead peer is torn down off the calling thread (dispose).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from common.transport import is_loopback
+from common.weightsync.buckets import Bucket, as_bytes, bucket_segments, pack_range, segment_tag
+from common.weightsync.errors import SyncAborted, SyncError
+from common.weightsync.messages import SyncPlan, WeightUpdateHeader
+
+ABORT_CHECK_S = 0.05
+
+
+def timeout_td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(0.001, seconds))
+
+
+def make_group(backend: str, store: Any, rank: int, world_size: int, timeout_s: float, loopback: bool):
+    """A standalone process group on `store` (never the default group)."""
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout_td(timeout_s)
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    if not loopback:  # default device: honours GLOO_SOCKET_IFNAME, else the host name
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout_td(timeout_s))
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout_td(timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    return dist.ProcessGroupGloo(store, rank, world_size, opts)
+
+
+def dispose(box: list) -> threading.Thread:
+    """Destroy a process group off the calling thread: a group with a collective stuck on a dead
+    peer can take until its own timeout to tear down, and nobody should wait for that."""
+    def run():
+        pg = box.pop() if box else None
+        try:
+            if pg is not None and hasattr(pg, "abort") and isinstance(pg, getattr(dist, "ProcessGroupNCCL", ())):
+                pg.abort()
+        except Exception:  # best effort: it is being thrown away
+            pass
+        del pg
+    th = threading.Thread(target=run, name="weightsync-dispose", daemon=True)
+    th.start()
+    return th
+
+
+def join_all(threads: list[threading.Thread], timeout_s: float) -> None:
+    """At close: let group teardown finish (bounded) so the process does not exit under it."""
+    end = time.monotonic() + timeout_s
+    for th in threads:
+        th.join(max(0.0, end - time.monotonic()))
+    threads.clear()
+
+
+def broadcast_opts() -> Any:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    return opts
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line, cut to 300 characters (torch's gloo errors carry long traces);
+    its type's name when it has no message."""
+    lines = str(e).splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _failed(e: BaseException) -> SyncError:
+    return SyncError(f"collective failed: {first_line(e)}")
+
+
+def wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | None = None,
+               poll: bool = False) -> None:
+    """Wait for a collective until `deadline` (monotonic); raise SyncError on failure or timeout.
+    poll=True (NCCL, whose wait() only orders streams): spin on is_completed() instead."""
+    next_check = time.monotonic() + ABORT_CHECK_S
+    while poll:
+        if work.is_completed():
+            work.wait()  # raises if it failed
+            return
+        if time.monotonic() >= deadline:
+            raise SyncError("collective timed out")
+        if should_abort is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + ABORT_CHECK_S
+            if should_abort():
+                raise SyncAborted("the learner aborted this transfer")
+        time.sleep(0.0005)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SyncError("collective timed out")
+        try:
+            work.wait(timeout_td(min(left, ABORT_CHECK_S)))
+            return
+        except RuntimeError as e:
+            if work.is_completed():
+                try:
+                    work.wait()
+                    return
+                except RuntimeError as e2:
+                    raise _failed(e2) from None
+            if "timed out" not in str(e).lower():
+                raise _failed(e) from None
+        if should_abort is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + ABORT_CHECK_S
+            if should_abort():
+                raise SyncAborted("the learner aborted this transfer")
+
+
+def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | None = None) -> None:
+    """Wait for gloo point-to-point ops (SyncPlan.op "send") until `deadline`; raise SyncError on
+    failure or timeout. Unlike a broadcast's, a timed wait on a send or receive that expires
+    closes every connection of the group (gloo's UnboundBuffer), so wait_work's short slices
+    cannot be used: without should_abort the ops are waited on here with what is left of the
+    deadline; with it, a helper thread waits while this one checks the abort flag every
+    ABORT_CHECK_S (the caller then closes the group, which ends the helper's wait)."""
+    def wait_all() -> None:
+        for w in works:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SyncError("point-to-point transfer timed out")
+            try:
+                w.wait(timeout_td(left))
+            except RuntimeError as e:
+                raise _failed(e) from None
+
+    if should_abort is None:
+        return wait_all()
+    done, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            wait_all()
+        except SyncError as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="weightsync-recv", daemon=True).start()
+    while not done.wait(ABORT_CHECK_S):
+        if time.monotonic() >= deadline:
+            raise SyncError("point-to-point transfer timed out")
+        if should_abort():
+            raise SyncAborted("the learner aborted this transfer")
+    if errors:
+        raise errors[0]
+
+
+# --------------------------------------------------------------------------- learner side
+def post_segments(pg: Any, op: str, header: WeightUpdateHeader, flat: torch.Tensor, ranks: list[int],
+                  bucket: Bucket | None = None) -> list:
+    """Start a bucket's segments (SyncPlan.op) on the learner's group; returns [(work, source)]
+    (each source must stay alive until its work is done). With `bucket`, large tensors go
+    straight from their own memory and small ones are packed into `flat` just before their
+    segment; without, `flat` is already packed."""
+    works: list = []
+    opts = broadcast_opts()
+    items = bucket.items if bucket is not None else []  # in offset order (plan_buckets)
+    by_offset = {off: t for _, t, off in items}
+    i = 0  # first item not yet packed or sent
+    for seg, (s, e, direct) in enumerate(bucket_segments(header.tensors, header.nbytes, header.chunk_bytes)):
+        if bucket is None:
+            src = flat[s:e]
+        elif direct:
+            src = as_bytes(by_offset[s], flat.device)
+        else:
+            i = pack_range(items, i, flat, s, e)
+            src = flat[s:e]
+        if op == "send":  # keep src alive until done
+            tag = segment_tag(header.bucket, seg)
+            works.extend((pg.send([src], r, tag), src) for r in ranks)
+        else:
+            works.append((pg.broadcast([src], opts), src))
+    return works
+
+
+def wait_segments(works: list, op: str, deadline: float, poll: bool) -> None:
+    """Wait for the [(work, source)] of post_segments until `deadline`; raise SyncError on failure
+    or timeout. poll: an NCCL group (see wait_work)."""
+    if op == "send":
+        wait_p2p([w for w, _src in works], deadline)
+    else:
+        for w, _src in works:
+            wait_work(w, deadline, poll=poll)
+
+
+# --------------------------------------------------------------------------- member side
+def join_group(plan: SyncPlan) -> tuple[Any, Any]:
+    """Join the group a (gloo/nccl) plan describes: mark this rank ready in the generation's
+    prefix store, wait for the learner's "go", build the group. Returns (group, prefix store)."""
+    deadline = time.monotonic() + plan.timeout_s
+    try:
+        store = dist.TCPStore(plan.store_host, plan.store_port, is_master=False, wait_for_workers=False,
+                              timeout=timeout_td(plan.timeout_s))
+    except Exception as e:
+        raise SyncError(f"cannot reach the weight-sync store {plan.store_host}:{plan.store_port}: {e}") from None
+    prefix = dist.PrefixStore(f"scout/{plan.generation}", store)
+    prefix.set(f"ready/{plan.rank}", b"1")
+    try:
+        prefix.wait(["go"], timeout_td(deadline - time.monotonic()))
+        go = prefix.get("go")
+    except Exception:
+        raise SyncError(f"generation {plan.generation}: no go from the learner within {plan.timeout_s}s") from None
+    if go != b"go":
+        raise SyncAborted(f"generation {plan.generation} abandoned by the learner (a member did not arrive)")
+    try:
+        pg = make_group(plan.transport, prefix, plan.rank, plan.world_size, plan.timeout_s,
+                        is_loopback(plan.store_host))
+    except Exception as e:
+        raise SyncError(f"generation {plan.generation}: group did not form: {first_line(e)}") from None
+    return pg, prefix
+
+
+def receive_segments(pg: Any, plan: SyncPlan, header: WeightUpdateHeader, flat: torch.Tensor, deadline: float,
+                     should_abort: Callable[[], bool]) -> None:
+    """Receive a bucket's segments into `flat` as the plan's op says, until `deadline`, giving up
+    when should_abort() (the learner set "abort")."""
+    opts = broadcast_opts()
+    segs = bucket_segments(header.tensors, header.nbytes, header.chunk_bytes)
+    if plan.op == "send":
+        works = [pg.recv([flat[s:e]], 0, segment_tag(header.bucket, k)) for k, (s, e, _) in enumerate(segs)]
+        wait_p2p(works, deadline, should_abort)
+    else:
+        works = [pg.broadcast([flat[s:e]], opts) for s, e, _ in segs]
+        for work in works:
+            wait_work(work, deadline, should_abort, poll=plan.transport == "nccl")
