@@ -94,11 +94,15 @@ def actor(
                                         "CUDA_VISIBLE_DEVICES set: all = its entries, a list = indices into them."),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers when no --gpus."),
     model: Optional[Path] = typer.Option(None, "--model", help="Local HF causal-LM folder."),
+    stay: bool = typer.Option(False, "--stay", help="When the learner's run ends, wait for a new learner run "
+                              "instead of exiting 0 (actor.stay)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
-    """Run rollout workers (one engine per GPU) that stream groups to the learner."""
+    """Run rollout workers (one engine per GPU) that stream groups to the learner; exit 0 when the
+    learner's run ends (unless --stay)."""
     cfg = _config(config, set_, "actor", **{"actor.gpus": gpus, "actor.workers": workers,
-                                            "actor.model": str(model) if model else None})
+                                            "actor.model": str(model) if model else None,
+                                            "actor.stay": True if stay else None})
     from actors.main import main
 
     raise typer.Exit(main(cfg))

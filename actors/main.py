@@ -8,6 +8,8 @@
         │  every 0.5 s: a slot whose process exited → logged, counted, restarted after a back-off
         │  (at most actor.max_restarts times); the other slots keep going. A worker that exits
         │  with EXIT_CONFIG (its metrics port is taken) is not restarted: its slot is down
+        │  a worker told that the learner's run ended exits EXIT_RUN_ENDED (not restarted); when
+        │  every slot has, the supervisor exits 0 (a Slurm / Kubernetes job ends cleanly)
         │  SIGINT / SIGTERM → SIGTERM to every worker, wait, SIGKILL stragglers, exit 0
         ▼
     metrics on metrics.actor_port (workers on actor_port + 1 + i): restarts, workers up
@@ -30,6 +32,7 @@ from common.metrics import Metrics
 from common.procs import stop_processes
 
 EXIT_CONFIG = 5  # a worker's exit code for a problem no restart fixes (its metrics port is taken)
+EXIT_RUN_ENDED = 6  # a worker's exit code when the learner's run ended (without actor.stay)
 
 log = logging.getLogger("scout.actors.main")
 
@@ -46,6 +49,7 @@ class Slot:
     restart_at: float = 0.0
     given_up: bool = False
     config_error: bool = False  # given up because the worker said no restart can help (EXIT_CONFIG)
+    run_ended: bool = False  # the worker exited because the learner's run ended
 
 
 def plan_slots(cfg: ScoutConfig) -> list[Slot]:
@@ -100,6 +104,10 @@ class Supervisor:
         if code is None:
             return
         slot.proc = None
+        if code == EXIT_RUN_ENDED:
+            slot.given_up = slot.run_ended = True
+            log.info("worker %d (gpu %s): the learner's run ended", slot.index, slot.gpu)
+            return
         if code == EXIT_CONFIG:
             slot.given_up = slot.config_error = True
             log.error("worker %d (gpu %s) cannot run with this configuration (see its error above); "
@@ -126,6 +134,10 @@ class Supervisor:
             for slot in self.slots:
                 self._check(slot)
             self.m_up.set(sum(1 for s in self.slots if s.proc is not None))
+            if all(s.run_ended for s in self.slots):
+                log.info("the learner's run ended: every worker is done")
+                self._stop_all()
+                return 0
             if all(s.given_up for s in self.slots):
                 log.error("every worker slot is down")
                 self._stop_all()

@@ -18,7 +18,9 @@ learner's credit window bounds how far ahead it can run. A lost learner link (no
 `actor.request_timeout_s`, or a learner that restarted) ends this *run*: the worker drops its
 in-flight work, takes a fresh run_id (the learner re-queues the old run's prompts) and says hello
 again. A failed weight load exits with code 3 (the engine may hold half-loaded weights); the
-supervisor restarts the process.
+supervisor restarts the process. A WorkAssignment marked `ended` (the learner finished its
+steps) exits with EXIT_RUN_ENDED, which the supervisor does not restart; with `actor.stay`
+(`--stay`) the worker instead waits for a learner run other than the one that ended.
 
 Where the worker's time goes (`scout_actor_phase_seconds_total{phase}`, and `phases` in the
 stats line): engine (decode steps), rollout (turn handling, search dispatch, rewards), send
@@ -46,7 +48,7 @@ import numpy as np
 import zmq
 
 from actors.engine import make_engine
-from actors.main import EXIT_CONFIG
+from actors.main import EXIT_CONFIG, EXIT_RUN_ENDED
 from actors.rollout import GroupState, RolloutRunner, Trajectory, make_searcher
 from common.config import ScoutConfig
 from common.metrics import Metrics
@@ -67,6 +69,10 @@ PHASES = ("engine", "rollout", "send", "link", "weight_load", "search_wait", "no
 
 class LinkLost(RuntimeError):
     """The learner stopped answering (or restarted): this run's in-flight work is void."""
+
+
+class RunEnded(Exception):
+    """The learner said its run is over (WorkAssignment.ended)."""
 
 
 class LearnerLink:
@@ -210,6 +216,7 @@ class ActorWorker:
         self.metrics = WorkerMetrics(worker, gpu)
         self.engine = self.runner = self.sync = self.searcher = None
         self.learner_run_id = ""
+        self.ended_run_id = ""  # a learner run that told us it ended (--stay: wait for another)
         self.learner_version = self.min_version = 0
         self.n_samples = 1
         self.sync_endpoint = ""
@@ -278,6 +285,13 @@ class ActorWorker:
                 log.warning("learner link lost (%s): dropping in-flight work, new run", e)
                 self._new_run()
                 self.stop.wait(1.0)
+            except RunEnded:
+                if not self.acfg.stay:
+                    log.info("learner run %s ended: exiting", self.learner_run_id[:8])
+                    return EXIT_RUN_ENDED
+                log.info("learner run %s ended: waiting for a new learner run (actor.stay)", self.learner_run_id[:8])
+                self.ended_run_id = self.learner_run_id
+                self._new_run()
         return 0
 
     def _tick(self) -> None:
@@ -322,6 +336,9 @@ class ActorWorker:
                 ack = self.link.call(hello, self.acfg.request_timeout_s)
             except LinkLost as e:
                 log.warning("%s; retrying", e)
+                continue
+            if isinstance(ack, HelloAck) and ack.learner_run_id == self.ended_run_id:
+                self.stop.wait(2.0)  # the ended run still answers for a moment: wait for a new one
                 continue
             if isinstance(ack, HelloAck):
                 return self._on_hello(ack)
@@ -404,6 +421,8 @@ class ActorWorker:
 
     def _on_assignment(self, a: WorkAssignment) -> None:
         self.work_pending = False
+        if a.ended:
+            raise RunEnded()
         self.learner_version, self.min_version, self.n_samples = a.version, a.min_version, a.n_samples
         if not a.prompts:
             now = time.monotonic()

@@ -71,6 +71,7 @@ def mode_config(path: Path, mode: str, steps: int, async_staleness: int | None) 
     demo_staleness = int(lc.get("max_staleness", 1))
     lc["max_staleness"] = 0 if mode == "sync" else (async_staleness or max(1, demo_staleness))
     lc["steps"] = steps
+    tree["actor"]["stay"] = True  # the actor outlives the learner's run until the bench stops it (end snapshot)
     lc.pop("checkpoint_dir", None)
     lc["checkpoint_every"] = 0
     tree["metrics"]["log_file"] = str(Path(tree["run_dir"]) / "actor-stats.jsonl")

@@ -98,15 +98,17 @@ class WorkRequest(Message):
 
 @register
 class WorkAssignment(Message):
-    """The learner hands out prompts: each is a credit for one group. Empty means wait."""
+    """The learner hands out prompts: each is a credit for one group. Empty means wait, unless
+    `ended`: the learner's run is over (the actor exits, or with --stay waits for a new run)."""
 
     TYPE = "work_assignment"
-    VERSION = 2  # 2: Prompt.text (a version-1 actor would wrap a templated prompt a second time)
+    VERSION = 2  # 2: Prompt.text (a version-1 actor would wrap a templated prompt a second time), ended
     prompts: list[Prompt] = Field(max_length=MAX_PROMPTS)
     version: int = Field(ge=0)  # learner's current policy version
     min_version: int = Field(ge=0)  # oldest policy version whose tokens will still be accepted
     n_samples: int = Field(ge=1, le=MAX_GROUP)
     retry_after_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+    ended: bool = False  # the learner finished its run: no more prompts will come from this run
 
 
 # --------------------------------------------------------------------------- trajectories

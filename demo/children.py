@@ -35,10 +35,12 @@ class Children:
         log.info("started %s (pid %d), log %s", name, p.pid, self.log_dir / f"{name}.log")
         return p
 
-    def check_alive(self, *names: str) -> None:
+    def check_alive(self, *names: str, done_ok: tuple[str, ...] = ()) -> None:
+        """Raise if one of `names` has exited; those in `done_ok` may have exited with code 0 (an
+        actor whose learner's run ended)."""
         for n in names:
             p = self.procs.get(n)
-            if p is not None and p.poll() is not None:
+            if p is not None and p.poll() is not None and not (n in done_ok and p.returncode == 0):
                 raise RuntimeError(f"{n} exited with code {p.returncode}; see {self.log_dir / (n + '.log')}")
 
     def stop(self, name: str, timeout: float = 20.0) -> None:

@@ -76,7 +76,7 @@ def follow_progress(children: Children, run_dir: Path, steps: int) -> list[dict]
             if learner.returncode != 0:
                 raise RuntimeError(f"learner exited with code {learner.returncode}")
             return records
-        children.check_alive("retriever", "actor")
+        children.check_alive("retriever", "actor", done_ok=("actor",))  # it exits 0 once told the run ended
         time.sleep(1.0)
 
 

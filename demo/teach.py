@@ -26,10 +26,11 @@ def script_texts(extra: list[str] = ()) -> list[str]:
 
 
 def script_example(tokenizer, question: str, query: str, observation_ids: list[int], answer: str,
-                   think: str = "i should search") -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one scripted rollout: search once, read, answer."""
+                   think: str = "i should search", text: str = "") -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of one scripted rollout: search once, read, answer. `text`: the
+    prompt verbatim (Prompt.text), else our instruction around `question`."""
     enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    prompt = build_prompt_ids(tokenizer, question)
+    prompt = build_prompt_ids(tokenizer, question, text=text)
     turn1 = enc(f"<think> {think} </think> <search> {query} </search>")
     turn2 = enc(f"<answer> {answer} </answer>")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

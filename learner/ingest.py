@@ -175,6 +175,8 @@ class IngestServer:
         self._thread: threading.Thread | None = None
         self.endpoint = self.lc.ingest_endpoint
         self.sync_endpoint = sync_endpoint or self.lc.sync_endpoint  # told to actors in HelloAck
+        self.ended = False  # the run is over: work requests are answered `ended`, groups refused
+        self.told_ended: set[tuple[str, str]] = set()  # (peer, run) that got an `ended` answer
         self._metrics(metrics or Metrics("learner"))
 
     def _metrics(self, m: Metrics) -> None:
@@ -330,6 +332,10 @@ class IngestServer:
 
     def _on_work(self, msg: WorkRequest) -> WorkAssignment:
         self._touch(msg.peer_id, msg.run_id, msg.version)
+        if self.ended:
+            self.told_ended.add((msg.peer_id, msg.run_id))
+            return WorkAssignment(prompts=[], version=self.version, min_version=self.min_version(),
+                                  n_samples=self.lc.n_samples, retry_after_s=self.lc.retry_after_s, ended=True)
         free = self.cap - self.outstanding()
         # behind: its groups would be dropped; ahead: it holds weights of a version this learner never
         # made (the learner resumed from an older checkpoint). Either way: no prompts until a sync.
@@ -344,6 +350,8 @@ class IngestServer:
 
     def _check_group(self, g: TrajectoryGroup) -> str:
         """Why this group cannot be trained on ('' if it can)."""
+        if self.ended:
+            return "the learner's run has ended"
         if g.n != self.lc.n_samples:
             return f"group has {g.n} samples, the learner trains on groups of {self.lc.n_samples}"
         if not self.dispatcher.knows(g.prompt_id):
@@ -427,6 +435,22 @@ class IngestServer:
             self.m_inflight.set(self.dispatcher.in_flight())
             self.m_requeue.set(len(self.dispatcher.requeue))
             self.m_training.set(len(self.in_training))
+
+    def end_run(self, grace_s: float) -> int:
+        """The learner finished: answer every work request `ended` and wait, at most `grace_s`,
+        until each actor run heard from within peer_timeout_s has been told. Returns how many
+        live runs were never told (they stopped asking, or the grace ran out)."""
+        with self._cond:
+            self.ended = True
+        deadline = time.monotonic() + grace_s
+        while True:
+            with self._cond:
+                live = {(p, peer.run_id) for p, peer in self.peers.items()
+                        if time.monotonic() - peer.last_seen <= self.lc.peer_timeout_s}
+                untold = live - self.told_ended
+            if not untold or time.monotonic() >= deadline or self._stop.is_set():
+                return len(untold)
+            time.sleep(0.1)
 
     # ----------------------------------------------------------------- trainer side
     def take_groups(self, k: int, timeout: float) -> list[TrajectoryGroup] | None:

@@ -213,6 +213,10 @@ class Learner:
         if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
             self._checkpoint()
         log.info("learner done at step %d, version %d", self.step, self.version)
+        if self.ingest is not None and self.step >= self.lc.steps:  # finished, not stopped: tell the actors
+            untold = self.ingest.end_run(self.lc.end_grace_s)
+            log.info("run ended: actors told%s", f" ({untold} live actor runs did not ask within "
+                     f"{self.lc.end_grace_s:.0f} s)" if untold else "")
         return 0
 
     def _on_signal(self, signum, _frame) -> None:

@@ -90,7 +90,7 @@ def run_pipeline(base: Path, model: Path, ipc_path, procs, staleness: int) -> li
     actor = procs.start(["cli.py", "actor", "--config", str(cfg), "--workers", "1"], env=env, stdout=logs["actor"],
                         stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while learner.poll() is None and actor.poll() is None and time.monotonic() < deadline:
+    while learner.poll() is None and actor.poll() in (None, 0) and time.monotonic() < deadline:  # 0: run ended
         time.sleep(0.5)
     tail = "\n".join(f"--- {r}\n" + "\n".join((base / f"{r}.log").read_text(errors="replace").splitlines()[-30:])
                      for r in logs)
