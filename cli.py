@@ -130,10 +130,13 @@ def learner(
 def demo(
     no_search: bool = typer.Option(False, "--no-search", help="Disable retrieval (control run)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Learner steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of everything: the world, the base model's "
+                                       "initialisation and data, RL sampling and prompt order (demo.seed)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
     """Embedded default: build the toy world and run the whole system on this machine."""
-    cfg = _config(config, set_, "demo", log=False, **{"demo.no_search": no_search or None, "demo.steps": steps})
+    cfg = _config(config, set_, "demo", log=False, **{"demo.no_search": no_search or None, "demo.steps": steps,
+                                                      "demo.seed": seed})
     from demo.run import main
 
     raise typer.Exit(main(cfg))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,18 +26,14 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
     """World, index and base model, each cached under demo.dir."""
     from demo.toyworld import build_world
     from demo.pretrain import pretrain_base_model
-    from retriever.index import build_index
 
     d = Path(cfg.demo.dir)
     t0 = time.monotonic()
     world = build_world(d / "world", seed=cfg.demo.seed)
-    index_dir = d / "index"
-    if not (index_dir / "manifest.json").is_file():
-        build_index(cfg.retriever, corpus=world.corpus, out=index_dir, shards=1, factory="Flat", batch_size=256)
-    swapped_dir = d / "index-swapped"
-    if not (swapped_dir / "manifest.json").is_file():
-        build_index(cfg.retriever, corpus=world.corpus_swapped, out=swapped_dir, shards=1, factory="Flat",
-                    batch_size=256)
+    digest = json.loads(world.meta.read_text())["digest"]
+    index_dir, swapped_dir = d / "index", d / "index-swapped"
+    for corpus, out in ((world.corpus, index_dir), (world.corpus_swapped, swapped_dir)):
+        _cached_index(cfg, corpus, out, digest)
     t1 = time.monotonic()
     overrides = {} if cfg.demo.pretrain_steps is None else {"steps": cfg.demo.pretrain_steps}
     if cfg.demo.base_model:
@@ -49,6 +46,18 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
     return {"world": d / "world", "train": world.train, "heldout": world.heldout,
             "heldout_swapped": world.heldout_swapped, "index": index_dir, "index_swapped": swapped_dir,
             "model": Path(model)}
+
+
+def _cached_index(cfg: ScoutConfig, corpus: Path, out: Path, world_digest: str) -> None:
+    """The index of `corpus`, rebuilt when it was built for another world (another --seed)."""
+    from retriever.index import build_index
+
+    stamp = out / "world-digest"
+    if (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == world_digest:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    build_index(cfg.retriever, corpus=corpus, out=out, shards=1, factory="Flat", batch_size=256)
+    stamp.write_text(world_digest)
 
 
 # The demo's recipe (docs/DEMO_DESIGN.md): what the toy-world study found to work on 2 CPU cores.
@@ -82,6 +91,9 @@ def write_run_config(cfg: ScoutConfig, paths: dict[str, Path], run_dir: Path) ->
 
     ipc = tempfile.mkdtemp(prefix="scout-demo-")
     tree = apply_recipe(cfg, cfg.model_dump(mode="json", exclude_none=True))
+    for section in ("actor", "learner"):  # one --seed: RL sampling and the prompt order follow it too
+        if "seed" not in getattr(cfg, section).model_fields_set:
+            tree[section]["seed"] = cfg.demo.seed
     tree["run_dir"] = str(run_dir)
     tree["retriever"].update(index_dir=str(paths["index"]), endpoint=f"ipc://{ipc}/retriever", http_port=0)
     from actors.main import plan_slots

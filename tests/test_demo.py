@@ -26,6 +26,43 @@ def test_recipe_fills_only_what_the_user_left_alone():
     assert ScoutConfig.model_validate(tree).learner.std_norm is False
 
 
+def test_one_seed_reaches_rl_sampling_and_prompt_order(tmp_path):
+    import tomllib
+
+    from demo.recipe import write_run_config
+
+    paths = {"index": tmp_path / "i", "train": tmp_path / "t.jsonl", "model": tmp_path / "m"}
+    paths["model"].mkdir()
+    (paths["model"] / "config.json").write_text('{"max_position_embeddings": 1024}')
+    run = tmp_path / "run"
+    run.mkdir()
+    tree = tomllib.loads(write_run_config(load_config(None, ["demo.seed=7"], environ={}), paths, run).read_text())
+    assert tree["actor"]["seed"] == tree["learner"]["seed"] == tree["demo"]["seed"] == 7
+    tree = tomllib.loads(write_run_config(load_config(None, ["demo.seed=7", "actor.seed=3"], environ={}), paths,
+                                          run).read_text())
+    assert tree["actor"]["seed"] == 3 and tree["learner"]["seed"] == 7  # a seed the user set stays
+
+
+def test_the_cached_index_follows_the_world(tmp_path):
+    """Another --seed builds another world in the same demo folder: its index is rebuilt, never reused."""
+    from demo.recipe import _cached_index
+    from demo.toyworld import build_world
+
+    cfg = load_config(None, environ={})
+    out = tmp_path / "index"
+    for seed in (0, 1, 1):
+        world = build_world(tmp_path / "world", seed=seed, n_entities=80, heldout_entities=16)
+        digest = json.loads(world.meta.read_text())["digest"]
+        before = (out / "world-digest").read_text() if out.is_dir() else None
+        mtime = (out / "manifest.json").stat().st_mtime_ns if out.is_dir() else None
+        _cached_index(cfg, world.corpus, out, digest)
+        assert (out / "world-digest").read_text() == digest
+        if before == digest:  # same world: the index is kept as it was
+            assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    ids = {json.loads(line)["id"] for line in world.corpus.read_text().splitlines()}
+    assert json.loads((out / "manifest.json").read_text())["count"] == len(ids)  # this world's passages
+
+
 def test_right_search_rate_from_passage_ids(tmp_path):
     from actors.evaluate import gold_passages, mark_right_search, summarise
 
