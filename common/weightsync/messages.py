@@ -91,7 +91,7 @@ class WeightUpdateHeader(Message):
     ARRAYS = {"data": ArraySpec(("uint8",))}
     version: int = Field(ge=0)
     generation: int = Field(default=0, ge=0)  # the SyncPlan generation whose group carries the bytes
-    chunk_bytes: int = Field(default=0, ge=0)  # >0: group bytes come in segments (weightsync.bucket_segments)
+    chunk_bytes: int = Field(default=0, ge=0)  # >0: group bytes come in segments (buckets.bucket_segments)
     bucket: int = Field(ge=0)
     num_buckets: int = Field(ge=1)
     dtype: str
