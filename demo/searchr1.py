@@ -3,6 +3,8 @@ has on day one, so the whole pipeline can be rehearsed on them (tests/test_searc
 docs/DEPLOY.md "Search-R1's files as they are").
 
     toy world ──▶ <out>/corpus.jsonl      {"id", "contents": "\"Title\"\ntext"} per line (wiki-18's shape)
+              ──▶ <out>/Flat.index        a plain faiss.IndexFlatIP of the passages (e5_Flat.index's kind),
+                                          built here with faiss alone: `cli.py index import` serves it
               ──▶ <out>/train.parquet     processed rows, as Search-R1's data_process scripts write them:
               ──▶ <out>/test.parquet      data_source, prompt [{"role": "user", "content": ...}], ability,
                                           reward_model {"style": "rule", "ground_truth": {"target": [...]}},
@@ -15,6 +17,7 @@ EM to report.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,16 +40,33 @@ def _source(row: dict) -> str:
     return str(row.get("passage_id", "")).rpartition("-")[2] or row.get("data_source") or "toyworld"
 
 
+def write_flat_index(corpus: Path, out: Path, threads: int = 1) -> Path:
+    """The corpus encoded with the packaged encoder (mean pooling, normalised) into a plain
+    faiss.IndexFlatIP, the way a Search-R1 user's index was built: no scout index builder involved."""
+    import faiss
+
+    from retriever.encoder import Encoder
+
+    contents = [json.loads(line)["contents"] for line in corpus.read_text().splitlines() if line.strip()]
+    enc = Encoder(None, threads=threads)
+    index = faiss.IndexFlatIP(enc.dim)
+    index.add(enc.encode(contents, batch_size=64))
+    faiss.write_index(index, str(out))
+    return out
+
+
 def export_searchr1(world: WorldPaths, out: str | Path, limit: int = 0) -> dict[str, Path]:
-    """Write the world's corpus and its train / held-out questions as Search-R1 files under `out`;
-    at most `limit` questions per split (0 = all)."""
+    """Write the world's corpus, a plain faiss index of it, and its train / held-out questions as
+    Search-R1 files under `out`; at most `limit` questions per split (0 = all)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"corpus": out / "corpus.jsonl", "train": out / "train.parquet", "test": out / "test.parquet"}
+    paths = {"corpus": out / "corpus.jsonl", "index": out / "Flat.index", "train": out / "train.parquet",
+             "test": out / "test.parquet"}
     shutil.copyfile(world.corpus, paths["corpus"])  # already {"id", "contents"} with the title first
+    write_flat_index(paths["corpus"], paths["index"])
     for split, qa in (("train", world.train), ("test", world.heldout)):
         rows = read_rows(qa, f"toy world {split}")[: limit or None]
         table = [processed_row(r["question"], r["golden_answers"], _source(r), split, i) for i, r in enumerate(rows)]

@@ -1,7 +1,8 @@
 """Search-R1's day-one path, end to end in its own formats, with real processes:
 
-    toy world ─export_searchr1─▶ corpus.jsonl (wiki-18's shape), train.parquet, test.parquet (processed rows)
-    corpus.jsonl ─`cli.py index build`─▶ index ─▶ `cli.py retriever` (Search-R1's HTTP POST /retrieve)
+    toy world ─export_searchr1─▶ corpus.jsonl (wiki-18's shape), Flat.index (plain faiss), train.parquet,
+                                 test.parquet (processed rows)
+    Flat.index + corpus.jsonl ─`cli.py index import`─▶ index ─▶ `cli.py retriever` (HTTP POST /retrieve)
     `cli.py learner` (learner.data = train.parquet, 2 steps) ◀─groups── `cli.py actor` (actor.retriever_url)
          └── the run ends: the actor exits 0
     `cli.py eval --data test.parquet` (through the same HTTP API) ─▶ EM per data source
@@ -123,9 +124,9 @@ def test_search_r1_files_train_and_evaluate_as_they_are(tmp_path, procs, ipc_pat
 
     files = export_searchr1(build_world(tmp_path / "world", n_entities=80, heldout_entities=16), tmp_path / "sr1",
                             limit=40)
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(files["corpus"]), "--out",
-                    str(tmp_path / "index"), "--batch-size", "64"], cwd=ROOT, check=True, timeout=600,
-                   capture_output=True)
+    subprocess.run([sys.executable, "cli.py", "index", "import", "--faiss", str(files["index"]), "--corpus",
+                    str(files["corpus"]), "--out", str(tmp_path / "index")], cwd=ROOT, check=True, timeout=600,
+                   capture_output=True)  # the user's own index, not re-encoded
     model = taught_model(tmp_path, files["train"])
     ports = {"http": free_tcp_port(), "retriever_metrics": free_tcp_port()}
     cfg = write_config(tmp_path, files, model, ports, ipc_path)
