@@ -48,6 +48,7 @@ class MetricsConfig(Section):
     actor_port: int = Field(9200, ge=0, le=65535)  # worker i serves on actor_port + 1 + i
     learner_port: int = Field(9300, ge=0, le=65535)
     log_file: str | None = None  # also append metrics snapshots here (jsonl)
+    token_file: str | None = None  # file holding a Bearer token that /metrics then requires (/health stays open)
 
 
 class RetrieverConfig(Section):
@@ -55,6 +56,7 @@ class RetrieverConfig(Section):
     endpoint: str = "tcp://127.0.0.1:5555"  # ZeroMQ router endpoint
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)  # Search-R1 compatible /retrieve; 0 disables
+    http_token_file: str | None = None  # file holding a Bearer token that POST /retrieve then requires
     encoder: str | None = None  # local HF folder; None = the packaged all-MiniLM-L6-v2
     query_prefix: str = ""
     passage_prefix: str = ""

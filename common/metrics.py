@@ -5,25 +5,61 @@
     tokens.inc(128)
     m.serve("127.0.0.1", 9201, health=lambda: {"engine": "ready"})
 
+With `token_file` (metrics.token_file), `/metrics` answers 401 unless the request carries
+`Authorization: Bearer <token>`; `/health` stays open. `read_token_file` / `bearer_ok` are the
+same checks the retriever's Search-R1 HTTP API uses for retriever.http_token_file.
+
 Every metric carries the process's constant labels (role, worker, gpu, shard ...), so a slow
 actor can be found in a query. Names follow Prometheus conventions (`_total`, `_seconds`).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from common.config import ConfigError
+
 log = logging.getLogger("scout.metrics")
 
 HTTP_TIMEOUT_S = 10.0  # an HTTP peer that stalls mid-request is dropped after this (no thread waits forever)
+
+BEARER_CHALLENGE = ("WWW-Authenticate", 'Bearer realm="scout"')
+
+
+def read_token_file(path: str, key: str) -> bytes:
+    """The bearer token in `path` (surrounding whitespace stripped), read once at start. A missing,
+    unreadable or empty file, or a token that is not printable ASCII, is a ConfigError naming `key`
+    and the path (never the token)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read token file {path!r}: {e.strerror or e}") from None
+    token = raw.strip()
+    if not token:
+        raise ConfigError(f"{key}: token file {path!r} is empty; put a secret in it "
+                          f"(e.g. `openssl rand -hex 32 > {path}`)")
+    if not all(0x21 <= b <= 0x7E for b in token):
+        raise ConfigError(f"{key}: the token in {path!r} must be printable ASCII without spaces (e.g. hex)")
+    return token
+
+
+def bearer_ok(authorization: str | None, token: bytes) -> bool:
+    """Whether an Authorization header value is `Bearer <token>`; constant-time in the token."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    supplied = given.strip().encode("latin-1", "replace")  # http.server decodes header bytes as latin-1
+    match = hmac.compare_digest(supplied, token)  # compared even when the scheme is wrong: no early exit
+    return match and scheme.lower() == "bearer"
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -73,8 +109,12 @@ class Metrics:
         return {"status": status, "role": self.role, **self.const,
                 "uptime_s": round(time.time() - self.started, 3), **(extra or {})}
 
-    def serve(self, host: str, port: int, health: Callable[[], dict[str, Any]] | None = None) -> int:
-        """Serve /metrics and /health in a daemon thread; returns the bound port (0 = pick)."""
+    def serve(self, host: str, port: int, health: Callable[[], dict[str, Any]] | None = None,
+              token_file: str | None = None) -> int:
+        """Serve /metrics and /health in a daemon thread; returns the bound port (0 = pick).
+        With `token_file` (metrics.token_file), /metrics needs `Authorization: Bearer <token>`
+        (a ConfigError here when the file is unreadable or empty); /health stays open."""
+        token = read_token_file(token_file, "metrics.token_file") if token_file else None
         if health is not None:
             self._health = health
         metrics = self
@@ -85,7 +125,12 @@ class Metrics:
 
             def do_GET(self):  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                extra: tuple[tuple[str, str], ...] = ()
+                if path == "/metrics" and token is not None and not bearer_ok(self.headers.get("Authorization"), token):
+                    self.reject("http_401")
+                    body, ctype, code = b"unauthorised: send Authorization: Bearer <token>\n", "text/plain", 401
+                    extra = (BEARER_CHALLENGE,)
+                elif path == "/metrics":
                     body, ctype, code = metrics.render(), CONTENT_TYPE_LATEST, 200
                 elif path == "/health":
                     h = metrics.health()
@@ -97,6 +142,8 @@ class Metrics:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in extra:
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
 

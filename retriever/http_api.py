@@ -3,8 +3,12 @@
     POST /retrieve  {"queries": [str, ...], "topk": k, "return_scores": bool}
       -> 200 {"result": [[{"document": {"id": str, "contents": str}, "score": float}, ...], ...]}
          (return_scores false: the inner items are the documents alone)
-      -> 400 / 404 / 405 / 413 / 503 / 504 {"error": {"code": ..., "message": ...}}
-    GET /health     the service health (same JSON as the metrics port's /health)
+      -> 400 / 401 / 404 / 405 / 413 / 503 / 504 {"error": {"code": ..., "message": ...}}
+    GET /health     the service health (same JSON as the metrics port's /health); always open
+
+With retriever.http_token_file set, POST /retrieve needs `Authorization: Bearer <token>`: without
+it, or with another token, the answer is 401 {"error": {"code": "unauthorised", ...}} with a
+`WWW-Authenticate: Bearer` header (counted as outcome="unauthorised", rejected reason "http_401").
 
 `topk` may be omitted or null (then `retriever.http_default_topk`, as Search-R1 falls back to
 its configured top-k); 0, negatives, or values above the cap are refused with 400. Unknown
@@ -21,9 +25,10 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from common.metrics import HTTP_TIMEOUT_S, CountingHandler, QuietHTTPServer
+from common.metrics import (BEARER_CHALLENGE, HTTP_TIMEOUT_S, CountingHandler, QuietHTTPServer, bearer_ok,
+                            read_token_file)
 from common.protocol import RetrieveRequest
-from common.transport import check_host_bind
+from common.transport import check_host_bind, is_loopback
 from retriever.docstore import DocStore
 from retriever.router import Router, ServiceError
 
@@ -34,9 +39,20 @@ STATUS = {"bad_request": 400, "unauthorised": 401, "unavailable": 503, "timeout"
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, counted: bool = False):
+    def __init__(self, status: int, code: str, message: str, counted: bool = False,
+                 headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
-        self.status, self.code, self.counted = status, code, counted
+        self.status, self.code, self.counted, self.headers = status, code, counted, headers
+
+
+def open_bind_warning(host: str, token_file: str | None) -> str | None:
+    """The start-up warning for an HTTP API reachable beyond loopback with no token, else None."""
+    if token_file or is_loopback(host):
+        return None
+    return (f"Search-R1 HTTP API bound to {host!r} without a token: POST /retrieve is open to anyone who can "
+            "reach the port. Put a secret in a file (e.g. `openssl rand -hex 32 > token`) and set "
+            "retriever.http_token_file (cli.py retriever --http-token-file FILE); clients then send "
+            "`Authorization: Bearer <token>`")
 
 
 def parse_body(raw: bytes, default_topk: int, cap: int,
@@ -98,6 +114,8 @@ class SearchR1Server:
     def __init__(self, cfg, router: Router, docs: DocStore):
         rc = cfg.retriever
         check_host_bind(rc.http_host, cfg.transport, "retriever.http_host")
+        # read once, here; never logged
+        self.token = read_token_file(rc.http_token_file, "retriever.http_token_file") if rc.http_token_file else None
         self.rc, self.router, self.docs = rc, router, docs
         self.m_ignored = router.metrics.counter("scout_retriever_http_ignored_fields_total",
                                                 "unknown top-level /retrieve body fields ignored")
@@ -108,12 +126,23 @@ class SearchR1Server:
     def start(self) -> int:
         self.thread = threading.Thread(target=self.server.serve_forever, name="retriever-http", daemon=True)
         self.thread.start()
-        log.info("Search-R1 HTTP API on http://%s:%d/retrieve", self.rc.http_host, self.port)
+        log.info("Search-R1 HTTP API on http://%s:%d/retrieve (%s)", self.rc.http_host, self.port,
+                 "Bearer token required" if self.token is not None else "no token")
+        warning = open_bind_warning(self.rc.http_host, self.rc.http_token_file)
+        if warning:
+            log.warning("%s", warning)
         return self.port
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def authorise(self, authorization: str | None) -> None:
+        """Raise HttpError(401) unless no token is configured or the header carries it."""
+        if self.token is not None and not bearer_ok(authorization, self.token):
+            why = "no Authorization header" if not authorization else "the Authorization header is not the token"
+            raise HttpError(401, "unauthorised", f"{why}: send Authorization: Bearer <token>",
+                            headers=(BEARER_CHALLENGE,))
 
     def retrieve(self, raw: bytes) -> dict:
         queries, topk, return_scores = parse_body(raw, self.rc.http_default_topk, self.rc.topk_cap,
@@ -129,68 +158,77 @@ class SearchR1Server:
         return {"result": render_result(self.docs, scores, rows, return_scores)}
 
     def _handler(self):
-        api = self
+        return type("Handler", (SearchR1Handler,), {"api": self})
 
-        class Handler(CountingHandler):
-            protocol_version = "HTTP/1.1"
-            served = 0  # requests answered on this connection: a keep-alive that idles out is no refusal
 
-            def reject(self, reason: str) -> None:
-                if reason != "http_timeout" or not self.served:
-                    api.router.metrics.reject("http", reason)
+class SearchR1Handler(CountingHandler):
+    """One connection to the Search-R1 API; `api` (the SearchR1Server) is set by a subclass."""
 
-            def _send(self, status: int, obj) -> None:
-                body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                self.served += 1
+    api: SearchR1Server
+    protocol_version = "HTTP/1.1"
+    served = 0  # requests answered on this connection: a keep-alive that idles out is no refusal
 
-            def _error(self, e: HttpError) -> None:
-                self.close_connection = True  # the body may be unread: do not reuse the connection
-                if 400 <= e.status < 500:
-                    self.reject(f"http_{e.status}")
-                self._send(e.status, {"error": {"code": e.code, "message": str(e)}})
+    def reject(self, reason: str) -> None:
+        if reason != "http_timeout" or not self.served:
+            self.api.router.metrics.reject("http", reason)
 
-            def do_POST(self):  # noqa: N802 (http.server API)
-                try:
-                    if self.path.split("?", 1)[0] != "/retrieve":
-                        raise HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve")
-                    raw = self._body()
-                    self._send(200, api.retrieve(raw))
-                except HttpError as e:
-                    if not e.counted:  # refused before reaching the batcher
-                        api.router.m_requests.labels(source="http", outcome="bad_request").inc()
-                    self._error(e)
-                except Exception as e:  # never leave a caller without an answer
-                    log.exception("HTTP /retrieve failed")
-                    self._error(HttpError(500, "internal", f"{type(e).__name__}: {e}"))
+    def _send(self, status: int, obj, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+        self.served += 1
 
-            def _body(self) -> bytes:
-                length = self.headers.get("Content-Length")
-                # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses
-                if length is None or not (length.isascii() and length.isdigit()):
-                    raise HttpError(411, "bad_request", "a Content-Length header of ASCII digits is required")
-                n = int(length)
-                if n > api.rc.http_max_body_bytes:
-                    raise HttpError(413, "bad_request", f"body of {n} bytes, cap is {api.rc.http_max_body_bytes}")
-                try:
-                    raw = self.rfile.read(n)
-                except TimeoutError:
-                    raise HttpError(408, "bad_request", f"body not received within {HTTP_TIMEOUT_S:.0f} s") from None
-                if len(raw) != n:
-                    raise HttpError(400, "bad_request", f"body ended after {len(raw)} of {n} bytes")
-                return raw
+    def _error(self, e: HttpError) -> None:
+        self.close_connection = True  # the body may be unread: do not reuse the connection
+        if 400 <= e.status < 500:
+            self.reject(f"http_{e.status}")
+        self._send(e.status, {"error": {"code": e.code, "message": str(e)}}, e.headers)
 
-            def do_GET(self):  # noqa: N802
-                if self.path.split("?", 1)[0] == "/health":
-                    h = api.router.health()
-                    self._send(200 if h["status"] == "ok" else 503, h)
-                elif self.path.split("?", 1)[0] == "/retrieve":
-                    self._error(HttpError(405, "bad_request", "use POST /retrieve with a JSON body"))
-                else:
-                    self._error(HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve"))
+    def do_POST(self):  # noqa: N802 (http.server API)
+        api = self.api
+        try:
+            if self.path.split("?", 1)[0] != "/retrieve":
+                raise HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve")
+            api.authorise(self.headers.get("Authorization"))  # before the body is read
+            raw = self._body()
+            self._send(200, api.retrieve(raw))
+        except HttpError as e:
+            if not e.counted:  # refused before reaching the batcher
+                outcome = "unauthorised" if e.status == 401 else "bad_request"
+                api.router.m_requests.labels(source="http", outcome=outcome).inc()
+            self._error(e)
+        except Exception as e:  # never leave a caller without an answer
+            log.exception("HTTP /retrieve failed")
+            self._error(HttpError(500, "internal", f"{type(e).__name__}: {e}"))
 
-        return Handler
+    def _body(self) -> bytes:
+        cap = self.api.rc.http_max_body_bytes
+        length = self.headers.get("Content-Length")
+        # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses
+        if length is None or not (length.isascii() and length.isdigit()):
+            raise HttpError(411, "bad_request", "a Content-Length header of ASCII digits is required")
+        n = int(length)
+        if n > cap:
+            raise HttpError(413, "bad_request", f"body of {n} bytes, cap is {cap}")
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raise HttpError(408, "bad_request", f"body not received within {HTTP_TIMEOUT_S:.0f} s") from None
+        if len(raw) != n:
+            raise HttpError(400, "bad_request", f"body ended after {len(raw)} of {n} bytes")
+        return raw
+
+    def do_GET(self):  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            h = self.api.router.health()
+            self._send(200 if h["status"] == "ok" else 503, h)
+        elif path == "/retrieve":
+            self._error(HttpError(405, "bad_request", "use POST /retrieve with a JSON body"))
+        else:
+            self._error(HttpError(404, "bad_request", f"no such endpoint {self.path!r}: POST /retrieve"))

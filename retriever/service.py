@@ -6,7 +6,7 @@
       ├─ shard processes, one per shard (python -m retriever.shard), faiss-gpu with --gpus
       ├─ query encoder (loads while the shards load)
       ├─ wait for every ShardHello, then bind retriever.endpoint (ZeroMQ ROUTER)
-      ├─ Search-R1 HTTP API on retriever.http_host:http_port (0 = off)
+      ├─ Search-R1 HTTP API on retriever.http_host:http_port (0 = off; Bearer token: http_token_file)
       └─ router loop until SIGTERM / SIGINT, then: stop HTTP, answer what is pending
          "unavailable", SIGTERM the shards (SIGKILL after 10 s), remove the ipc folder.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import zmq
 
 from common.config import ConfigError, parse_device_indices
-from common.metrics import Metrics
+from common.metrics import Metrics, read_token_file
 from common.transport import check_bind_address, check_host_bind
 from retriever.docstore import DocStore
 from retriever.index import IndexFolderError, encoder_for, load_manifest, verify_checksums
@@ -77,6 +77,11 @@ def main(cfg) -> int:
             check_host_bind(rc.http_host, cfg.transport, "retriever.http_host")
         if cfg.metrics.retriever_port:
             check_host_bind(cfg.metrics.host, cfg.transport, "metrics.host")
+        # a bad token file fails here, before the index loads (the servers read it again to serve)
+        if rc.http_port and rc.http_token_file:
+            read_token_file(rc.http_token_file, "retriever.http_token_file")
+        if cfg.metrics.retriever_port and cfg.metrics.token_file:
+            read_token_file(cfg.metrics.token_file, "metrics.token_file")
         gpus = _gpus(rc.gpus)
         manifest, docs = _open_index(rc)
     except (ConfigError, IndexFolderError, FileNotFoundError) as e:
@@ -99,7 +104,8 @@ def main(cfg) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         if cfg.metrics.retriever_port:
-            port = metrics.serve(cfg.metrics.host, cfg.metrics.retriever_port, health=router.health)
+            port = metrics.serve(cfg.metrics.host, cfg.metrics.retriever_port, health=router.health,
+                                 token_file=cfg.metrics.token_file)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, port)
         shards.start_all()
         device = f"cuda:{gpus[0]}" if gpus else "cpu"
