@@ -53,12 +53,16 @@ def retriever(
                                         "indices into CUDA_VISIBLE_DEVICES when it is set)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="ZeroMQ endpoint to bind."),
     http_port: Optional[int] = typer.Option(None, "--http-port", help="Search-R1 HTTP port (0 = off)."),
+    http_token_file: Optional[Path] = typer.Option(None, "--http-token-file", help="File holding a Bearer token that "
+                                                   "POST /retrieve then requires (retriever.http_token_file)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
     """Serve a sharded FAISS index over ZeroMQ and Search-R1's HTTP /retrieve."""
     cfg = _config(config, set_, "retriever", **{"retriever.index_dir": str(index) if index else None,
                                                 "retriever.gpus": gpus, "retriever.endpoint": endpoint,
-                                                "retriever.http_port": http_port})
+                                                "retriever.http_port": http_port,
+                                                "retriever.http_token_file": str(http_token_file) if http_token_file
+                                                else None})
     from retriever.service import main
 
     raise typer.Exit(main(cfg))
@@ -86,6 +90,37 @@ def index_build(
     except KeyboardInterrupt:
         typer.echo(f"interrupted: run the same command again to resume the build in {out}", err=True)
         raise typer.Exit(130)
+
+
+@index_app.command("import")
+def index_import(
+    faiss_file: Path = typer.Option(..., "--faiss", help="Prebuilt FAISS Flat inner-product index (e5_Flat.index)."),
+    corpus: Path = typer.Option(..., "--corpus", help="The corpus it was encoded from, in index row order (jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Output index folder (missing or empty)."),
+    shards: int = typer.Option(1, "--shards", min=1),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Local HF encoder folder the index was built "
+                                          "with (default: packaged MiniLM)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean or cls (default: retriever.pooling)."),
+    query_prefix: Optional[str] = typer.Option(None, "--query-prefix", help='e.g. "query: " for e5.'),
+    passage_prefix: Optional[str] = typer.Option(None, "--passage-prefix", help='Recorded only: "passage: " for e5.'),
+    config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+):
+    """Import a prebuilt FAISS Flat inner-product index without re-encoding (docstore, shards, manifest)."""
+    cfg = _config(config, set_, "index")
+    from retriever.docstore import CorpusError
+    from retriever.importer import import_faiss
+    from retriever.index import IndexFolderError
+
+    try:
+        m = import_faiss(cfg.retriever, faiss_file, corpus, out, shards=shards, encoder=encoder, pooling=pooling,
+                         query_prefix=query_prefix, passage_prefix=passage_prefix)
+    except (CorpusError, IndexFolderError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: nothing was written to {out}; run the command again", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"imported {faiss_file} into {out}: {m['count']} passages, {len(m['shards'])} shards, dim {m['dim']}, "
+               f"encoder {m['encoder']['path']}")
 
 
 @app.command()
