@@ -127,7 +127,7 @@ class Supervisor:
     def run(self) -> int:
         mc = self.cfg.metrics
         if mc.actor_port:
-            self.m.serve(mc.host, mc.actor_port, health=self._health)
+            self.m.serve(mc.host, mc.actor_port, health=self._health, token_file=mc.token_file)
         for slot in self.slots:
             self._start(slot)
         while not self.stop.is_set():
@@ -166,6 +166,10 @@ def main(cfg: ScoutConfig) -> int:
             from common.transport import check_host_bind
 
             check_host_bind(cfg.metrics.host, cfg.transport, "metrics.host")
+        if cfg.metrics.token_file:  # checked once here: a bad file would fail every worker's start
+            from common.metrics import read_token_file
+
+            read_token_file(cfg.metrics.token_file, "metrics.token_file")
     except ConfigError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -253,7 +253,7 @@ class ActorWorker:
     def _serve_metrics(self) -> None:
         mc = self.cfg.metrics
         if mc.actor_port:
-            port = self.metrics.m.serve(mc.host, self._metrics_port(), health=self._health)
+            port = self.metrics.m.serve(mc.host, self._metrics_port(), health=self._health, token_file=mc.token_file)
             log.info("worker %d metrics on http://%s:%d/metrics", self.worker, mc.host, port)
 
     def _health(self) -> dict:

@@ -153,7 +153,7 @@ class Learner:
             from common.transport import check_host_bind
 
             check_host_bind(self.cfg.metrics.host, self.cfg.transport, "metrics.host")  # loopback unless allowed
-            self.metrics.serve(self.cfg.metrics.host, port, health=self._health)
+            self.metrics.serve(self.cfg.metrics.host, port, health=self._health, token_file=self.cfg.metrics.token_file)
         self.sender = WeightSender(self.lc, self.cfg.transport, metrics=self.metrics)
         self.sender.start()
         self.ingest = IngestServer(self.cfg, dispatcher, self.trainer.vocab_size, version=self.version,

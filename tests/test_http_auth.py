@@ -287,3 +287,17 @@ def test_the_warning_is_logged_at_start(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="scout.retriever.http"):
         http_api.SearchR1Server.start(Stub())
     assert any(r.levelno == logging.WARNING and "open to anyone" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_metrics_token_file_stops_the_actor_at_start(tmp_path):
+    """The actor checks metrics.token_file before it starts any worker (each would fail on it)."""
+    from demo.tinymodel import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", layers=1, hidden=32)
+    empty = tmp_path / "empty.token"
+    empty.write_text("  \n")
+    r = subprocess.run([sys.executable, "cli.py", "actor", "--model", str(model), "--set", "actor.engine='transformers'",
+                        "--set", f"metrics.token_file='{empty}'", "--set", "metrics.actor_port=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "metrics.token_file" in r.stderr and str(empty) in r.stderr
