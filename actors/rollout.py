@@ -33,6 +33,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from actors.behaviour import behaviour_bits, passages_hit
 from actors.engine import Engine, SamplingSpec, StepOutput
 from actors.reward import RewardResult, compute_reward
 from common.protocol import Passage, Prompt, TrajectoryGroup
@@ -88,6 +89,7 @@ class Trajectory:
     turns: int = 0
     num_searches: int = 0
     num_invalid: int = 0
+    search_hit: bool = False  # some search returned a passage holding a gold answer (actors/behaviour.py)
     retrieval_failed: bool = False
     done: bool = False
     finish: str = ""
@@ -112,6 +114,10 @@ class Trajectory:
     def response_text(self) -> str:
         return "".join(self.turn_texts)
 
+    def behaviour(self) -> int:
+        """BEHAVIOUR_BITS of this rollout (actors/behaviour.py)."""
+        return behaviour_bits(self.response_text(), self.turn_texts, self.finish, self.search_hit)
+
 
 @dataclass
 class GroupState:
@@ -131,6 +137,7 @@ class GroupState:
             group_id=self.group_id, peer_id=peer_id, run_id=run_id, prompt_id=self.prompt.prompt_id,
             num_searches=[t.num_searches for t in s], retrieval_failed=[t.retrieval_failed for t in s],
             correct=[bool(t.result and t.result.correct) for t in s], created_at=self.created_at,
+            behaviour=[t.behaviour() for t in s], bad_searches=[t.num_invalid for t in s],
             lengths=np.asarray([len(t.tokens) for t in s], dtype=np.int32), tokens=cat("tokens", np.int32),
             loss_mask=cat("mask", np.uint8), logprobs=cat("logprobs", np.float32),
             versions=cat("versions", np.int32),
@@ -341,6 +348,7 @@ class RolloutRunner:
             for (t, _), passages in zip(batch, results):
                 if t.group_id in self.groups and not t.done:
                     t.retrieved.append([p.id for p in passages])
+                    t.search_hit = t.search_hit or passages_hit(t.golds, passages)
                     self._observe(t, self.observation_ids(passages))
 
     def _fail_batch(self, batch, err: BaseException) -> None:

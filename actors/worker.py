@@ -44,14 +44,13 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 import zmq
 
 from actors.engine import make_engine
 from actors.main import EXIT_CONFIG, EXIT_RUN_ENDED
 from actors.rollout import GroupState, RolloutRunner, Trajectory, make_searcher
+from actors.worker_metrics import WorkerMetrics, count_behaviour
 from common.config import ScoutConfig
-from common.metrics import Metrics
 from common.wire import Message, ProtocolError, decode
 from common.protocol import ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, WorkAssignment, WorkRequest
 from common.weightsync.messages import SyncAbort
@@ -64,7 +63,6 @@ EXIT_NO_LEARNER = 4
 FAST_RETRY_S = 0.01  # after a weight load: how soon to ask again when no credit is free yet
 FAST_RETRY_WINDOW_S = 2.0  # ... and for how long after the load
 SYNC_REJOIN_S = 30.0  # behind the learner's version this long without an update: join the weight sync again
-PHASES = ("engine", "rollout", "send", "link", "weight_load", "search_wait", "no_work")
 
 
 class LinkLost(RuntimeError):
@@ -135,73 +133,6 @@ class LearnerLink:
                 return reply
         self.pending.clear()
         raise LinkLost(f"no answer to {msg.TYPE} from {self.cfg.actor.learner_endpoint} within {timeout_s:.0f}s")
-
-
-class WorkerMetrics:
-    """Prometheus metrics of one worker (labels worker, gpu) plus windowed rates."""
-
-    def __init__(self, worker: int, gpu: str):
-        m = self.m = Metrics(role="actor", labels={"worker": str(worker), "gpu": gpu})
-        self.tokens = m.counter("scout_actor_generated_tokens_total", "tokens sampled by the engine")
-        self.groups = m.counter("scout_actor_groups_total", "groups finished, by learner verdict", ("result",))
-        self.rollouts = m.counter("scout_actor_rollouts_total", "rollouts finished, by how they ended", ("finish",))
-        self.searches = m.counter("scout_actor_searches_total", "search calls made by rollouts")
-        self.retrieval_failed = m.counter("scout_actor_retrieval_failed_total", "rollouts ended by a retrieval failure")
-        self.correct = m.counter("scout_actor_correct_total", "rollouts whose answer exactly matches a gold answer")
-        self.searches_per = m.histogram("scout_actor_searches_per_rollout", "searches in one rollout",
-                                        buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10))
-        self.reward = m.histogram("scout_actor_reward", "reward of a finished rollout",
-                                  buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
-        self.reward_mean = m.gauge("scout_actor_reward_mean", "mean reward over the last 10 s window")
-        self.tokens_per_s = m.gauge("scout_actor_tokens_per_second", "tokens/s over the last window")
-        self.groups_per_s = m.gauge("scout_actor_groups_per_second", "groups/s over the last window")
-        self.idle = m.gauge("scout_actor_engine_idle_fraction", "share of wall time not spent in engine steps")
-        self.version = m.gauge("scout_actor_policy_version", "policy version loaded in the engine")
-        self.lag = m.gauge("scout_actor_version_lag", "learner version minus the engine's version")
-        self.load_s = m.histogram("scout_actor_weight_load_seconds", "wall time of one weight update")
-        self.inflight = m.gauge("scout_actor_groups_in_flight", "groups generating or awaiting an ack")
-        self.links = m.counter("scout_actor_link_resets_total", "learner link resets (fresh run_id)")
-        self.phase = m.counter("scout_actor_phase_seconds_total", "worker wall time by phase (see actors/worker.py)",
-                               ("phase",))
-        self.phase_total = dict.fromkeys(PHASES, 0.0)
-        self.search_s = m.counter("scout_actor_search_seconds_total", "retrieval call time (search threads; "
-                                  "overlaps the engine)")
-        self._search_seen = 0.0
-        self.window_t = time.monotonic()
-        self.window = collections.Counter()
-        self.rewards: list[float] = []
-        self.snapshot: dict[str, float] = {}
-
-    def add_phase(self, phase: str, seconds: float) -> None:
-        if seconds > 0:
-            self.phase.labels(phase=phase).inc(seconds)
-            self.phase_total[phase] += seconds
-
-    def searched(self, total_seconds: float) -> None:
-        """The runner's cumulative retrieval time; the counter follows it."""
-        if total_seconds > self._search_seen:
-            self.search_s.inc(total_seconds - self._search_seen)
-            self._search_seen = total_seconds
-
-    def roll(self) -> bool:
-        """Close a 10 s window: rates and idle fraction. Returns True when a window closed."""
-        now = time.monotonic()
-        dt = now - self.window_t
-        if dt < 10.0:
-            return False
-        w = self.window
-        snap = {"tokens_per_s": w["tokens"] / dt, "groups_per_s": w["groups"] / dt,
-                "engine_idle_fraction": max(0.0, 1.0 - w["step_us"] / 1e6 / dt),
-                "reward_mean": float(np.mean(self.rewards)) if self.rewards else 0.0,
-                "searches_per_rollout": w["searches"] / max(1, w["rollouts"]),
-                "phases": {k: round(v, 3) for k, v in self.phase_total.items()}}
-        self.tokens_per_s.set(snap["tokens_per_s"])
-        self.groups_per_s.set(snap["groups_per_s"])
-        self.idle.set(snap["engine_idle_fraction"])
-        self.reward_mean.set(snap["reward_mean"])
-        self.snapshot = snap
-        self.window_t, self.window, self.rewards = now, collections.Counter(), []
-        return True
 
 
 class ActorWorker:
@@ -446,6 +377,9 @@ class ActorWorker:
         self.link.request(msg, "group", g.group_id)
         self.unacked[g.group_id] = time.monotonic()
         self.metrics.window["groups"] += 1
+        self.metrics.groups_sent.inc()
+        if float(msg.rewards.max()) > 0:
+            self.metrics.groups_rewarded.inc()
 
     def _on_rollout(self, t: Trajectory) -> None:
         mm = self.metrics
@@ -459,6 +393,7 @@ class ActorWorker:
         mm.searches_per.observe(t.num_searches)
         if t.retrieval_failed:
             mm.retrieval_failed.inc()
+        count_behaviour(mm, t)
         if t.result is not None:
             if t.result.correct:
                 mm.correct.inc()

@@ -87,7 +87,7 @@ def plot(records: list[dict], before: dict, after: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     ax[0].plot(steps, [r["reward_mean"] for r in records])
     ax[0].set_title("reward (train groups)")
     ax[1].plot(steps, [r.get("correct_frac", 0) for r in records], label="train EM")
@@ -97,6 +97,14 @@ def plot(records: list[dict], before: dict, after: dict, out: Path) -> None:
     ax[1].set_title("exact match")
     ax[2].plot(steps, [min(1.0, r.get("searches_mean", 0)) for r in records])
     ax[2].set_title("searches per rollout")
+    for key, label in (("valid_format_rate", "valid format"), ("think_before_search_rate", "think before search"),
+                       ("answer_rate", "ends in <answer>"), ("groups_rewarded_frac", "groups with any reward")):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax[3].plot(*zip(*pts), label=label)
+    ax[3].set_ylim(-0.02, 1.02)
+    ax[3].legend(fontsize=7)
+    ax[3].set_title("behaviour (Search-R1 paper)")
     for a in ax:
         a.set_xlabel("learner step")
     fig.tight_layout()

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from common.config import ConfigError, ScoutConfig
 from common.metrics import Metrics
+from learner.behaviour import behaviour_rates
 from learner.status import StatusLine
 from learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from learner.trainer import (CTRL_BATCH, CTRL_STOP, CTRL_SYNC, CTRL_WAIT, Batch, Dist, Trainer, assemble,
@@ -315,6 +316,7 @@ class Learner:
             "sync_ok": len((sync or {}).get("ok", [])),
             "batch_version": self.batch_version, "token_version_min": vmin, "token_version_max": vmax,
             **self._phase_times(sync),
+            **behaviour_rates(groups),
             **{k: v for k, v in stats.items()},
         }
         self.m_step.observe(seconds)

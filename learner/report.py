@@ -207,6 +207,7 @@ def summary_text(run: RunLog) -> str:
         f"{_fmt(_quantile(run.column('sync_s'), 0.5))} s, "
         f"{sum(_finite(run.column('sync_bytes'))) / 2**20:,.1f} MiB sent",
     ]
+    lines += _behaviour_lines(run)
     last = run.records[-1]
     stats = [f"{k} {_fmt(_num(last.get(k)), '.4g')}" for k in
              ("loss", "clip_frac", "is_weight_mean", "behav_kl", "entropy", "grad_norm", "lr") if k in last]
@@ -220,6 +221,21 @@ def summary_text(run: RunLog) -> str:
                         if run.resumes else ""))
     lines += run.notes
     return "\n".join(lines) + "\n"
+
+
+def _behaviour_lines(run: RunLog) -> list[str]:
+    """First 10% of steps -> last 10%, for the behaviour rates the run logged (none: no line)."""
+    parts = []
+    for key, label, spec in (("valid_format_rate", "valid format", ".2f"), ("answer_rate", "answer", ".2f"),
+                             ("think_before_search_rate", "think before search", ".2f"),
+                             ("search_hit_rate", "search found the answer", ".2f"),
+                             ("bad_searches_mean", "invalid or empty searches per sample", ".2f"),
+                             ("response_tokens_mean", "response tokens", ".1f"),
+                             ("groups_rewarded_frac", "groups with any reward", ".2f")):
+        if run.has(key):
+            a, b = _ends(run.column(key))
+            parts.append(f"{label} {_fmt(a, spec)} -> {_fmt(b, spec)}")
+    return ["behaviour: " + "; ".join(parts)] if parts else []
 
 
 # --------------------------------------------------------------------------- plots
@@ -244,6 +260,11 @@ def _plot_specs(run: RunLog) -> list[tuple]:
         ("loss.png", "Objective", "value",
          [("loss", "loss"), ("clip_frac", "clip fraction"), ("behav_kl", "behaviour KL"),
           ("is_weight_mean", "IS weight (mean)")], None),
+        ("behaviour.png", "Behaviour (the Search-R1 paper's metrics)", "fraction of samples",
+         [("valid_format_rate", "valid format"), ("think_before_search_rate", "think before search"),
+          ("answer_rate", "ends in <answer>"), ("search_hit_rate", "a search found the answer"),
+          ("groups_rewarded_frac", "groups with any reward")],
+         ("per sample", [("bad_searches_mean", "invalid or empty searches")])),
     ]
 
 
@@ -302,7 +323,7 @@ def plot_all(run: RunLog, out: Path) -> list[Path]:
     written = []
     for name, title, ylabel, series, second in _plot_specs(run):
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-        drawn = _draw(ax, steps, run, series, ["-o", "-s", "-^", "-d"])
+        drawn = _draw(ax, steps, run, series, ["-o", "-s", "-^", "-d", "-v"])
         if name == "reward.png" and run.has("reward_std"):
             mean, std = run.column("reward_mean"), run.column("reward_std")
             band = [(s, m - d, m + d) for s, m, d in zip(steps, mean, std) if not (math.isnan(m) or math.isnan(d))]
@@ -323,7 +344,7 @@ def plot_all(run: RunLog, out: Path) -> list[Path]:
         else:
             ax.text(0.5, 0.5, f"no data for this plot in {METRICS_FILE}", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
-        if name in ("reward.png", "em.png"):
+        if name in ("reward.png", "em.png", "behaviour.png"):
             _fraction_axis(ax)
         _time_axis(ax, steps, run.column("time"))
         ax.set_title(title)

@@ -93,6 +93,41 @@ def test_search_read_answer_and_reward(engine):
     gen = msg.loss_mask.astype(bool)
     assert set(msg.versions[gen].tolist()) == {3, 4} and (msg.versions[~gen] == -1).all()
     assert msg.num_searches == [1] and msg.correct == [True] and msg.rewards.tolist() == [1.0]
+    # well formed, reasoned before searching, answered; no search went through a searcher here
+    assert msg.behaviour == [1 | 2 | 4] and msg.bad_searches == [0]
+
+
+class ListSearcher:
+    """A searcher that always finds the same passages (the runner's side of retrieval only)."""
+
+    def search(self, queries, topk):
+        return [list(PASSAGES) for _ in queries]
+
+
+def test_behaviour_of_real_rollouts_reaches_the_group(engine):
+    """Two rollouts through the runner's real search path: one reasons, searches (the passage holds
+    the answer) and answers; the other takes an invalid turn, searches without reasoning and runs
+    out of turns."""
+    runner = make_runner(engine, ListSearcher())
+    g, (a, b) = start(runner, n=2, answers=("Mirabel",))
+    end_turn(runner, a, "<think> look it up </think> <search> capital of zorland </search>", "stop", "</search>")
+    end_turn(runner, b, "no idea", "length")
+    end_turn(runner, b, "<search> zorland </search>", "stop", "</search>")
+    for _ in range(200):  # the search batch returns through the runner's threads
+        runner.poll()
+        if not runner.in_search and not runner.queued and a.turns == 1 and len(a.retrieved) == 1 \
+                and len(b.retrieved) == 1:
+            break
+        runner.wait_searches(0.05)
+    assert a.search_hit and b.search_hit
+    end_turn(runner, a, "<answer> mirabel </answer>", "stop", "</answer>")
+    end_turn(runner, b, "<think> hmm </think>", "length")
+    done = []
+    for _ in range(50):
+        done = done or runner.poll()
+    msg = decode(encode(g.to_message("actor-x-0", "run")), expect=TrajectoryGroup)
+    assert msg.behaviour == [1 | 2 | 4 | 8, 8], msg.behaviour  # b: no answer, no reasoning first, ill formed
+    assert msg.bad_searches == [0, 1] and msg.num_searches == [1, 1]
 
 
 def test_observation_truncated_to_max_obs_tokens(engine):

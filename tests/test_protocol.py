@@ -21,7 +21,9 @@ def _group(n: int = 3, seed: int = 0) -> P.TrajectoryGroup:
     return P.TrajectoryGroup(
         group_id="g-1", peer_id="actor-0", run_id="run-a", prompt_id=7,
         num_searches=[1] * n, retrieval_failed=[False] * n, correct=[True] + [False] * (n - 1),
-        created_at=123.5, lengths=lengths, tokens=rng.integers(0, 1000, total).astype(np.int32),
+        created_at=123.5, behaviour=[(5 * i) % 16 for i in range(n)] if seed % 2 else [],
+        bad_searches=[i % 3 for i in range(n)] if seed % 2 else [],
+        lengths=lengths, tokens=rng.integers(0, 1000, total).astype(np.int32),
         loss_mask=mask, logprobs=np.where(mask == 1, -rng.random(total), 0).astype(np.float32),
         versions=np.where(mask == 1, 3, -1).astype(np.int32), rewards=rng.random(n).astype(np.float32))
 
@@ -171,6 +173,18 @@ def test_semantic_checks_on_trajectories():
     bad = list(frames)
     bad[idx] = np.full_like(g.versions, -1).tobytes()
     _bad(bad, "without a policy version")
+
+
+def test_behaviour_fields_are_optional_but_checked():
+    assert W.decode(W.encode(_group(3, 0)), expect=P.TrajectoryGroup).behaviour == []  # not reported
+    g = W.decode(W.encode(_group(3, 1)), expect=P.TrajectoryGroup)
+    assert g.behaviour == [0, 5, 10] and g.bad_searches == [0, 1, 2]
+    frames = W.encode(_group(3, 1))
+    hdr = msgpack.unpackb(frames[0])
+    for key, value, message in (("behaviour", [0, 1], "behaviour has 2 entries, group has 3"),
+                                ("behaviour", [0, 1, 16], "behaviour values must be in 0..15"),
+                                ("bad_searches", [0, -1, 0], "bad_searches values must be in 0..any")):
+        _bad([msgpack.packb({**hdr, "b": {**hdr["b"], key: value}}), *frames[1:]], message)
 
 
 def test_oldest_version_and_slices():

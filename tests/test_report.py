@@ -18,7 +18,8 @@ from learner.report import (ReportError, _fraction_axis, _time_axis, main, make_
                            summary_text, wall_rate)
 
 ROOT = Path(__file__).resolve().parent.parent
-PLOTS = ("reward.png", "em.png", "throughput.png", "staleness.png", "latency.png", "loss.png", "overview.png")
+PLOTS = ("reward.png", "em.png", "throughput.png", "staleness.png", "latency.png", "loss.png", "behaviour.png",
+         "overview.png")
 
 
 def step_record(step: int, t0: float = 1_800_000_000.0) -> dict:
@@ -29,7 +30,10 @@ def step_record(step: int, t0: float = 1_800_000_000.0) -> dict:
             "step_s": 0.5, "tokens_per_s": 2000.0, "groups_per_s": 8.0, "staleness_mean": 1.0 + (step % 3),
             "staleness_max": 3, "dropped_stale_total": step // 10, "latency_mean_s": 4.0, "sync_s": 0.05,
             "sync_bytes": 1 << 20, "sync_ok": 2, "loss": 0.01, "clip_frac": 0.02, "is_weight_mean": 1.0,
-            "behav_kl": 0.001, "entropy": 3.0, "grad_norm": 0.5, "lr": 1e-6}
+            "behav_kl": 0.001, "entropy": 3.0, "grad_norm": 0.5, "lr": 1e-6,
+            "valid_format_rate": step / 40, "answer_rate": 1.0, "think_before_search_rate": 0.5,
+            "search_hit_rate": None, "bad_searches_mean": 0.25, "response_tokens_mean": 30.0,
+            "groups_rewarded_frac": 0.75}
 
 
 def write_log(run: Path, lines: list, tail: str = "") -> Path:
@@ -65,6 +69,11 @@ def test_full_log_gives_every_plot_and_a_summary(tmp_path, capsys):
     assert "p90 of the step means 4.00 s" in text
     # 0.5 s in each of 39 steps over 78 s of wall time
     assert "learner busy: 25% of the wall time in steps" in text
+    # the first 4 steps' valid-format rates average 2.5/40, the last 4 average 38.5/40; a rate the
+    # run never had (search_hit_rate: no sample searched) is left out
+    assert ("behaviour: valid format 0.06 -> 0.96; answer 1.00 -> 1.00; think before search 0.50 -> 0.50; "
+            "invalid or empty searches per sample 0.25 -> 0.25; response tokens 30.0 -> 30.0; groups with any "
+            "reward 0.75 -> 0.75") in text
     assert "read notes" not in text
 
 
