@@ -1,7 +1,7 @@
 """The demo's result as a spread: N fresh demos, one per seed, each from an empty demo folder.
 
     python bench/demo_seeds.py --seeds 5 [--first-seed 0] [--out runs/demo-seeds] [--write-docs]
-                               [--set section.key=value ...]   (passed to every demo)
+                               [--keep] [--set section.key=value ...]   (passed to every demo)
 
     for each seed:  `cli.py demo --seed S` with demo.dir and run_dir empty folders under --out
                     (world, index and base model are built anew: pretraining counts in the wall time)
@@ -12,6 +12,8 @@
 --write-docs puts the table into docs/DEMO_DESIGN.md between the markers
 <!-- demo-seeds:begin --> and <!-- demo-seeds:end --> (appended with them if absent).
 Runs are sequential: two demos at once would share the 2 cores and change each other's result.
+--keep reuses a seed's finished run found under --out (its summary.json) instead of running it
+again, so a spread can be extended by more seeds; the table marks reused rows.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ COLUMNS = [("em_before", "EM before"), ("em_after", "EM after"), ("em_swapped_af
            ("right_search_after", "right-search"), ("wall_s", "wall s")]
 
 
-def run_seed(seed: int, out: Path, sets: list[str]) -> dict:
+def run_seed(seed: int, out: Path, sets: list[str], keep: bool = False) -> dict:
     base = out / f"seed-{seed}"
+    if keep and (base / "run" / "summary.json").is_file():
+        return {"seed": seed, "reused": True, **json.loads((base / "run" / "summary.json").read_text())}
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     cmd = [sys.executable, "cli.py", "demo", "--seed", str(seed), "--set", f"demo.dir='{base / 'demo'}'",
@@ -62,7 +66,8 @@ def table(rows: list[dict], header: str) -> str:
         if "error" in r:
             lines.append(f"| {r['seed']} | {r['error']} |" + " |" * (len(COLUMNS) - 1))
         else:
-            lines.append(f"| {r['seed']} | " + " | ".join(_fmt(r.get(k), k) for k, _ in COLUMNS) + " |")
+            seed = f"{r['seed']} (kept from an earlier run)" if r.get("reused") else str(r["seed"])
+            lines.append(f"| {seed} | " + " | ".join(_fmt(r.get(k), k) for k, _ in COLUMNS) + " |")
     ok = [r for r in rows if "error" not in r]
     for name, fn in (("median", statistics.median), ("min", min), ("max", max)):
         cells = []
@@ -100,14 +105,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo-seeds")
     p.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value for every demo")
     p.add_argument("--write-docs", action="store_true", help="put the table into docs/DEMO_DESIGN.md")
+    p.add_argument("--keep", action="store_true", help="reuse seeds already finished under --out")
     args = p.parse_args()
     load0, t0 = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M")
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        rows.append(run_seed(seed, args.out, args.sets))
+        rows.append(run_seed(seed, args.out, args.sets, args.keep))
         print(json.dumps(rows[-1]), flush=True)
     load1 = os.getloadavg()
-    extra = f", `--set {' --set '.join(args.sets)}`" if args.sets else ""
+    extra = (" --keep" if args.keep else "") + (f" --set {' --set '.join(args.sets)}" if args.sets else "")
     header = (f"`python bench/demo_seeds.py --seeds {args.seeds} --first-seed {args.first_seed}{extra}` on {t0}, "
               f"commit {commit()}, {os.cpu_count()} cores, load average {load0[0]:.2f} before and {load1[0]:.2f} "
               f"after; each demo from an empty demo folder (world, index and pretraining included in the wall time).")
