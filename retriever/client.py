@@ -15,6 +15,7 @@ client for synchronous code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -304,20 +305,42 @@ class SyncRetriever:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="retriever-client", daemon=True)
         self._thread.start()
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future] = set()  # calls other threads are waiting on
 
-    def _run(self, coro: Awaitable) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def _run(self, coro: Awaitable, timeout: float | None = None) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            self._pending.add(fut)
+        try:
+            return fut.result(timeout)
+        finally:
+            with self._lock:
+                self._pending.discard(fut)
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Passage]]:
+        """Raises RetrievalError, or concurrent.futures.CancelledError when the client is closed
+        meanwhile."""
         return self._run(self.client.search(queries, topk))
 
     def close(self) -> None:
+        """Close the client; searches other threads still wait on are cancelled (they raise
+        CancelledError) rather than left blocked on a loop that no longer runs, which would
+        keep the process from exiting."""
         if self._loop.is_closed():
             return
-        self._run(self.client.close())
+        with self._lock:
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+        try:
+            self._run(self.client.close(), timeout=5.0)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-        self._loop.close()
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self):
         return self

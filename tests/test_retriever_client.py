@@ -161,3 +161,36 @@ def test_http_client_timeout_bounds_a_slow_drip_answer():
         assert got[0][0] == Passage(id="1", title="T", text="slow text", score=0.5)
     finally:
         server.close()
+
+
+def test_close_releases_a_search_another_thread_waits_on():
+    """A search in flight when the client closes (an actor exiting at the end of a run while its
+    search threads wait on the server) ends at once with CancelledError; before, it waited forever
+    on an event loop that no longer ran, and the process could not exit."""
+    import concurrent.futures
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    port = silent.getsockname()[1]
+    client = SyncRetriever(HttpRetrievalClient(f"http://127.0.0.1:{port}/retrieve", timeout_s=60.0, retries=0))
+    outcome: list = []
+
+    def search():
+        try:
+            outcome.append(client.search(["zorland"], 3))
+        except BaseException as e:  # noqa: BLE001 (the test records what the caller sees)
+            outcome.append(e)
+
+    th = threading.Thread(target=search, daemon=True)
+    th.start()
+    time.sleep(0.5)  # the request is on the wire, waiting
+    t0 = time.monotonic()
+    client.close()
+    th.join(10)
+    try:
+        assert not th.is_alive(), "the waiting search was left blocked"
+        assert isinstance(outcome[0], concurrent.futures.CancelledError), outcome
+        assert time.monotonic() - t0 < 10
+    finally:
+        silent.close()
