@@ -9,15 +9,14 @@ waits for the next learner run and trains for it.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 
+from tests.helpers.logged import start, wait
 from tests.test_pipeline_modes import tiny_model, write_config  # noqa: F401  (the module's model fixture)
 
 pytestmark = pytest.mark.slow
-ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def _two_step_config(base, model, ipc_path):
@@ -27,27 +26,15 @@ def _two_step_config(base, model, ipc_path):
     return cfg
 
 
-def _wait(cond, timeout, what, logs):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:]) for p in logs)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
 def _start(procs, base, role, *args):
-    log = base / f"{role}.log"
-    return procs.start(["cli.py", role, "--config", str(base / "scout.toml"), *args], env=ENV,
-                       stdout=open(log, "ab"), stderr=subprocess.STDOUT), log  # noqa: SIM115
+    return start(procs, base, role, role, "--config", str(base / "scout.toml"), *args)
 
 
 def test_actor_exits_0_when_the_learners_run_ends(tmp_path, tiny_model, ipc_path, procs):  # noqa: F811
     _two_step_config(tmp_path, tiny_model, ipc_path)
     learner, llog = _start(procs, tmp_path, "learner")
     actor, alog = _start(procs, tmp_path, "actor", "--workers", "1")
-    _wait(lambda: learner.poll() is not None and actor.poll() is not None, 300, "learner and actor to exit",
+    wait(lambda: learner.poll() is not None and actor.poll() is not None, 300, "learner and actor to exit",
           [llog, alog])
     assert learner.returncode == 0 and actor.returncode == 0, (learner.returncode, actor.returncode)
     assert "run ended: actors told" in llog.read_text() and "(" not in llog.read_text().split("run ended")[-1]
@@ -58,15 +45,15 @@ def test_actor_with_stay_waits_for_the_next_learner_run(tmp_path, tiny_model, ip
     _two_step_config(tmp_path, tiny_model, ipc_path)
     learner, llog = _start(procs, tmp_path, "learner")
     actor, alog = _start(procs, tmp_path, "actor", "--workers", "1", "--stay")
-    _wait(lambda: learner.poll() is not None, 300, "the first learner run to end", [llog, alog])
+    wait(lambda: learner.poll() is not None, 300, "the first learner run to end", [llog, alog])
     assert learner.returncode == 0
-    _wait(lambda: "waiting for a new learner run" in alog.read_text(), 60, "the actor to hear the end", [alog])
+    wait(lambda: "waiting for a new learner run" in alog.read_text(), 60, "the actor to hear the end", [alog])
     time.sleep(3)
     assert actor.poll() is None, "with --stay the actor outlives the learner's run"
     first = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
 
     learner2, llog2 = _start(procs, tmp_path, "learner")  # a new run on the same endpoints
-    _wait(lambda: learner2.poll() is not None, 300, "the second learner run to end", [llog2, alog])
+    wait(lambda: learner2.poll() is not None, 300, "the second learner run to end", [llog2, alog])
     assert learner2.returncode == 0
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][first:]
     assert [s["step"] for s in steps] == [1, 2] and all(s["groups"] > 0 for s in steps), steps

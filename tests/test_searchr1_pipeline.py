@@ -16,15 +16,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.logged import start, wait
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def taught_model(base: Path, train: Path) -> Path:
@@ -100,21 +100,6 @@ def scrape(port: int) -> str:
             return r.read().decode()
     except OSError:  # not serving yet
         return ""
-
-
-def wait(cond, timeout: float, what: str, logs: list[Path]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:]) for p in logs)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
-def start(procs, base: Path, name: str, *args: str):
-    log = base / f"{name}.log"
-    return procs.start(["cli.py", *args], env=ENV, stdout=open(log, "ab"), stderr=subprocess.STDOUT), log  # noqa: SIM115
 
 
 def test_search_r1_files_train_and_evaluate_as_they_are(tmp_path, procs, ipc_path):
