@@ -1,11 +1,12 @@
 """The behaviour metrics the Search-R1 paper discusses, per finished rollout, as the actor sees it.
 
     finished Trajectory ─behaviour_bits─▶ BEHAVIOUR_BITS flags ─▶ TrajectoryGroup.behaviour
+      (RolloutRunner._finish, once: Trajectory.bits)
                         ─num_invalid───▶ bad_searches          ─▶ TrajectoryGroup.bad_searches
                                                                └▶ actor counters (worker.py)
 
-    valid_format         the response is well formed (actors.reward.format_ok: tags closed and
-                         never nested, one final <answer>)
+    valid_format         the response is well formed (actors.reward.format_ok, as the reward
+                         computed it: tags closed and never nested, one final <answer>)
     think_before_search  the turn of the first search reasons first: <think> opens before <search>
                          (the paper's finding that Qwen reasons before it searches)
     answered             the rollout ended in <answer>
@@ -20,7 +21,7 @@ The learner turns these into per-step rates (learner/behaviour.py).
 
 from __future__ import annotations
 
-from actors.reward import format_ok, normalize_answer
+from actors.reward import normalize_answer
 from common.protocol import BEHAVIOUR_BITS, Passage
 
 
@@ -44,9 +45,9 @@ def passages_hit(golds: list[str], passages: list[Passage]) -> bool:
     return False
 
 
-def behaviour_bits(response: str, turn_texts: list[str], finish: str, search_hit: bool) -> int:
+def behaviour_bits(valid_format: bool, turn_texts: list[str], finish: str, search_hit: bool) -> int:
     bits = 0
-    if format_ok(response):
+    if valid_format:
         bits |= BEHAVIOUR_BITS["valid_format"]
     if think_before_search(turn_texts):
         bits |= BEHAVIOUR_BITS["think_before_search"]

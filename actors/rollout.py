@@ -90,6 +90,7 @@ class Trajectory:
     num_searches: int = 0
     num_invalid: int = 0
     search_hit: bool = False  # some search returned a passage holding a gold answer (actors/behaviour.py)
+    bits: int = 0  # BEHAVIOUR_BITS, set once when the rollout finishes (actors/behaviour.py)
     retrieval_failed: bool = False
     done: bool = False
     finish: str = ""
@@ -114,10 +115,6 @@ class Trajectory:
     def response_text(self) -> str:
         return "".join(self.turn_texts)
 
-    def behaviour(self) -> int:
-        """BEHAVIOUR_BITS of this rollout (actors/behaviour.py)."""
-        return behaviour_bits(self.response_text(), self.turn_texts, self.finish, self.search_hit)
-
 
 @dataclass
 class GroupState:
@@ -137,7 +134,7 @@ class GroupState:
             group_id=self.group_id, peer_id=peer_id, run_id=run_id, prompt_id=self.prompt.prompt_id,
             num_searches=[t.num_searches for t in s], retrieval_failed=[t.retrieval_failed for t in s],
             correct=[bool(t.result and t.result.correct) for t in s], created_at=self.created_at,
-            behaviour=[t.behaviour() for t in s], bad_searches=[t.num_invalid for t in s],
+            behaviour=[t.bits for t in s], bad_searches=[t.num_invalid for t in s],
             lengths=np.asarray([len(t.tokens) for t in s], dtype=np.int32), tokens=cat("tokens", np.int32),
             loss_mask=cat("mask", np.uint8), logprobs=cat("logprobs", np.float32),
             versions=cat("versions", np.int32),
@@ -308,6 +305,7 @@ class RolloutRunner:
             t.result = RewardResult(0.0, False, None, 0.0, 0.0, False)
         else:
             t.result = compute_reward(t.response_text(), t.golds, self.cfg.reward, self.cfg.format_reward)
+        t.bits = behaviour_bits(t.result.format_ok, t.turn_texts, why, t.search_hit)
         if self.on_finished is not None:
             self.on_finished(t)
 

@@ -99,7 +99,7 @@ class WorkerMetrics:
 
 def count_behaviour(mm: WorkerMetrics, t: Trajectory) -> None:
     """One finished rollout into the behaviour counters (actors/behaviour.py)."""
-    bits = t.behaviour()
+    bits = t.bits
     for name, bit in BEHAVIOUR_BITS.items():
         if bits & bit:
             mm.behaviour.labels(behaviour=name).inc()

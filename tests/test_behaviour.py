@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from actors.behaviour import behaviour_bits, passages_hit, think_before_search
+from actors.reward import format_ok
 from common.protocol import BEHAVIOUR_BITS, Passage, TrajectoryGroup
 
 VALID, THINK, ANSWERED, HIT = (BEHAVIOUR_BITS[k] for k in ("valid_format", "think_before_search", "answered",
@@ -24,7 +25,7 @@ VALID, THINK, ANSWERED, HIT = (BEHAVIOUR_BITS[k] for k in ("valid_format", "thin
     (["<think> x </think> no search", "<search> q </search>"], "max_turns", True, HIT),  # reasoning was another turn
 ])
 def test_behaviour_bits(turns, finish, hit, bits):
-    assert behaviour_bits("".join(turns), turns, finish, hit) == bits
+    assert behaviour_bits(format_ok("".join(turns)), turns, finish, hit) == bits
 
 
 def test_think_before_search_looks_at_the_first_search():
@@ -92,6 +93,7 @@ def test_actor_counters(tmp_path):
                    search_hit=True)
     b = Trajectory("g", 1, ["mel"], [1, 2], 2, turn_texts=["nothing", "more nothing"], num_invalid=2, finish="max_turns")
     for t in (a, b):
+        t.bits = behaviour_bits(format_ok(t.response_text()), t.turn_texts, t.finish, t.search_hit)
         count_behaviour(mm, t)
     text = mm.m.render().decode()
 
