@@ -5,6 +5,13 @@
     read() ─▶ inflight[seq].parts[shard] ─▶ every shard answered: on_done(batch)
     check_shards(), expire() ─▶ a shard died / did not answer in shard_timeout_s:
                                 on_fail(batch, "unavailable" / "timeout", message)
+    expire() ─▶ the shard that did not answer is "not answering" (ShardSet.stall): every other
+                batch it holds fails at once, it gets one probe search and no other work
+                until the probe's answer comes back (see retriever/shards.py)
+
+Answers are matched to batches by `seq`, which is never reused: an answer for a batch that has
+already failed (a frozen shard working off its queue once it runs again) is counted as late
+and dropped, never merged into a newer batch.
 
 Runs on the router loop's thread. `shards` (the ShardSet supervising the processes) is
 attached by the service through `Router.shards`.
@@ -17,6 +24,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 import zmq
 
 from common.wire import ProtocolError, decode, encode
@@ -41,8 +49,9 @@ class FanOut:
     """The back ROUTER socket, the batches in flight at the shards, and their deadlines."""
 
     def __init__(self, ctx: zmq.Context, rc, metrics, on_done: Callable[[Batch], None],
-                 on_fail: Callable[[Batch, str, str], None]):
+                 on_fail: Callable[[Batch, str, str], None], next_seq: Callable[[], int], dim: int):
         self.rc, self.on_done, self.on_fail = rc, on_done, on_fail
+        self.next_seq, self.dim = next_seq, dim  # seqs shared with the batches; the probe's vector size
         self.shards = None  # ShardSet
         self.inflight: dict[int, Batch] = {}
         self.back = ctx.socket(zmq.ROUTER)
@@ -56,6 +65,8 @@ class FanOut:
                                    "per batch (finds a slow shard)", ("shard",))
         self.m_timeouts = m.counter("scout_retriever_shard_timeouts_total", "batches a shard did not answer in time",
                                     ("shard",))
+        self.m_late = m.counter("scout_retriever_shard_late_results_total", "answers for batches that had already "
+                                "failed (dropped)", ("shard",))
 
     def bind(self, endpoint: str) -> str:
         self.back.bind(endpoint)
@@ -102,17 +113,22 @@ class FanOut:
             if isinstance(msg, ShardHello):
                 self.shards.on_hello(msg)
             elif isinstance(msg, ShardResult):
-                self._on_result(msg)
+                if not self.shards.answered(msg.shard, msg.seq, time.monotonic()):
+                    self._on_result(msg)  # (the answer to a probe carries no batch)
             else:
                 log.error("shard error: %s (%s)", msg.message, msg.code)
-                batch = self.inflight.pop(int(msg.request_id), None) if msg.request_id.isdigit() else None
+                seq, shard = int(msg.request_id) if msg.request_id.isdigit() else -1, _shard_of(frames[0])
+                batch = self.inflight.pop(seq, None)
                 if batch is not None:
                     self.on_fail(batch, "internal", msg.message)
+                elif not self.shards.answered(shard, seq, time.monotonic()) and seq >= 0:
+                    self.m_late.labels(shard=str(shard)).inc()
 
     def _on_result(self, res: ShardResult) -> None:
         batch = self.inflight.get(res.seq)
         if batch is None or res.shard not in batch.waiting:
-            return  # late answer for a batch already failed or answered
+            self.m_late.labels(shard=str(res.shard)).inc()
+            return  # late answer for a batch already failed or answered: dropped
         if res.ids.shape[0] != batch.n or res.ids.shape[1] > batch.k:
             self.inflight.pop(res.seq)
             return self.on_fail(batch, "internal", f"shard {res.shard} answered {res.ids.shape} for "
@@ -137,14 +153,42 @@ class FanOut:
                 self.on_fail(batch, "unavailable", reason)
 
     def expire(self, now: float) -> None:
-        """Fail the batches some shard did not answer within shard_timeout_s."""
+        """Fail the batches some shard did not answer within shard_timeout_s; that shard is not
+        answering: the other batches it holds fail now (it answers in order, so they cannot
+        finish before the one that expired), and it gets a probe instead of new work."""
+        stalled = set()
         for seq, batch in list(self.inflight.items()):
             if now > batch.deadline:
                 del self.inflight[seq]
                 for s in batch.waiting:
                     self.m_timeouts.labels(shard=str(s)).inc()
+                    if self.shards.stall(s, now):
+                        stalled.add(s)
                 self.on_fail(batch, "timeout", f"shard(s) {sorted(batch.waiting)} did not answer within "
-                                               f"{self.rc.shard_timeout_s:.0f} s")
+                                               f"{self.rc.shard_timeout_s:g} s")
+        if stalled:
+            reason = self.shards.describe_down()
+            for seq, batch in list(self.inflight.items()):
+                if batch.waiting & stalled:
+                    del self.inflight[seq]
+                    self.on_fail(batch, "unavailable", reason)
+        self.probe()
+
+    def probe(self) -> None:
+        """One small search to each stalled shard that has none yet; it queues behind the work
+        the shard holds, and its answer ends the stall (ShardSet.answered). One per stall, so a
+        frozen shard's queue does not grow while it is stopped."""
+        for s in self.shards.stalled():
+            if s.probe_seq is not None or not s.alive:
+                continue
+            seq = self.next_seq()
+            frames = encode(ShardSearch(seq=seq, topk=1, vectors=np.zeros((1, self.dim), np.float32)))
+            try:
+                self.back.send_multipart([f"shard-{s.idx}".encode(), *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:  # its queue is full or it is gone: try again at the next check
+                log.debug("probe to shard %d not sent: %s", s.idx, e)
+                continue
+            s.probe_seq = seq
 
     def fail_all(self, message: str) -> None:
         """Shutting down: every batch in flight fails "unavailable"."""
@@ -154,3 +198,10 @@ class FanOut:
 
     def close(self) -> None:
         self.back.close(0)
+
+
+def _shard_of(identity) -> int:
+    """The shard index in a back-socket identity frame (b"shard-<i>"); -1 if it is not one."""
+    raw = identity.bytes if isinstance(identity, zmq.Frame) else identity
+    tail = raw[len(b"shard-"):] if raw.startswith(b"shard-") else b""
+    return int(tail) if tail.isdigit() else -1

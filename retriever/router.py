@@ -20,8 +20,10 @@
 
 Everything but encoding runs on one thread (the loop below); the encoder thread wakes the loop
 through a pipe, as do HTTP threads. A shard that dies or stops answering fails only the batches
-it held, with ErrorReply(code="unavailable" / "timeout"); while any shard is down, new requests
-are answered "unavailable" at once (no partial results that would look like real answers).
+it held, with ErrorReply(code="unavailable" / "timeout"); while any shard is down, or not
+answering since a batch timed out at it (until it answers a probe, retriever/shards.py), new
+requests are answered "unavailable" at once (no partial results that would look like real
+answers, and no request waits a whole shard timeout for a shard already known to be stuck).
 `retriever.max_batch` is a hard bound: no encoder batch and no shard search holds more queries;
 the pieces of a large request are answered together, in order, or fail together.
 """
@@ -77,7 +79,8 @@ class Router:
         self.m_requests = metrics.counter("scout_retriever_requests_total", "requests answered", ("source", "outcome"))
         self.m_queries = metrics.counter("scout_retriever_queries_total", "queries received", ("source",))
         self.batcher = Batcher(self.rc, manifest, metrics, self.wake)
-        self.fanout = FanOut(self.ctx, self.rc, metrics, on_done=self._finish, on_fail=self._fail_batch)
+        self.fanout = FanOut(self.ctx, self.rc, metrics, on_done=self._finish, on_fail=self._fail_batch,
+                             next_seq=lambda: next(self.batcher.seq), dim=int(manifest["dim"]))
         self.poller = zmq.Poller()
         self.poller.register(self.fanout.back, zmq.POLLIN)
         self._wake_r, self._wake_w = os.pipe()

@@ -3,6 +3,12 @@
 The router calls `poll()` from its loop; a shard whose process has exited is reported once
 (metrics, log, callers of the batches it held get ErrorReply "unavailable") and restarted after
 `retriever.shard_restart_s` (doubling on repeated deaths, at most 60 s; 0 = never restart).
+
+A shard that is alive but did not answer a batch within `retriever.shard_timeout_s` (SIGSTOPped,
+swapping, wedged) is "not answering" (`stall`): it is not `up`, so the router fails requests at
+once instead of sending it more work, until the answer to the one probe the fan-out sends it
+comes back (`answered`). The probe queues behind everything the shard already holds, so its
+answer also means the shard has worked off its backlog.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class ShardProc:
     last_exit: int | None = None
     device: str = "cpu"
     history: list = field(default_factory=list)
+    stalled_since: float | None = None  # monotonic time it was found not answering; None = answering
+    probe_seq: int | None = None  # the probe search sent while stalled (its answer ends the stall)
 
     @property
     def pid(self) -> int | None:
@@ -52,7 +60,10 @@ class ShardProc:
 
     @property
     def up(self) -> bool:
-        return self.ready and self.alive
+        return self.ready and self.alive and self.stalled_since is None
+
+    def clear_stall(self) -> None:
+        self.stalled_since = self.probe_seq = None
 
 
 class ShardSet:
@@ -63,8 +74,10 @@ class ShardSet:
         n = len(manifest["shards"])
         self.threads = rcfg.shard_threads or max(1, (os.cpu_count() or 1) // n)
         self.shards = [ShardProc(i, e, gpus[i % len(gpus)] if gpus else None) for i, e in enumerate(manifest["shards"])]
-        self.m_up = metrics.gauge("scout_retriever_shard_up", "1 while the shard process is alive and ready",
-                                  ("shard",)) if metrics else None
+        self.m_up = metrics.gauge("scout_retriever_shard_up", "1 while the shard process is alive, ready and "
+                                  "answering", ("shard",)) if metrics else None
+        self.m_stalls = metrics.counter("scout_retriever_shard_stalls_total", "times the shard was found not "
+                                        "answering (a batch timed out at it)", ("shard",)) if metrics else None
         self.m_deaths = metrics.counter("scout_retriever_shard_deaths_total",
                                         "shard processes that exited unexpectedly", ("shard",)) if metrics else None
         self.stopping = False
@@ -86,6 +99,7 @@ class ShardSet:
         env["OMP_NUM_THREADS"] = str(self.threads)
         s.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env)
         s.ready, s.restart_at, s.started_at = False, None, time.monotonic()
+        s.clear_stall()
         log.info("shard %d started (pid %d, rows %d..%d%s)", s.idx, s.proc.pid, s.entry["start"], s.entry["end"],
                  f", gpu {s.gpu}" if s.gpu is not None else "")
 
@@ -123,6 +137,7 @@ class ShardSet:
                 s.history.append(time.time())
                 s.deaths += 1
                 s.ready = False
+                s.clear_stall()  # dead, not frozen: the restart plan below takes over
                 dead.append(s.idx)
                 if self.rcfg.shard_restart_s > 0 and not self.stopping:
                     recent = now - s.started_at < MAX_BACKOFF_S
@@ -139,6 +154,34 @@ class ShardSet:
                 self._spawn(s)
         return dead
 
+    def stall(self, idx: int, now: float) -> bool:
+        """A batch timed out at shard `idx`: it is not answering (True when that is news)."""
+        s = self.shards[idx]
+        if s.stalled_since is not None or not s.alive:
+            return False
+        s.stalled_since = now
+        if self.m_stalls is not None:
+            self.m_stalls.labels(shard=str(idx)).inc()
+        self._gauge(s)
+        log.error("shard %d (pid %s) is not answering: requests fail until it answers a probe", idx, s.pid)
+        return True
+
+    def answered(self, idx: int, seq: int, now: float) -> bool:
+        """Shard `idx` answered search `seq`: the answer to its probe ends a stall. True when
+        `seq` was that probe."""
+        if not 0 <= idx < len(self.shards):
+            return False
+        s = self.shards[idx]
+        if s.stalled_since is None or s.probe_seq != seq:
+            return False
+        log.warning("shard %d answers again after %.1f s", idx, now - s.stalled_since)
+        s.clear_stall()
+        self._gauge(s)
+        return True
+
+    def stalled(self) -> list[ShardProc]:
+        return [s for s in self.shards if s.stalled_since is not None]
+
     def all_up(self) -> bool:
         return all(s.up for s in self.shards)
 
@@ -151,7 +194,10 @@ class ShardSet:
         for s in self.shards:
             if s.up:
                 continue
-            if s.restart_at is None:
+            if s.stalled_since is not None:
+                parts.append(f"shard {s.idx} is not answering (a search got no answer within "
+                             f"{self.rcfg.shard_timeout_s:g} s, {now - s.stalled_since:.1f} s ago)")
+            elif s.restart_at is None:
                 parts.append(f"shard {s.idx} is starting")
             elif s.restart_at == float("inf"):
                 parts.append(f"shard {s.idx} is down (exit code {s.last_exit})")
@@ -161,7 +207,8 @@ class ShardSet:
         return f"{'; '.join(parts)}; {len(self.shards) - len(parts)} of {len(self.shards)} shards up"
 
     def health(self) -> list[dict]:
-        return [{"shard": s.idx, "pid": s.pid, "up": s.up, "alive": s.alive, "ready": s.ready, "deaths": s.deaths,
+        return [{"shard": s.idx, "pid": s.pid, "up": s.up, "alive": s.alive, "ready": s.ready,
+                 "answering": s.stalled_since is None, "deaths": s.deaths,
                  "count": s.entry["count"], "rows": [s.entry["start"], s.entry["end"]], "device": s.device,
                  "last_exit": s.last_exit} for s in self.shards]
 
