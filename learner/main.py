@@ -36,7 +36,7 @@ from common.config import ConfigError, ScoutConfig
 from common.metrics import Metrics
 from learner.behaviour import behaviour_rates
 from learner.status import StatusLine
-from learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from learner.checkpoint import CheckpointSaveError, find_resumable, load_checkpoint, save_checkpoint
 from learner.trainer import (CTRL_BATCH, CTRL_STOP, CTRL_SYNC, CTRL_WAIT, Batch, Dist, Trainer, assemble,
                              broadcast_command, init_distributed)
 
@@ -143,6 +143,8 @@ class Learner:
                                      buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
         self.m_correct = m.gauge("scout_learner_correct_fraction", "exact-match share of the last trained batch")
         self.m_idle = m.gauge("scout_learner_idle_fraction", "share of wall time between steps not spent training")
+        self.m_ckpt_failed = m.counter("scout_learner_checkpoint_failures_total",
+                                       "checkpoint saves that failed (training went on)", ("reason",))
         self._last_log_t: float | None = None
 
     def _start_services(self, dispatcher) -> None:
@@ -166,7 +168,19 @@ class Learner:
         return {"step": self.step, "version": self.version, **snap}
 
     def _resume(self, dispatcher) -> None:
-        path = _broadcast_str(self.d, str(find_latest(self.lc.checkpoint_dir) or "") if self.rank0 else None)
+        """Load the newest checkpoint that verifies (rank 0 checks, every rank loads). No checkpoint at
+        all: start from step 0. Checkpoints that all fail to verify: refuse (ConfigError, exit 2)
+        rather than train from scratch beside them, whose retention would then delete them."""
+        found = {}
+        if self.rank0:
+            path, damaged = find_resumable(self.lc.checkpoint_dir)
+            found = {"path": str(path or ""), "damaged": [f"{p.name}: {why}" for p, why in damaged]}
+        found = json.loads(_broadcast_str(self.d, json.dumps(found) if self.rank0 else None))
+        path = found["path"]
+        if not path and found["damaged"]:
+            raise ConfigError(f"--resume: no checkpoint in {self.lc.checkpoint_dir} verifies ("
+                              + "; ".join(found["damaged"]) + "). Repair or move them away; to train from "
+                              "step 0 instead, start without --resume (or with another learner.checkpoint_dir)")
         if not path:
             log.warning("--resume: no complete checkpoint in %s: starting from step 0", self.lc.checkpoint_dir)
             return
@@ -211,14 +225,17 @@ class Learner:
             if self.lc.checkpoint_dir and self.lc.checkpoint_every and self.step % self.lc.checkpoint_every == 0:
                 self._checkpoint()
             self.idle_since = time.monotonic()
+        saved = True
         if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
-            self._checkpoint()
+            saved = self._checkpoint()
         log.info("learner done at step %d, version %d", self.step, self.version)
         if self.ingest is not None and self.step >= self.lc.steps:  # finished, not stopped: tell the actors
             untold = self.ingest.end_run(self.lc.end_grace_s)
             log.info("run ended: actors told%s", f" ({untold} live actor runs did not ask within "
                      f"{self.lc.end_grace_s:.0f} s)" if untold else "")
-        return 0
+        if not saved:
+            log.error("the final checkpoint failed: the steps after %d are in no checkpoint", max(self.last_ckpt, 0))
+        return 0 if saved else 1
 
     def _on_signal(self, signum, _frame) -> None:
         log.info("signal %d: stopping after the current step", signum)
@@ -347,12 +364,24 @@ class Learner:
         self.status.update(self.step, f"v{self.version}  reward {rec['reward_mean']:.3f}  "
                                       f"{rec['tokens_per_s']:,.0f} tok/s  staleness {rec['staleness_mean']:.1f}")
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> bool:
+        """Save; a failed save (disk full ...) is logged and counted, and training goes on."""
         meta = {"version": self.version, "scheduler": self.trainer.scheduler.state_dict(),
                 "dispatcher": self.ingest.dispatcher_state() if self.ingest is not None else None}
-        save_checkpoint(self.lc.checkpoint_dir, self.step, self.trainer.model, self.trainer.optimizer, meta,
-                        self.lc.model, self.d.rank, keep=self.lc.keep_checkpoints)
+        try:
+            save_checkpoint(self.lc.checkpoint_dir, self.step, self.trainer.model, self.trainer.optimizer, meta,
+                            self.lc.model, self.d.rank, keep=self.lc.keep_checkpoints, group=self.d.cpu_group)
+        except CheckpointSaveError as e:
+            if self.metrics is not None:
+                self.m_ckpt_failed.labels(reason=e.reason).inc()
+            going_on = self.step < self.lc.steps and not self.stop_requested
+            log.error("checkpoint of step %d failed (%s): %s; its partial files are removed, the last good "
+                      "checkpoint is %s%s", self.step, e.reason, e,
+                      f"still that of step {self.last_ckpt}" if self.last_ckpt >= 0 else "none (no save worked yet)",
+                      "; training goes on" if going_on else "")
+            return False
         self.last_ckpt = self.step
+        return True
 
     def close(self) -> None:
         if getattr(self, "status", None) is not None:
