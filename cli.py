@@ -68,6 +68,14 @@ def retriever(
     raise typer.Exit(main(cfg))
 
 
+PresetOpt = typer.Option(None, "--encoder-preset", help="Encoder conventions: e5 (\"query: \" / \"passage: \", mean), "
+                         "bge (CLS, its query instruction), minilm (mean, no prefixes); all normalised. "
+                         "--pooling / --query-prefix / --passage-prefix override it.")
+PoolingOpt = typer.Option(None, "--pooling", help="mean or cls (default: the preset, else retriever.pooling).")
+QueryPrefixOpt = typer.Option(None, "--query-prefix",
+                              help='Prepended to queries at search time, e.g. "query: " (e5).')
+
+
 @index_app.command("build")
 def index_build(
     corpus: Path = typer.Option(..., "--corpus", help="Corpus in Search-R1 format (jsonl or parquet)."),
@@ -76,36 +84,49 @@ def index_build(
     shards: int = typer.Option(1, "--shards", min=1),
     factory: str = typer.Option("Flat", "--factory", help="faiss index_factory string."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
+    preset: Optional[str] = PresetOpt, pooling: Optional[str] = PoolingOpt,
+    query_prefix: Optional[str] = QueryPrefixOpt,
+    passage_prefix: Optional[str] = typer.Option(None, "--passage-prefix", help='Prepended to passages when they '
+                                                 'are encoded, e.g. "passage: " (e5).'),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
     """Embed a corpus and write a sharded FAISS index with a manifest (resumable)."""
     cfg = _config(config, set_, "index", **{"retriever.encoder": encoder})
     from retriever.docstore import CorpusError
     from retriever.index import IndexFolderError, build_index
+    from retriever.presets import warn_conventions, with_preset
 
     try:
-        build_index(cfg.retriever, corpus=corpus, out=out, shards=shards, factory=factory, batch_size=batch_size)
+        rc = with_preset(cfg.retriever, preset, None, pooling, query_prefix, passage_prefix)
+        m = build_index(rc, corpus=corpus, out=out, shards=shards, factory=factory, batch_size=batch_size)
     except (CorpusError, IndexFolderError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: run the same command again to resume the build in {out}", err=True)
         raise typer.Exit(130)
+    warn_conventions(m["encoder"])
 
 
 @index_app.command("import")
 def index_import(
-    faiss_file: Path = typer.Option(..., "--faiss", help="Prebuilt FAISS Flat inner-product index (e5_Flat.index)."),
+    faiss_file: Path = typer.Option(..., "--faiss", help="Prebuilt FAISS index: Flat (e5_Flat.index), IVF-Flat/PQ/SQ "
+                                    "(also in an IDMap or behind a pre-transform) or HNSW-Flat; inner product or L2."),
     corpus: Path = typer.Option(..., "--corpus", help="The corpus it was encoded from, in index row order (jsonl)."),
     out: Path = typer.Option(..., "--out", help="Output index folder (missing or empty)."),
-    shards: int = typer.Option(1, "--shards", min=1),
+    shards: int = typer.Option(1, "--shards", min=1, help="Contiguous row ranges; IVF is split by id without "
+                               "decoding, HNSW with N>1 rebuilds one graph per shard from the index's vectors."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Local HF encoder folder the index was built "
                                           "with (default: packaged MiniLM)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean or cls (default: retriever.pooling)."),
-    query_prefix: Optional[str] = typer.Option(None, "--query-prefix", help='e.g. "query: " for e5.'),
+    preset: Optional[str] = PresetOpt, pooling: Optional[str] = PoolingOpt,
+    query_prefix: Optional[str] = QueryPrefixOpt,
     passage_prefix: Optional[str] = typer.Option(None, "--passage-prefix", help='Recorded only: "passage: " for e5.'),
+    metric: Optional[str] = typer.Option(None, "--metric", help="ip or l2: read from the index; given, it must agree "
+                                         "with the file (a check)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query, stored in the "
+                                         "shards (default: the file's; retriever.search_params overrides at serving)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
-    """Import a prebuilt FAISS Flat inner-product index without re-encoding (docstore, shards, manifest)."""
+    """Import a prebuilt FAISS index without re-encoding (docstore, shards of the same type, manifest)."""
     cfg = _config(config, set_, "index")
     from retriever.docstore import CorpusError
     from retriever.importer import import_faiss
@@ -113,14 +134,15 @@ def index_import(
 
     try:
         m = import_faiss(cfg.retriever, faiss_file, corpus, out, shards=shards, encoder=encoder, pooling=pooling,
-                         query_prefix=query_prefix, passage_prefix=passage_prefix)
+                         query_prefix=query_prefix, passage_prefix=passage_prefix, metric=metric, preset=preset,
+                         nprobe=nprobe)
     except (CorpusError, IndexFolderError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: nothing was written to {out}; run the command again", err=True)
         raise typer.Exit(130)
     typer.echo(f"imported {faiss_file} into {out}: {m['count']} passages, {len(m['shards'])} shards, dim {m['dim']}, "
-               f"encoder {m['encoder']['path']}")
+               f"{m['factory']}, metric {m['metric']}, encoder {m['encoder']['path']}")
 
 
 @app.command()

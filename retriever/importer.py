@@ -1,22 +1,43 @@
-"""Import a prebuilt FAISS index (Search-R1's e5_Flat.index) into scout's index folder format
-without re-encoding a single passage.
+"""Import a prebuilt FAISS index (Search-R1's e5_Flat.index, or an IVF / HNSW index) into scout's
+index folder format without re-encoding a single passage.
 
-    FILE.index ──faiss.read_index (mmap)──▶ IndexFlat with inner product?  (else: a clear error)
-        │                                  dim == the encoder's hidden_size? (its config.json)
+    FILE.index ──faiss.read_index (mmap: flat codes, inverted lists)──▶ a supported type?
+        │  metric from the file (index.metric_type); --metric ip|l2 must agree with it
+        │  dim == the encoder's hidden_size? (its config.json)
     corpus.jsonl ──write_docstore──▶ <out>.tmp-import/docs/        rows == index.ntotal?
-        │ contiguous row ranges (shard_bounds)
-        ▼ reconstruct_n in chunks of chunk_rows rows (peak memory ≈ one shard + one chunk)
-    <out>.tmp-import/shard_000.faiss … shard_K-1.faiss   (IndexFlatIP each)
+        │ contiguous row ranges (shard_bounds), one shard built and written at a time
+        ▼
+    Flat  (IndexFlatIP / IndexFlatL2): reconstruct_n in chunks of chunk_rows rows
+    IVF   (IndexIVFFlat / IVFPQ / IVFScalarQuantizer, bare, in an IndexIDMap, behind an
+           IndexPreTransform): an empty copy of the trained index per shard, filled list by list
+           with the codes whose id is in the shard's range (no decoding; nprobe kept from the file
+           or --nprobe); see `import_split`
+    HNSW  (IndexHNSWFlat): --shards 1 keeps the graph as it is; N > 1 rebuilds one graph per
+           shard from the index's own vectors with its M / efConstruction / efSearch (why: see
+           `import_split`)
+        ▼
+    <out>.tmp-import/shard_000.faiss … shard_K-1.faiss   (the same index type as the source)
         │
         ▼
-    manifest.json (index.py's `_manifest`: encoder, pooling, prefixes, dim, "Flat", counts, sha256)
+    manifest.json (index.py's `_manifest`: encoder, pooling, normalisation, prefixes, dim, metric,
+                   factory-like name, counts, sha256, "source": file, type, nlist/nprobe or HNSW M)
         │ rename, only when complete
         ▼
     <out>   served by `cli.py retriever --index <out>` as it is
 
+Memory: one shard at a time, plus one chunk (Flat) or one inverted list (IVF); the source is
+memory-mapped. Scores: an L2 index's shards answer with -distance (`index.search_shard`), so the
+router's larger-is-better merge holds for both metrics.
+
+Encoder conventions: `--encoder-preset e5|bge|minilm` (`presets.PRESETS`) sets the prefixes,
+pooling and normalisation; --pooling / --query-prefix / --passage-prefix override it. They land
+in the manifest, which the service's query encoder follows; a prefix that does not fit an e5 or
+bge encoder is warned about here and at every retriever start.
+
 Nothing half-written is ever served: everything is written under `<out>.tmp-import`, which a
-failed import removes and an interrupted one leaves for the next run to remove.
-Only Flat inner-product indexes are supported so far (IVF, HNSW, PQ: issue 19).
+failed import removes and an interrupted one leaves for the next run to remove. Binary, LSH,
+IVF fast-scan, HNSW over PQ/SQ and other types are refused naming the type found and the
+supported ones.
 """
 
 from __future__ import annotations
@@ -31,17 +52,16 @@ import numpy as np
 
 from retriever.docstore import CorpusError, write_docstore
 from retriever.encoder import Encoder, resolve_encoder_path
-from retriever.index import (MANIFEST, IndexFolderError, _faiss, _manifest, _settings, _write_json, sha256_file,
-                             shard_bounds)
+from retriever.import_split import (FaissImportError, check_ivf_ids, describe_ivf, hnsw_params, hnsw_shard,
+                                    ivf_shard, unwrap_ivf)
+from retriever.index import MANIFEST, _faiss, _manifest, _settings, _write_json, sha256_file, shard_bounds
+from retriever.presets import warn_conventions, with_preset
 
 log = logging.getLogger("scout.retriever.importer")
 
-SUPPORTED = "only Flat inner-product indexes (IndexFlatIP) can be imported so far (others: issue 19)"
-
-
-class FaissImportError(IndexFolderError):
-    """The index file, the corpus or the encoder does not fit an import; the message says what
-    was found and what was expected."""
+SUPPORTED = ("supported: IndexFlatIP and IndexFlatL2; IndexIVFFlat, IndexIVFPQ and IndexIVFScalarQuantizer "
+             "(bare, in an IndexIDMap/IndexIDMap2 or behind an IndexPreTransform); IndexHNSWFlat")
+METRIC_FLAGS = {"ip": "inner_product", "l2": "l2"}
 
 
 # --------------------------------------------------------------------------- checks
@@ -54,28 +74,82 @@ def _reason(e: Exception) -> str:
     return m.group(1) if m else text
 
 
-def read_flat_ip(path: str | Path):
-    """The index in `path`, memory-mapped where faiss can (flat codes), checked to be Flat IP."""
+def _binary_type(p: Path) -> str | None:
+    """The class name when `p` is a binary faiss index (which read_index cannot read)."""
+    try:
+        return type(_faiss().read_index_binary(str(p))).__name__
+    except RuntimeError:
+        return None
+
+
+def read_index(path: str | Path):
+    """The index in `path`, memory-mapped where faiss can (flat codes, inverted lists)."""
     p = Path(path)
     if not p.is_file():
         raise FaissImportError(f"faiss index {p} does not exist (expected a file written by faiss.write_index)")
     faiss = _faiss()
-    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_READ_ONLY", 0)
-    try:
-        index = faiss.read_index(str(p), flags)
-    except RuntimeError:
+    # MMAP_IFC maps flat codes (Flat, HNSW storage) but makes faiss refuse to map IVF lists
+    # ("mmap only supported for File objects"): IVF files are then read with MMAP alone.
+    ro = faiss.IO_FLAG_READ_ONLY
+    for flags in (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | ro, faiss.IO_FLAG_MMAP | ro):
+        try:
+            index = faiss.read_index(str(p), flags)
+            break
+        except RuntimeError:
+            continue
+    else:
         try:
             index = faiss.read_index(str(p))
         except RuntimeError as e:
+            binary = _binary_type(p)
+            if binary:
+                raise FaissImportError(f"{p} is a binary index ({binary}): scout searches float vectors; "
+                                       f"{SUPPORTED}") from None
             raise FaissImportError(f"cannot read {p} as a faiss index ({_reason(e)}): expected a file written by "
                                    f"faiss.write_index, such as Search-R1's e5_Flat.index") from None
-    metric = {faiss.METRIC_INNER_PRODUCT: "inner-product", faiss.METRIC_L2: "L2"}.get(
-        index.metric_type, f"metric-{index.metric_type}")
-    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise FaissImportError(f"{p} is a {type(index).__name__} with the {metric} metric: {SUPPORTED}")
     if index.ntotal == 0:
         raise FaissImportError(f"{p} holds no vectors: expected one vector per corpus passage")
     return index
+
+
+def _type_name(index) -> str:
+    """"IndexIDMap(IndexFlatIP)" for wrappers, else the class name."""
+    faiss = _faiss()
+    inner = getattr(index, "index", None)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)) and inner is not None:
+        return f"{type(index).__name__}({_type_name(faiss.downcast_index(inner))})"
+    return type(index).__name__
+
+
+def classify(index, path: Path) -> tuple[str, str]:
+    """("flat" | "ivf" | "hnsw", "inner_product" | "l2") of a supported index; else a clear error."""
+    faiss = _faiss()
+    metric = {faiss.METRIC_INNER_PRODUCT: "inner_product", faiss.METRIC_L2: "l2"}.get(index.metric_type)
+    if isinstance(index, faiss.IndexFlat):
+        kind = "flat"
+    elif type(index) is faiss.IndexHNSWFlat:
+        kind = "hnsw"
+    elif unwrap_ivf(index) is not None:
+        kind = "ivf"
+    else:
+        raise FaissImportError(f"{path} is a {_type_name(index)}, which cannot be imported: {SUPPORTED}")
+    if metric is None:
+        raise FaissImportError(f"{path} is a {_type_name(index)} with faiss metric type {index.metric_type}: "
+                               f"expected inner product or L2")
+    return kind, metric
+
+
+def check_metric(found: str, asked: str | None, path: Path) -> None:
+    """--metric ip|l2 must agree with the metric faiss recorded in the file."""
+    if asked is None:
+        return
+    want = METRIC_FLAGS.get(asked)
+    if want is None:
+        raise ValueError(f"--metric must be one of {', '.join(METRIC_FLAGS)}, got {asked!r}")
+    if want != found:
+        flag = {v: k for k, v in METRIC_FLAGS.items()}[found]
+        raise FaissImportError(f"--metric {asked} contradicts {path}, which faiss records as {found} "
+                               f"(--metric {flag}); the metric is read from the index: drop the flag or fix it")
 
 
 def encoder_dim(path: str | None) -> tuple[Path, int]:
@@ -89,15 +163,6 @@ def encoder_dim(path: str | None) -> tuple[Path, int]:
     if not isinstance(dim, int) or dim <= 0:
         dim = Encoder(path, threads=1).dim
     return enc_path, dim
-
-
-def _settings_for(rcfg, encoder, pooling, query_prefix, passage_prefix):
-    """rcfg with the command's overrides (None = keep the config's value)."""
-    if pooling is not None and pooling not in ("mean", "cls"):
-        raise ValueError(f"--pooling must be 'mean' or 'cls', got {pooling!r}")
-    enc = str(Path(encoder).expanduser().resolve()) if encoder else None
-    upd = {"encoder": enc, "pooling": pooling, "query_prefix": query_prefix, "passage_prefix": passage_prefix}
-    return rcfg.model_copy(update={k: v for k, v in upd.items() if v is not None})
 
 
 def _prepare_out(out: Path) -> Path:
@@ -129,10 +194,11 @@ def _preallocated(dst, count: int) -> np.ndarray | None:
 
 
 def copy_rows(src, start: int, end: int, chunk_rows: int):
-    """Rows [start, end) of a flat index as a new IndexFlatIP, read chunk_rows rows at a time."""
+    """Rows [start, end) of a flat index as a new flat index of its metric, read chunk_rows rows
+    at a time."""
     faiss = _faiss()
     count = end - start
-    dst = faiss.IndexFlatIP(src.d)
+    dst = faiss.IndexFlat(src.d, src.metric_type)
     view = _preallocated(dst, count)
     for a in range(start, end, chunk_rows):
         block = src.reconstruct_n(a, min(end, a + chunk_rows) - a)
@@ -147,12 +213,32 @@ def copy_rows(src, start: int, end: int, chunk_rows: int):
     return dst
 
 
-def _write_shards(src, folder: Path, bounds: list[int], chunk_rows: int) -> list[dict]:
+def _shard_maker(index, kind: str, path: Path, shards: int, chunk_rows: int, nprobe: int | None):
+    """(make(start, end) -> one shard's faiss index, the manifest's factory name, its "source")."""
+    source: dict = {"file": str(path.resolve()), "type": _type_name(index)}
+    if kind == "flat":
+        return (lambda a, b: copy_rows(index, a, b, chunk_rows)), "Flat", source
+    if kind == "hnsw":
+        params = hnsw_params(index)
+        source.update(hnsw=params, rebuilt=shards > 1)
+        if shards > 1:
+            log.info("HNSW: each of the %d shards gets its own graph, rebuilt from the index's vectors", shards)
+        return (lambda a, b: hnsw_shard(index, a, b, chunk_rows, whole=shards == 1)), f"HNSW{params['M']},Flat", source
+    idmap, outer, ivf = unwrap_ivf(index)
+    if nprobe is not None and not 1 <= nprobe <= ivf.nlist:
+        raise ValueError(f"--nprobe must be in 1..{ivf.nlist} (the index's nlist), got {nprobe}")
+    log.info("checking the ids of %d inverted lists", ivf.nlist)
+    check_ivf_ids(ivf, idmap, index.ntotal, path)
+    source.update(nlist=int(ivf.nlist), nprobe=int(nprobe or ivf.nprobe), nprobe_in_file=int(ivf.nprobe))
+    return (lambda a, b: ivf_shard(outer, ivf, idmap, a, b, nprobe)), describe_ivf(ivf, outer), source
+
+
+def _write_shards(make, folder: Path, bounds: list[int]) -> list[dict]:
     faiss = _faiss()
     entries = []
     for i in range(len(bounds) - 1):
         name = f"shard_{i:03d}.faiss"
-        shard = copy_rows(src, bounds[i], bounds[i + 1], chunk_rows)
+        shard = make(bounds[i], bounds[i + 1])
         faiss.write_index(shard, str(folder / name))
         del shard
         entries.append({"shard": i, "file": name, "start": bounds[i], "end": bounds[i + 1],
@@ -162,22 +248,32 @@ def _write_shards(src, folder: Path, bounds: list[int], chunk_rows: int) -> list
 
 
 # --------------------------------------------------------------------------- import
-def import_faiss(rcfg, faiss_path: str | Path, corpus: str | Path, out: str | Path, shards: int = 1,
-                 encoder: str | None = None, pooling: str | None = None, query_prefix: str | None = None,
-                 passage_prefix: str | None = None, chunk_rows: int | None = None) -> dict:
-    """Write scout's index folder `out` from a Flat inner-product faiss file and the corpus it was
-    encoded from (one corpus row per index row, same order); returns the manifest."""
-    faiss_path, corpus, out = Path(faiss_path), Path(corpus), Path(out).expanduser().resolve()
-    rc = _settings_for(rcfg, encoder, pooling, query_prefix, passage_prefix)
-    tmp = _prepare_out(out)
-    if not corpus.is_file():
-        raise CorpusError(f"corpus {corpus} does not exist")
-    index = read_flat_ip(faiss_path)
-    enc_path, dim = encoder_dim(rc.encoder)
+def _open_checked(faiss_path: Path, metric: str | None, encoder: str | None):
+    """(index, kind, metric name, encoder folder, dim) after every check that needs no output."""
+    index = read_index(faiss_path)
+    kind, found = classify(index, faiss_path)
+    check_metric(found, metric, faiss_path)
+    enc_path, dim = encoder_dim(encoder)
     if index.d != dim:
         raise FaissImportError(f"{faiss_path} holds {index.d}-d vectors but the encoder {enc_path} gives {dim}-d "
                                f"vectors: expected the encoder the index was built with (--encoder)")
+    return index, kind, found, enc_path, dim
+
+
+def import_faiss(rcfg, faiss_path: str | Path, corpus: str | Path, out: str | Path, shards: int = 1,
+                 encoder: str | None = None, pooling: str | None = None, query_prefix: str | None = None,
+                 passage_prefix: str | None = None, chunk_rows: int | None = None, metric: str | None = None,
+                 preset: str | None = None, nprobe: int | None = None) -> dict:
+    """Write scout's index folder `out` from a faiss index file and the corpus it was encoded from
+    (one corpus row per index row, same order); returns the manifest."""
+    faiss_path, corpus, out = Path(faiss_path), Path(corpus), Path(out).expanduser().resolve()
+    rc = with_preset(rcfg, preset, encoder, pooling, query_prefix, passage_prefix)
+    tmp = _prepare_out(out)
+    if not corpus.is_file():
+        raise CorpusError(f"corpus {corpus} does not exist")
+    index, kind, found, enc_path, dim = _open_checked(faiss_path, metric, rc.encoder)
     bounds = shard_bounds(index.ntotal, shards)
+    make, factory, source = _shard_maker(index, kind, faiss_path, shards, chunk_rows or rc.build_chunk_rows, nprobe)
     try:
         tmp.mkdir(parents=True)
         log.info("writing the document store from %s", corpus)
@@ -185,8 +281,9 @@ def import_faiss(rcfg, faiss_path: str | Path, corpus: str | Path, out: str | Pa
         if n != index.ntotal:
             raise FaissImportError(f"corpus {corpus} holds {n} passages but {faiss_path} holds {index.ntotal} "
                                    f"vectors: expected one corpus passage per index row, in the same order")
-        entries = _write_shards(index, tmp, bounds, chunk_rows or rc.build_chunk_rows)
-        manifest = _manifest(tmp, _settings(rc, corpus, "Flat", shards, enc_path), dim, n, entries)
+        entries = _write_shards(make, tmp, bounds)
+        manifest = _manifest(tmp, _settings(rc, corpus, factory, shards, enc_path), dim, n, entries, metric=found,
+                             source=source)
         _write_json(tmp / MANIFEST, manifest)
         if out.is_dir():
             out.rmdir()
@@ -194,5 +291,7 @@ def import_faiss(rcfg, faiss_path: str | Path, corpus: str | Path, out: str | Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("imported %s into %s: %d passages, %d shards, dim %d", faiss_path, out, n, shards, dim)
+    warn_conventions(manifest["encoder"])
+    log.info("imported %s (%s, %s) into %s: %d passages, %d shards, dim %d", faiss_path, source["type"], found, out,
+             n, shards, dim)
     return manifest

@@ -42,6 +42,10 @@ FORMAT = "scout-faiss-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "build.json"
+# The manifest's "metric": faiss's inner product (larger is closer) or squared L2 distance
+# (smaller is closer). Shards answer L2 searches with the negated distance as the score, so the
+# router's merge (larger is better, `merge_topk`) is right for both.
+METRICS = ("inner_product", "l2")
 
 
 class IndexFolderError(RuntimeError):
@@ -281,12 +285,16 @@ def _write_shards(out: Path, state: dict, emb: Embeddings, bounds: list[int], fa
     return entries
 
 
-def _manifest(out: Path, settings: dict, dim: int, n: int, shards: list[dict]) -> dict:
+def _manifest(out: Path, settings: dict, dim: int, n: int, shards: list[dict], metric: str = "inner_product",
+              source: dict | None = None) -> dict:
     docs = {f"docs/{f}": sha256_file(out / "docs" / f) for f in DOC_FILES}
-    return {"format": FORMAT, "version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "count": n, "dim": dim, "factory": settings["factory"], "metric": "inner_product",
-            "encoder": {**settings["encoder"], "dim": dim}, "corpus": settings["corpus"],
-            "shards": shards, "files": docs}
+    m = {"format": FORMAT, "version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "count": n, "dim": dim, "factory": settings["factory"], "metric": metric,
+         "encoder": {**settings["encoder"], "dim": dim}, "corpus": settings["corpus"],
+         "shards": shards, "files": docs}
+    if source is not None:
+        m["source"] = source  # an imported index: the file it came from, its type and search settings
+    return m
 
 
 # --------------------------------------------------------------------------- open
@@ -305,7 +313,18 @@ def load_manifest(index_dir: str | Path) -> dict:
     shards = m.get("shards") or []
     if not shards or sum(s["count"] for s in shards) != m["count"]:
         raise IndexFolderError(f"{path}: shard counts do not add up to {m.get('count')}")
+    if m.get("metric", "inner_product") not in METRICS:
+        raise IndexFolderError(f"{path}: metric {m.get('metric')!r} is not one of {', '.join(METRICS)}")
     return m
+
+
+def search_shard(index, vectors: np.ndarray, k: int, metric: str = "inner_product") -> tuple[np.ndarray, np.ndarray]:
+    """One shard's (scores [n, k], local rows [n, k]) with larger = closer for every metric: an L2
+    index's squared distances come back negated (its scores, over HTTP too, are -distance)."""
+    scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    if metric == "l2":
+        scores = -scores
+    return scores, rows
 
 
 def verify_checksums(index_dir: str | Path, manifest: dict) -> None:
@@ -385,8 +404,9 @@ class LocalIndex:
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         parts_s, parts_i = [], []
+        metric = self.manifest.get("metric", "inner_product")
         for entry, index in self.shards:
-            s, i = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+            s, i = search_shard(index, vectors, k, metric)
             parts_s.append(s)
             parts_i.append(np.where(i >= 0, i + entry["start"], -1))
         return merge_topk(parts_s, parts_i, k)

@@ -29,6 +29,7 @@ from common.metrics import Metrics, read_token_file
 from common.transport import check_bind_address, check_host_bind
 from retriever.docstore import DocStore
 from retriever.index import IndexFolderError, encoder_for, load_manifest, verify_checksums
+from retriever.presets import warn_conventions
 from retriever.router import Router
 from retriever.shards import ShardSet
 
@@ -64,8 +65,10 @@ def _open_index(rc) -> tuple[dict, DocStore]:
     docs = DocStore(Path(rc.index_dir) / "docs")
     if len(docs) != manifest["count"]:
         raise IndexFolderError(f"document store holds {len(docs)} passages, manifest says {manifest['count']}")
-    log.info("index %s: %d passages, %d shards, factory %s, encoder %s", rc.index_dir, manifest["count"],
-             len(manifest["shards"]), manifest["factory"], manifest["encoder"]["path"])
+    log.info("index %s: %d passages, %d shards, factory %s, metric %s, encoder %s, query prefix %r", rc.index_dir,
+             manifest["count"], len(manifest["shards"]), manifest["factory"], manifest.get("metric", "inner_product"),
+             manifest["encoder"]["path"], manifest["encoder"]["query_prefix"])
+    warn_conventions(manifest["encoder"])  # e.g. an e5 index without "query: ": queries would not match
     return manifest, docs
 
 

@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 class Shard:
     def __init__(self, args: argparse.Namespace):
-        from retriever.index import index_device, load_manifest, read_shard
+        from retriever.index import index_device, load_manifest, read_shard, search_shard
 
         self.args = args
         manifest = load_manifest(args.index)
@@ -52,6 +52,8 @@ class Shard:
             raise SystemExit(f"shard {args.shard} does not exist (index has {len(manifest['shards'])})")
         self.entry = manifest["shards"][args.shard]
         self.dim = int(manifest["dim"])
+        self.metric = manifest.get("metric", "inner_product")
+        self._search = search_shard
         import faiss
 
         faiss.omp_set_num_threads(max(1, args.threads))
@@ -64,7 +66,7 @@ class Shard:
         if req.vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors are {req.vectors.shape[1]}-d, shard holds {self.dim}-d")
         k = min(req.topk, max(1, self.index.ntotal))
-        scores, ids = self.index.search(np.ascontiguousarray(req.vectors), k)
+        scores, ids = self._search(self.index, req.vectors, k, self.metric)  # L2: negated distances
         ids = np.where(ids >= 0, ids + self.start, -1).astype(np.int64)
         return ShardResult(seq=req.seq, shard=self.args.shard, scores=scores.astype(np.float32), ids=ids)
 
