@@ -15,12 +15,16 @@
 Credits: the worker never holds more groups (generating + sent but unacked) than
 `actor.max_groups_in_flight`, and it only generates prompts the learner handed out, so the
 learner's credit window bounds how far ahead it can run. A lost learner link (no reply within
-`actor.request_timeout_s`, or a learner that restarted) ends this *run*: the worker drops its
-in-flight work, takes a fresh run_id (the learner re-queues the old run's prompts) and says hello
-again. A failed weight load exits with code 3 (the engine may hold half-loaded weights); the
-supervisor restarts the process. A WorkAssignment marked `ended` (the learner finished its
-steps) exits with EXIT_RUN_ENDED, which the supervisor does not restart; with `actor.stay`
-(`--stay`) the worker instead waits for a learner run other than the one that ended.
+`actor.request_timeout_s`, or a learner that restarted) ends this *run*: the worker drops the
+rollouts it is generating, takes a fresh run_id (the learner re-queues the old run's prompts), opens
+a new socket (a silent partition never breaks TCP, so the old one would wait forever) and says
+hello again. Groups it had sent without an ack are sent again under the new run_id when the same
+learner run answers (the learner accepts each group_id once and answers "duplicate" to a copy);
+a restarted learner gets none of them. A failed weight load exits with code 3 (the engine may
+hold half-loaded weights); the supervisor restarts the process. A WorkAssignment marked `ended`
+(the learner finished its steps) exits with EXIT_RUN_ENDED, which the supervisor does not
+restart; with `actor.stay` (`--stay`) the worker instead waits for a learner run other than the
+one that ended.
 
 Where the worker's time goes (`scout_actor_phase_seconds_total{phase}`, and `phases` in the
 stats line): engine (decode steps), rollout (turn handling, search dispatch, rewards), send
@@ -151,11 +155,13 @@ class ActorWorker:
         self.learner_version = self.min_version = 0
         self.n_samples = 1
         self.sync_endpoint = ""
-        self.unacked: dict[str, float] = {}  # group_id -> sent at (monotonic)
+        self.unacked: dict[str, GroupState] = {}  # group_id -> the group sent, until its ack (kept across a link loss)
         self.work_pending = False
         self.retry_at = 0.0
         self.fast_retry_until = 0.0
         self.parent = os.getppid()
+        self.continued = threading.Event()  # set by SIGCONT: this process was stopped (SIGSTOP) until now
+        self._tick_t = time.monotonic()  # when the last tick began
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -189,7 +195,8 @@ class ActorWorker:
 
     def _health(self) -> dict:
         return {"pid": os.getpid(), "run_id": self.run_id, "version": self.engine.version if self.engine else -1,
-                "learner_run_id": self.learner_run_id, "groups_in_flight": self._in_flight()}
+                "learner_run_id": self.learner_run_id, "groups_in_flight": self._in_flight(),
+                "groups_unacked": len(self.unacked)}  # sent, no answer yet (sent = answered + unacked)
 
     def _shutdown(self) -> None:
         for closer in (lambda: self.runner.close(), lambda: self.searcher.close(), lambda: self.sync.close(),
@@ -205,6 +212,7 @@ class ActorWorker:
         while not self.stop.is_set():
             try:
                 self._connect()
+                self._tick_t = time.monotonic()  # a stop while saying hello needs no second new run
                 while not self.stop.is_set():
                     self._tick()
                     if os.getppid() != self.parent:
@@ -226,6 +234,7 @@ class ActorWorker:
         return 0
 
     def _tick(self) -> None:
+        self._check_stopped()
         if self.link.overdue():
             raise LinkLost(f"no reply within {self.acfg.request_timeout_s:.0f}s")
         mm, clock = self.metrics, time.perf_counter
@@ -257,6 +266,19 @@ class ActorWorker:
             mm.add_phase("search_wait", clock() - t4)
         self._roll_metrics()
 
+    def _check_stopped(self) -> None:
+        """After a SIGSTOP longer than request_timeout_s the learner has written this run off: its
+        prompts re-queued (learner.peer_timeout_s), its weight-sync membership dropped. Replies
+        that were pending would show that only if a request was in flight, so SIGCONT tells it
+        instead: start a new run (fresh sockets, hello, sync join; unacked groups are sent again
+        and the learner refuses the stale ones)."""
+        now, last = time.monotonic(), self._tick_t
+        self._tick_t = now
+        if self.continued.is_set():
+            self.continued.clear()
+            if now - last > self.acfg.request_timeout_s:
+                raise LinkLost(f"this worker was stopped for {now - last:.0f}s (SIGSTOP until SIGCONT)")
+
     def _connect(self) -> None:
         """(Re)open the link and say hello until the learner answers or we are stopped."""
         while not self.stop.is_set():
@@ -277,9 +299,11 @@ class ActorWorker:
             self.stop.wait(5.0)
 
     def _on_hello(self, ack: HelloAck) -> None:
-        if self.learner_run_id and ack.learner_run_id != self.learner_run_id:
+        restarted = bool(self.learner_run_id) and ack.learner_run_id != self.learner_run_id
+        if restarted:
             log.warning("learner restarted (run %s -> %s)", self.learner_run_id[:8], ack.learner_run_id[:8])
         self.learner_run_id = ack.learner_run_id
+        self._resend_unacked(same_learner=not restarted)
         self.learner_version, self.n_samples = ack.version, ack.n_samples
         self.min_version = max(0, ack.version - ack.max_staleness)
         log.info("learner run %s: version %d, n_samples %d, max_staleness %d, sync %s", ack.learner_run_id[:8],
@@ -298,16 +322,32 @@ class ActorWorker:
         self.sync_endpoint = endpoint
 
     def _new_run(self) -> None:
-        """Void this run: abort rollouts, forget unacked groups, fresh run_id (and sync join)."""
+        """Void this run: abort rollouts, fresh run_id (and sync join). Unacked groups are kept:
+        _resend_unacked sends them again once the learner answers."""
         self.metrics.links.inc()
         self.runner.abort_all()
-        self.unacked.clear()
         self.work_pending = False
         self.link.close()
         self.run_id = uuid.uuid4().hex
         if self.sync is not None:
             self.sync.close()
             self.sync = None
+
+    def _resend_unacked(self, same_learner: bool) -> None:
+        """Groups sent before a link loss and never acknowledged go again, under the new run_id,
+        before any WorkRequest: the learner has re-queued the old run's prompts at our hello, and an
+        accepted copy takes its prompt back out of the queue. A group the learner had accepted (only
+        its ack was lost) is answered "duplicate" and trained once (learner/ingest.py seen_groups).
+        A restarted learner gets none of them (its version and data position are its own)."""
+        if not self.unacked:
+            return
+        if not same_learner:
+            log.warning("dropping %d unacked groups: the learner restarted", len(self.unacked))
+            self.unacked.clear()
+            return
+        log.info("resending %d unacked groups after the link loss (run %s)", len(self.unacked), self.run_id[:8])
+        for g in list(self.unacked.values()):
+            self._send_group(g, resend=True)
 
     # ------------------------------------------------------------------ learner messages
     def _in_flight(self) -> int:
@@ -368,14 +408,19 @@ class ActorWorker:
         self.unacked.pop(group_id, None)
         self.learner_version = max(self.learner_version, ack.version)
         result = "accepted" if ack.accepted else ("stale" if "older than" in ack.reason else "rejected")
+        if ack.accepted and ack.reason == "duplicate":  # a resent group the learner already had
+            result = "duplicate"
         self.metrics.groups.labels(result=result).inc()
         if not ack.accepted:
             log.warning("group %s not accepted: %s", group_id, ack.reason)
 
-    def _send_group(self, g: GroupState) -> None:
+    def _send_group(self, g: GroupState, resend: bool = False) -> None:
         msg = g.to_message(self.peer_id, self.run_id)
         self.link.request(msg, "group", g.group_id)
-        self.unacked[g.group_id] = time.monotonic()
+        self.unacked[g.group_id] = g
+        if resend:
+            self.metrics.groups.labels(result="resent").inc()
+            return
         self.metrics.window["groups"] += 1
         self.metrics.groups_sent.inc()
         if float(msg.rewards.max()) > 0:
@@ -506,6 +551,7 @@ def worker_main(cfg: ScoutConfig, worker: int, gpu: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGCONT, lambda _s, _f: w.continued.set())  # see ActorWorker._check_stopped
     try:
         return w.run()
     except SystemExit as e:

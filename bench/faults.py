@@ -14,6 +14,7 @@ timings for docs/RELIABILITY.md) share.
                                groups/s before / during / after
     learner_preemption(stack)  SIGKILL the learner, restart with --resume → step/version continue,
                                the actor reconnects and gets the new weights
+    frozen_actor / frozen_learner (bench/faults_frozen.py)  SIGSTOP a worker / the learner, SIGCONT
 
     python bench/faults.py --scenario all --workers 2 --outage-s 30 --kills 3 --out /tmp/faults
 
@@ -491,18 +492,38 @@ def _bench_learner(base: Path, kills: int) -> dict:
         stack.close()
 
 
+def _bench_frozen(role: str, base: Path, freeze_s: float) -> dict:
+    """A worker (2 workers) or the learner (1 worker) SIGSTOPped for freeze_s (bench/faults_frozen.py)."""
+    from bench.faults_frozen import frozen_actor, frozen_learner  # it imports this module
+
+    world = build_world(base)
+    stack = Stack(base, world)
+    workers = 2 if role == "actor" else 1
+    stack.write_config(workers=workers, actor={"no_search": True}, learner={"max_staleness": 2})
+    try:
+        if role == "actor":
+            return frozen_actor(stack, freeze_s, whens=("sync", "between"), workers=workers, after_steps=6)
+        return frozen_learner(stack, freeze_s, after_steps=6)
+    finally:
+        stack.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", choices=("actor", "retriever", "learner", "all"), default="all")
+    ap.add_argument("--scenario", choices=("actor", "retriever", "learner", "frozen-actor", "frozen-learner", "all"),
+                    default="all", help="all: the first three; frozen-*: bench/faults_frozen.py")
     ap.add_argument("--workers", type=int, default=2, help="actor workers (actor crash)")
     ap.add_argument("--outage-s", type=float, default=30.0, help="retriever down for this long")
     ap.add_argument("--kills", type=int, default=3, help="learner preemptions in a row")
+    ap.add_argument("--freeze-s", type=float, default=60.0, help="frozen-*: SIGSTOP for this long")
     ap.add_argument("--out", type=Path, default=Path("/tmp/scout-faults"))
     a = ap.parse_args(argv)
     runs = {"actor": lambda: _bench_actor(a.out / f"actor-{time.time():.0f}", a.workers),
             "retriever": lambda: _bench_retriever(a.out / f"retriever-{time.time():.0f}", a.outage_s),
-            "learner": lambda: _bench_learner(a.out / f"learner-{time.time():.0f}", a.kills)}
-    for name in (runs if a.scenario == "all" else [a.scenario]):
+            "learner": lambda: _bench_learner(a.out / f"learner-{time.time():.0f}", a.kills),
+            "frozen-actor": lambda: _bench_frozen("actor", a.out / f"frozen-actor-{time.time():.0f}", a.freeze_s),
+            "frozen-learner": lambda: _bench_frozen("learner", a.out / f"frozen-learner-{time.time():.0f}", a.freeze_s)}
+    for name in (["actor", "retriever", "learner"] if a.scenario == "all" else [a.scenario]):
         res = runs[name]()
         print(json.dumps(res, default=str), flush=True)
     return 0

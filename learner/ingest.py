@@ -168,6 +168,9 @@ class IngestServer:
         self.buffer: collections.deque[TrajectoryGroup] = collections.deque()
         self.in_training: list[int] = []  # prompt ids of groups handed to the trainer, not yet released
         self.peers: dict[str, _Peer] = {}
+        # runs a newer run of the same peer replaced: their late messages (bytes a partition held
+        # back, delivered after the peer's new hello) must not make that run current again
+        self.superseded: dict[str, collections.deque[str]] = {}
         self.seen_groups: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -302,9 +305,13 @@ class IngestServer:
         return env, ErrorReply(code="bad_request", message=f"the learner's ingest endpoint does not take {msg.TYPE!r}")
 
     def _touch(self, peer_id: str, run_id: str, version: int | None, info: str = "") -> _Peer:
-        """Record that (peer, run) is alive; a new run_id for a known peer releases the old run's prompts."""
+        """Record that (peer, run) is alive; a new run_id for a known peer releases the old run's prompts.
+        A run that a newer one replaced is refused (its worker has moved on and resends what matters)."""
+        if run_id in self.superseded.get(peer_id, ()):
+            raise _Refuse(f"run {run_id} of actor {peer_id} was replaced by a newer run")
         peer = self.peers.get(peer_id)
         if peer is not None and peer.run_id != run_id:
+            self.superseded.setdefault(peer_id, collections.deque(maxlen=64)).append(peer.run_id)
             n = self.dispatcher.release_run((peer_id, peer.run_id))
             self.m_requeued.inc(n)
             log.info("actor %s restarted (run %s -> %s): %d prompts re-queued", peer_id, peer.run_id, run_id, n)
