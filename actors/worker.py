@@ -343,6 +343,8 @@ class ActorWorker:
             return
         if not same_learner:
             log.warning("dropping %d unacked groups: the learner restarted", len(self.unacked))
+            # counted, so that sent = answered + abandoned + unacked still holds
+            self.metrics.groups.labels(result="abandoned").inc(len(self.unacked))
             self.unacked.clear()
             return
         log.info("resending %d unacked groups after the link loss (run %s)", len(self.unacked), self.run_id[:8])

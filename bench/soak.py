@@ -185,7 +185,10 @@ class Ledger:
         stale = total(ln, "scout_learner_groups_dropped_stale_total") - received.get("stale", 0)
         held = total(ln, "scout_learner_buffer_groups") + total(ln, "scout_learner_training_groups")
         return {"worker_processes": len(self.workers), "sent": sent, "actor_verdicts": verdicts,
-                "unanswered": sent - sum(verdicts.values()), "learner_received": received,
+                # "resent" counts sends again after a link loss (not answers), "abandoned" groups the
+                # worker dropped because the learner restarted
+                "unanswered": sent - sum(v for k, v in verdicts.items() if k not in ("resent", "abandoned"))
+                - verdicts.get("abandoned", 0), "learner_received": received,
                 "never_received": sent - sum(received.values()), "learner_trained": trained,
                 "learner_dropped_stale_in_buffer": stale, "learner_held_at_end": held,
                 "lost_after_acceptance": received.get("accepted", 0) - trained - stale - held}
