@@ -5,6 +5,11 @@ update with a real BucketReceiver, and appends one JSON line per finished update
 
 --die-at V:K    kill -9 itself when bucket K of version V arrives (before receiving it)
 --stall-at V:K:S  sleep S seconds when bucket K of version V arrives (a slow member)
+--stop-at V:K     SIGSTOP itself when bucket K of version V arrives (a frozen member; the test
+                  sends SIGCONT)
+--fault-file PATH  read lines "die-at V:K", "stop-at V:K" or "stall-at V:K:S" from PATH, when it
+                  exists, at the first bucket of each update (the test picks the victim once it
+                  knows the ranks)
 --until V       exit after loading version V
 --cuda-device I   receive NCCL buckets on GPU I (offer "nccl" in --transports)
 --colocated MODE  announce a location for the colocated (CUDA IPC) path: "cuda" (this GPU, real
@@ -90,6 +95,8 @@ def main() -> None:
     ap.add_argument("--until", type=int, default=1 << 30)
     ap.add_argument("--die-at", default=None)
     ap.add_argument("--stall-at", default=None)
+    ap.add_argument("--stop-at", default=None)
+    ap.add_argument("--fault-file", default=None)
     ap.add_argument("--max-seconds", type=float, default=120.0)
     ap.add_argument("--reuse-buffer", type=int, default=0, help="1: BucketReceiver(reuse_buffer=True)")
     ap.add_argument("--cuda-device", type=int, default=None, help="receive NCCL buckets on this GPU")
@@ -97,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.peer_id} %(name)s %(message)s")
     run_id = args.run_id or uuid.uuid4().hex
-    die, stall = _at(args.die_at), _at(args.stall_at)
+    faults = {"die-at": _at(args.die_at), "stall-at": _at(args.stall_at), "stop-at": _at(args.stop_at)}
     if args.cuda_device is not None:
         torch.cuda.set_device(args.cuda_device)
     client = SyncClient(args.endpoint, args.peer_id, run_id, TransportConfig(), args.transports.split(","),
@@ -110,10 +117,17 @@ def main() -> None:
 
     def on_bucket(header: dict, data) -> None:
         v, k = header["version"], header["bucket"]
+        if k == 0 and args.fault_file and os.path.exists(args.fault_file):
+            for line in open(args.fault_file).read().splitlines():
+                kind, at = line.split()
+                faults[kind] = _at(at)
+        die, stall, stop = faults["die-at"], faults["stall-at"], faults["stop-at"]
         if die and (v, k) == die[:2]:
             os.kill(os.getpid(), signal.SIGKILL)
         if stall and (v, k) == stall[:2]:
             time.sleep(stall[2])
+        if stop and (v, k) == stop[:2]:
+            os.kill(os.getpid(), signal.SIGSTOP)
         if "ipc" in header:
             counts["ipc"] += 1
         received.update(describe(receiver.receive(header, data)))

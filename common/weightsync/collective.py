@@ -4,15 +4,31 @@
     group.py sets "go" in PrefixStore("scout/<gen>") ─▶   join_group(plan): set ready/<rank>,
       make_group(backend, prefix store, 0, N)               wait "go", make_group(…, rank, N)
     post_segments(): per bucket_segments() range           receive_segments(): the same ranges,
-      send to every rank (op "send", segment_tag)  ═════▶    recv (op "send") or broadcast
-      or broadcast from root 0 (op "broadcast")            into the member's flat buffer
+      op "send": to every rank (segment_tag)  ═════════▶     recv from 0 (op "send"),
+      op "broadcast": broadcast from root 0   ═════════▶     broadcast,
+      op "chain": to rank 1 only              ═════════▶     or recv from rank-1 and forward:
     wait_segments(): wait_p2p / wait_work, deadline        wait_p2p / wait_work, deadline, and
                                                              the learner's "abort" key
 
+The chain (SyncPlan.op "chain", gloo only; learner.sync_gloo_op) is a pipelined relay: the
+learner sends each segment once, to rank 1, whatever the number of members; rank k receives
+segment s from rank k-1 and, as soon as it has arrived, posts its send to rank k+1 (unless k is
+the last rank) while segment s+1 is still arriving:
+
+    learner 0 ══s0,s1,s2…══▶ rank 1 ══s0,s1…══▶ rank 2 ══s0…══▶ … ══▶ rank N
+                              recv s1 ∥ forward s0   (same tags, same standalone group)
+
+A member waits for its own receives only (deadline, "abort" key): a dead or frozen member
+downstream never holds it up, and whoever is behind a failed member times out or sees "abort"
+(group.py sets it once the sync ends with members unanswered) and reports failure; the
+learner re-plans at the next sync. The forwards are left in flight when receive_segments
+returns (the BucketReceiver keeps them, and never writes into a buffer they still read).
+
 A group is built directly from a PrefixStore over the learner's own TCPStore and never touches
 torch.distributed's default group (the learner's FSDP group). Gloo on CPU; NCCL when the
-learner's tensors are on CUDA and the member offers "nccl". Every wait has a deadline; a group
-with a collective stuck on a dead peer is torn down off the calling thread (dispose).
+learner's tensors are on CUDA and the member offers "nccl" (NCCL's own broadcast is already a
+pipelined ring, so an NCCL group always broadcasts). Every wait has a deadline; a group with a
+collective stuck on a dead peer is torn down off the calling thread (dispose).
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from common.transport import is_loopback
+from common.transport import gloo_bind_address, is_loopback
 from common.weightsync.buckets import Bucket, as_bytes, bucket_segments, pack_range, segment_tag
 from common.weightsync.errors import SyncAborted, SyncError
 from common.weightsync.messages import SyncPlan, WeightUpdateHeader
@@ -44,11 +60,12 @@ def make_group(backend: str, store: Any, rank: int, world_size: int, timeout_s: 
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout_td(timeout_s)
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    if not loopback:  # default device: honours GLOO_SOCKET_IFNAME, else the host name
+    address = gloo_bind_address(store, loopback)  # from the configured store host (common/transport.py)
+    if address is None:  # torch's default device: GLOO_SOCKET_IFNAME, else the host name's address
         return dist.ProcessGroupGloo(store, rank, world_size, timeout_td(timeout_s))
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout_td(timeout_s)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
     return dist.ProcessGroupGloo(store, rank, world_size, opts)
 
 
@@ -131,15 +148,18 @@ def wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | Non
                 raise SyncAborted("the learner aborted this transfer")
 
 
-def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | None = None) -> None:
-    """Wait for gloo point-to-point ops (SyncPlan.op "send") until `deadline`; raise SyncError on
-    failure or timeout. Unlike a broadcast's, a timed wait on a send or receive that expires
-    closes every connection of the group (gloo's UnboundBuffer), so wait_work's short slices
-    cannot be used: without should_abort the ops are waited on here with what is left of the
-    deadline; with it, a helper thread waits while this one checks the abort flag every
-    ABORT_CHECK_S (the caller then closes the group, which ends the helper's wait)."""
+def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | None = None,
+             on_done: Callable[[int], None] | None = None) -> None:
+    """Wait for gloo point-to-point ops (SyncPlan.op "send" / "chain") until `deadline`; raise
+    SyncError on failure or timeout. Unlike a broadcast's, a timed wait on a send or receive that
+    expires closes every connection of the group (gloo's UnboundBuffer), so wait_work's short
+    slices cannot be used: without should_abort the ops are waited on here with what is left of
+    the deadline; with it, a helper thread waits while this one checks the abort flag every
+    ABORT_CHECK_S (the caller then closes the group, which ends the helper's wait).
+    on_done(i) runs (on the waiting thread) as soon as works[i] is done, in order: the chain
+    forwards a segment there while the next one is still arriving."""
     def wait_all() -> None:
-        for w in works:
+        for i, w in enumerate(works):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SyncError("point-to-point transfer timed out")
@@ -147,6 +167,8 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
                 w.wait(timeout_td(left))
             except RuntimeError as e:
                 raise _failed(e) from None
+            if on_done is not None:
+                on_done(i)
 
     if should_abort is None:
         return wait_all()
@@ -176,8 +198,11 @@ def post_segments(pg: Any, op: str, header: WeightUpdateHeader, flat: torch.Tens
     """Start a bucket's segments (SyncPlan.op) on the learner's group; returns [(work, source)]
     (each source must stay alive until its work is done). With `bucket`, large tensors go
     straight from their own memory and small ones are packed into `flat` just before their
-    segment; without, `flat` is already packed."""
+    segment; without, `flat` is already packed. op "chain": only to the first rank of the
+    chain (rank 1), which passes them on."""
     works: list = []
+    if op == "chain":
+        ranks = sorted(ranks)[:1]
     opts = broadcast_opts()
     items = bucket.items if bucket is not None else []  # in offset order (plan_buckets)
     by_offset = {off: t for _, t, off in items}
@@ -190,7 +215,7 @@ def post_segments(pg: Any, op: str, header: WeightUpdateHeader, flat: torch.Tens
         else:
             i = pack_range(items, i, flat, s, e)
             src = flat[s:e]
-        if op == "send":  # keep src alive until done
+        if op in ("send", "chain"):  # keep src alive until done
             tag = segment_tag(header.bucket, seg)
             works.extend((pg.send([src], r, tag), src) for r in ranks)
         else:
@@ -201,7 +226,7 @@ def post_segments(pg: Any, op: str, header: WeightUpdateHeader, flat: torch.Tens
 def wait_segments(works: list, op: str, deadline: float, poll: bool) -> None:
     """Wait for the [(work, source)] of post_segments until `deadline`; raise SyncError on failure
     or timeout. poll: an NCCL group (see wait_work)."""
-    if op == "send":
+    if op in ("send", "chain"):
         wait_p2p([w for w, _src in works], deadline)
     else:
         for w, _src in works:
@@ -236,11 +261,14 @@ def join_group(plan: SyncPlan) -> tuple[Any, Any]:
 
 
 def receive_segments(pg: Any, plan: SyncPlan, header: WeightUpdateHeader, flat: torch.Tensor, deadline: float,
-                     should_abort: Callable[[], bool]) -> None:
+                     should_abort: Callable[[], bool]) -> list:
     """Receive a bucket's segments into `flat` as the plan's op says, until `deadline`, giving up
-    when should_abort() (the learner set "abort")."""
+    when should_abort() (the learner set "abort"). Returns the chain's forwards still in flight
+    (op "chain"; [] otherwise): they read `flat`, which must not be written until they are done."""
     opts = broadcast_opts()
     segs = bucket_segments(header.tensors, header.nbytes, header.chunk_bytes)
+    if plan.op == "chain":
+        return receive_chain(pg, plan, header, flat, segs, deadline, should_abort)
     if plan.op == "send":
         works = [pg.recv([flat[s:e]], 0, segment_tag(header.bucket, k)) for k, (s, e, _) in enumerate(segs)]
         wait_p2p(works, deadline, should_abort)
@@ -248,3 +276,50 @@ def receive_segments(pg: Any, plan: SyncPlan, header: WeightUpdateHeader, flat: 
         works = [pg.broadcast([flat[s:e]], opts) for s, e, _ in segs]
         for work in works:
             wait_work(work, deadline, should_abort, poll=plan.transport == "nccl")
+    return []
+
+
+def receive_chain(pg: Any, plan: SyncPlan, header: WeightUpdateHeader, flat: torch.Tensor,
+                  segs: list[tuple[int, int, bool]], deadline: float, should_abort: Callable[[], bool]) -> list:
+    """A chain member: every segment's receive from rank-1 is posted up front; as each one
+    completes, its send to rank+1 is posted (not for the last rank) while the next keeps
+    arriving. Only the receives are waited for (deadline, abort key). A forward that cannot
+    be posted (the next member is gone) stops the forwarding, not this member's update: the
+    learner finds out from the next member's silence or failure. Returns the forwards."""
+    nxt = plan.rank + 1 if plan.rank + 1 < plan.world_size else None
+    tags = [segment_tag(header.bucket, k) for k in range(len(segs))]
+    works = [pg.recv([flat[s:e]], plan.rank - 1, tags[k]) for k, (s, e, _) in enumerate(segs)]
+    forwards: list = []
+
+    def forward(k: int) -> None:
+        if nxt is None or (forwards and forwards[-1] is None):
+            return
+        s, e, _ = segs[k]
+        try:
+            forwards.append(pg.send([flat[s:e]], nxt, tags[k]))
+        except RuntimeError:  # the pair to the next member is broken: it fails on its own
+            forwards.append(None)
+
+    wait_p2p(works, deadline, should_abort, on_done=forward)
+    return [w for w in forwards if w is not None]
+
+
+def watch_forwards(works: list, timeout_s: float) -> threading.Event:
+    """An event set once the chain forwards `works` are over (sent, failed, or given up after
+    timeout_s). A gloo send's is_completed() stays False until someone waits on it, and a timed
+    wait that expires closes the group's connections, so a helper thread waits with a bound
+    (2 x the sync timeout: by then the next member was dropped and the group re-formed)."""
+    over = threading.Event()
+
+    def run() -> None:
+        end = time.monotonic() + timeout_s
+        try:
+            for w in works:
+                w.wait(timeout_td(end - time.monotonic()))
+        except Exception:  # the next member is gone or frozen: nothing is read from the buffer now
+            pass
+        finally:
+            over.set()
+
+    threading.Thread(target=run, name="weightsync-forward", daemon=True).start()
+    return over

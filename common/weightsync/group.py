@@ -10,6 +10,9 @@
       build(): collective.make_group(backend, prefix store, 0, N)
     abort_transfer(): set "abort" (members blocked in the collective see it), SyncAbort to the
       group, close the group; the next sync re-forms it
+    end_sync() (after the answers were collected): op "chain" and a group member did not answer
+      ok (a member up the chain died or froze) → abort_transfer, so that whoever still waits
+      behind it gives up now rather than at its own deadline, and rejoins for the next sync
 
 Rank 0 is the learner, members are ranks 1..N; the TCPStore (is_master) lives here.
 """
@@ -82,7 +85,9 @@ class SyncGroup:
 
     @staticmethod
     def op_for(backend: str, gloo_op: str) -> str:
-        return "send" if backend == "gloo" and gloo_op == "send" else "broadcast"
+        """SyncPlan.op: learner.sync_gloo_op on gloo; NCCL always broadcasts (its broadcast is
+        already a pipelined ring, what "chain" builds on gloo)."""
+        return gloo_op if backend == "gloo" and gloo_op in ("send", "chain") else "broadcast"
 
     def stale(self, backend: str, gloo_op: str) -> bool:
         """Re-form before this sync: membership changed, no group yet, or another backend or op."""
@@ -188,6 +193,17 @@ class SyncGroup:
         self.key = (ms.generation, backend, tuple((m.peer_id, m.run_id) for m in group))
         log.info("weight sync: generation %d formed (%s, %d members)", ms.generation, backend, len(group))
         return True
+
+    def end_sync(self) -> None:
+        """Op "chain": the learner's sends only reach rank 1, so its own waits never see a member
+        fail further down. Once the answers are in, free whoever still waits behind a member
+        that failed or went silent (see abort_transfer); the next sync re-plans."""
+        s = self.ms.sync
+        if self.op != "chain" or self.pg is None or s is None:
+            return
+        group = [m for m in self.planned if m.transport == self.key[1] and m.peer_id in s.expect]
+        if any(m.peer_id not in s.ok for m in group):
+            self.abort_transfer("a member up the chain failed", group)
 
     # ------------------------------------------------------------------ a failed transfer
     def abort_transfer(self, reason: str, group: list[Member]) -> None:

@@ -64,9 +64,11 @@ class SyncPlan(Message):
     rank: int = Field(ge=0)
     world_size: int = Field(ge=1)
     timeout_s: float = Field(gt=0)
-    # how group bytes travel: "broadcast" (one collective per segment) or "send" (the learner, rank
-    # 0, sends each segment to every member, point to point: gloo's cheaper per-op path)
-    op: Literal["broadcast", "send"] = "broadcast"
+    # how group bytes travel: "broadcast" (one collective per segment), "send" (the learner, rank
+    # 0, sends each segment to every member, point to point: gloo's cheaper per-op path) or "chain"
+    # (gloo: the learner sends each segment to rank 1 only, rank k forwards it to rank k+1 as it
+    # arrives; collective.py). A member of an older build refuses a "chain" plan as malformed.
+    op: Literal["broadcast", "send", "chain"] = "broadcast"
 
 
 def _check_bucket_layout(m: "WeightUpdateHeader | WeightIpcBucket") -> None:

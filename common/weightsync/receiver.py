@@ -9,7 +9,11 @@ live in a different process than the SyncClient (client.py), e.g. a vLLM engine 
       data frame (zmq members)     → zmq_path.unpack_data: views of the frame
       else                         → a buffer (held until release(), up to HOLD_BYTES), filled by
                                      collective.receive_segments over the group (gives up when the
-                                     learner sets "abort"), then buckets.unpack_bucket: views
+                                     learner sets "abort"), then buckets.unpack_bucket: views;
+                                     op "chain": each segment is also forwarded to rank+1 as it
+                                     arrives, and those sends may still be reading the buffer
+                                     after receive() returned (kept in _forwards: a reused buffer
+                                     still being forwarded is replaced, never overwritten)
     release():      after SyncDone, drop the hold on this update's buffers
 """
 
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from common.weightsync.buckets import unpack_bucket
-from common.weightsync.collective import dispose, first_line, join_all, join_group, receive_segments
+from common.weightsync.collective import dispose, first_line, join_all, join_group, receive_segments, watch_forwards
 from common.weightsync.cuda_ipc import open_bucket
 from common.weightsync.errors import SyncError
 from common.weightsync.messages import SyncPlan, WeightIpcBucket, WeightUpdateHeader
@@ -56,6 +60,7 @@ class BucketReceiver:
         self._group = None
         self._prefix = None
         self._disposing: list[threading.Thread] = []
+        self._forwards: list[tuple[threading.Event, torch.Tensor]] = []  # chain sends in flight: (over, buffer)
 
     def setup(self, plan: dict | SyncPlan) -> None:
         plan = plan if isinstance(plan, SyncPlan) else SyncPlan.model_validate(plan)
@@ -94,11 +99,30 @@ class BucketReceiver:
         if header.nbytes:
             deadline = time.monotonic() + plan.timeout_s
             try:
-                receive_segments(self._group, plan, header, flat, deadline, self._aborted)
+                forwards = receive_segments(self._group, plan, header, flat, deadline, self._aborted)
             except Exception as e:
                 self._close_group()
                 raise e if isinstance(e, SyncError) else SyncError(first_line(e)) from None
+            if forwards:
+                self._forwarding()  # forget those that are over
+                self._forwards.append((watch_forwards(forwards, 2 * plan.timeout_s), flat))
+        # all of it is here (receive_segments raises otherwise): only now are views handed out,
+        # so a failed transfer never reaches the model. Read-only: op "chain" may still forward them
         return unpack_bucket(flat, header.tensors)
+
+    def _forwarding(self) -> bool:
+        """Whether a chain forward still reads one of the buffers received into (done ones are
+        forgotten)."""
+        self._forwards = [(over, b) for over, b in self._forwards if not over.is_set()]
+        return bool(self._forwards)
+
+    def _finish_forwards(self, timeout_s: float) -> None:
+        """Before the group goes away (close): let the chain forwards in flight reach the next
+        member (bounded), so that leaving right after SyncDone does not cut the chain."""
+        end = time.monotonic() + timeout_s
+        for over, _buf in self._forwards:
+            over.wait(max(0.0, end - time.monotonic()))
+        self._forwards = []
 
     def _receive_ipc(self, header: dict | WeightIpcBucket) -> list[tuple[str, torch.Tensor]]:
         """Views of a colocated bucket, straight in the learner's buffer on this GPU (no copy);
@@ -117,8 +141,8 @@ class BucketReceiver:
             while self._held_bytes > HOLD_BYTES and len(self._held) > 1:
                 self._held_bytes -= self._held.pop(0).numel()
             return buf
-        if self._buf is None or self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        if self._buf is None or self._buf.numel() < nbytes or self._forwarding():
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)  # the old one may still be sent from
         return self._buf[:nbytes]
 
     def release(self) -> None:
@@ -132,8 +156,11 @@ class BucketReceiver:
             box, self._group = [self._group], None
             self._disposing = [t for t in self._disposing if t.is_alive()] + [dispose(box)]
         self._prefix = None
+        if self._forwards:  # sends of a torn-down group may never complete: never reuse their buffer
+            self._forwards, self._buf = [], None
 
     def close(self) -> None:
+        self._finish_forwards(min(5.0, self.plan.timeout_s if self.plan else 5.0))
         self.release()
         self._close_group()
         join_all(self._disposing, min(5.0, self.plan.timeout_s if self.plan else 5.0))

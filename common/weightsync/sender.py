@@ -12,7 +12,8 @@ to the actor workers that joined.
        wait "ready/<rank>" keys  ◀─────┴──────────────────    set ready/<rank>, wait "go"
        set "go" (or "abort": re-plan without the absent) ─▶   ProcessGroupGloo(PrefixStore(
        ProcessGroupGloo(PrefixStore("scout/<gen>"), 0, N)        "scout/<gen>"), rank, N)
-     2 per dtype-grouped bucket (buckets.py; learner.bucket_mb), packed while the previous one flows:
+     2 per dtype-grouped bucket (buckets.py; learner.bucket_mb), packed while the previous one flows
+       (op "chain": to rank 1 only, which relays to rank 2 and so on; collective.py):
        ── WeightUpdateHeader(bucket k of n, TensorMeta…) ─▶  receive(header):
        segments over the group (collective.py) ══════════▶     into one buffer; returns views
          (sync_chunk_mb > 0: big tensors straight           named with the HF names
@@ -184,7 +185,10 @@ class WeightSender:
                 t1 = time.monotonic()
                 error = self._transfer(version, buckets, backend, live, deadline)
                 t_transfer = time.monotonic() - t1
-                ms.collect(max(deadline, time.monotonic() + self.grace_s))
+                # answers get grace_s after the transfer, but never past deadline + grace_s: a transfer
+                # that ran into the deadline (a frozen member) must not add its overshoot to the bound
+                ms.collect(max(deadline, min(time.monotonic(), deadline) + self.grace_s))
+                group.end_sync()  # op "chain": free who still waits behind a failed member
             return self._report(buckets, backend, error, time.monotonic() - t0, t_transfer)
         finally:
             ms.sync = None

@@ -1,0 +1,216 @@
+"""Fan-out weight-sync benchmark: WeightSender -> 1, 2, 4 and 8 member processes, for the pipelined
+chain (learner.sync_gloo_op "chain") and the point-to-point path ("send"), same run.
+
+    python bench/fanout_bench.py [--members 1,2,4,8] [--sizes-mb 50,500] [--reps 3] [--ops chain,send]
+
+For each member count N, N member processes (SyncClient + BucketReceiver, as an actor's; this
+script with --role member) join a learner-side WeightSender in this process and stay for every
+cell of that N; the op changes re-form the group. Per cell (op, size, N): one warm-up sync, then
+--reps syncs of the fake model (bf16 decoder layers + fp32 norms, bench/weightsync_bench.py).
+Columns, medians over the reps:
+
+- learner send s: WeightSender.broadcast's `transfer_seconds`, until the learner's last send
+  completed (its blocking time on the wire; broadcast() itself then waits for the SyncDone answers);
+- broadcast s: WeightSender.broadcast's wall time (includes waiting for every member's SyncDone);
+- last member s: from the start of broadcast() until the last member has the whole update
+  (each member's monotonic clock when follow_sync returned; one clock on one host);
+- learner MB out: bytes of the learner's sends, counted on the works post_segments returned
+  (segments x sizes x destinations), per sync;
+- learner CPU s: user + system of the learner process alone, per sync (what the learner pays,
+  with little of the other processes' contention in it);
+- CPU s: user + system of the learner and all members (/proc/<pid>/stat, all threads), per sync;
+  and CPU s / cores: the time those CPU seconds need at the least on this host's cores. When
+  "last member s" is close to it, the members' time is CPU contention (they share the cores),
+  not the chain's length.
+
+Printed at the end: `fan-out, 8 members / 1 member: N.NNx (learner-side)` per op, from the medians
+of "learner send s" at the largest size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.weightsync_bench import fake_model  # noqa: E402
+from common.config import LearnerConfig, TransportConfig  # noqa: E402
+from common.transport import free_tcp_port  # noqa: E402
+from common.weightsync import sender as sender_mod  # noqa: E402
+from common.weightsync.client import SyncClient, follow_sync  # noqa: E402
+from common.weightsync.receiver import BucketReceiver  # noqa: E402
+from common.weightsync.sender import WeightSender  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def member(args) -> None:
+    """Follow every update; append {"version", "t", "ok"} to --out once it is all here."""
+    client = SyncClient(args.endpoint, args.peer_id, uuid.uuid4().hex, TransportConfig(), ("gloo",))
+    receiver = BucketReceiver()
+    client.join(-1)
+    with open(args.out, "a") as out:
+        while True:
+            rep = follow_sync(client, client.poll(1000), receiver.setup, lambda h, d: receiver.receive(h, d))
+            if rep is None:
+                if os.getppid() == 1:  # the leader is gone
+                    break
+                continue
+            t = time.monotonic()
+            receiver.release()  # as an actor does after SyncDone
+            out.write(json.dumps({"version": rep["version"], "t": t, "ok": rep["ok"], "msg": rep["message"]}) + "\n")
+            out.flush()
+
+
+class Counting:
+    """Wraps post_segments in the sender: counts the bytes of every send the learner posts."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.orig = sender_mod.post_segments
+
+    def __call__(self, *a, **kw):
+        works = self.orig(*a, **kw)
+        self.bytes += sum(src.numel() * src.element_size() for _w, src in works)
+        return works
+
+
+def wait_done(outs: list[Path], version: int, timeout_s: float = 60.0) -> list[float]:
+    """Each member's completion time of `version` (they answered SyncDone just before)."""
+    end = time.monotonic() + timeout_s
+    times: list[float] = []
+    for out in outs:
+        while True:
+            lines = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+            hit = [r for r in lines if r["version"] == version]
+            if hit:
+                assert hit[-1]["ok"], hit[-1]
+                times.append(hit[-1]["t"])
+                break
+            if time.monotonic() > end:
+                raise SystemExit(f"{out} never reported version {version}")
+            time.sleep(0.002)
+    return times
+
+
+def run_cell(sender, counter, model, outs, pids, op: str, reps: int, version: list) -> dict:
+    sender.gloo_op = op
+    rows = []
+    for rep in range(reps + 1):  # the first one warms up (and re-forms the group for this op)
+        version[0] += 1
+        mine = proc_cpu(os.getpid())
+        pids_cpu = sum(proc_cpu(p) for p in pids) + mine
+        b0, t0 = counter.bytes, time.monotonic()
+        report = sender.broadcast(version[0], model)
+        wall = time.monotonic() - t0
+        done = wait_done(outs, version[0])
+        assert len(report["ok"]) == len(outs) and report["error"] is None, report
+        learner_cpu = proc_cpu(os.getpid()) - mine
+        cpu = sum(proc_cpu(p) for p in pids) + learner_cpu + mine - pids_cpu
+        if rep:
+            rows.append({"send": report["transfer_seconds"], "wall": wall, "last": max(done) - t0,
+                         "bytes": counter.bytes - b0, "learner_cpu": learner_cpu, "cpu": cpu})
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def run_members(args, n: int, models: dict, counter, version: list) -> list[dict]:
+    cfg = LearnerConfig(sync_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", store_port=0,
+                        bucket_mb=args.bucket_mb, sync_timeout_s=120.0)
+    sender = WeightSender(cfg, TransportConfig())
+    sender.start()
+    tmp = Path(args.tmp)
+    outs = [tmp / f"m{n}-{i}.jsonl" for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--role", "member", "--endpoint", sender.endpoint,
+                               "--peer-id", f"m{i}", "--out", str(outs[i])], cwd=ROOT)
+             for i in range(n)]
+    cells = []
+    try:
+        assert sender.wait_members(n, 120), "members did not join"
+        for size, model in models.items():
+            for op in args.ops:
+                r = run_cell(sender, counter, model, outs, [p.pid for p in procs], op, args.reps, version)
+                cells.append({"op": op, "size": size, "members": n, **r})
+                print(json.dumps(cells[-1]), flush=True)
+    finally:
+        sender.close()
+        for p in procs:
+            p.kill()
+            p.wait()
+    return cells
+
+
+def print_table(cells: list[dict], nbytes: dict) -> None:
+    cores = os.cpu_count() or 1
+    print("\n| op | weights | members | learner send s | broadcast s | last member s | learner MB out "
+          f"| learner CPU s | CPU s (all processes) | CPU s / {cores} cores |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in sorted(cells, key=lambda c: (c["op"] != "chain", c["size"], c["members"])):
+        print(f"| {c['op']} | {nbytes[c['size']] / 1e6:.0f} MB | {c['members']} | {c['send']:.3f} | {c['wall']:.3f} "
+              f"| {c['last']:.3f} | {c['bytes'] / 1e6:.0f} | {c['learner_cpu']:.2f} | {c['cpu']:.2f} | {c['cpu'] / cores:.2f} |")
+    big = max(c["size"] for c in cells)
+    lo, hi = min(c["members"] for c in cells), max(c["members"] for c in cells)
+    for op in dict.fromkeys(c["op"] for c in cells):
+        one = [c for c in cells if c["op"] == op and c["size"] == big and c["members"] == lo]
+        many = [c for c in cells if c["op"] == op and c["size"] == big and c["members"] == hi]
+        if one and many:
+            print(f"{op}: fan-out, {hi} members / {lo} member: {many[0]['send'] / one[0]['send']:.2f}x (learner-side)")
+
+
+def leader(args) -> None:
+    torch.set_num_threads(1)
+    models = {s: fake_model(s) for s in args.sizes}
+    nbytes = {s: sum(t.numel() * t.element_size() for _, t in m) for s, m in models.items()}
+    counter = Counting()
+    sender_mod.post_segments = counter
+    os.makedirs(args.tmp, exist_ok=True)
+    cells, version = [], [0]
+    try:
+        for n in args.members:
+            cells += run_members(args, n, models, counter, version)
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    print_table(cells, nbytes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--members", default="1,2,4,8")
+    ap.add_argument("--sizes-mb", default="50,500")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ops", default="chain,send")
+    ap.add_argument("--bucket-mb", type=float, default=256.0)
+    ap.add_argument("--tmp", default=f"/tmp/fanout-bench-{os.getpid()}")
+    ap.add_argument("--role", default="leader", choices=["leader", "member"])
+    ap.add_argument("--endpoint", default="")
+    ap.add_argument("--peer-id", default="")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    args.members = [int(x) for x in args.members.split(",")]
+    args.sizes = [int(x) for x in args.sizes_mb.split(",")]
+    args.ops = args.ops.split(",")
+    bad = [o for o in args.ops if o not in ("chain", "send", "broadcast")]
+    if bad or min(args.members) < 1 or args.reps < 1:
+        raise SystemExit(f"bad --ops/--members/--reps: ops {bad}, members {args.members}, reps {args.reps}")
+    (leader if args.role == "leader" else member)(args)
+
+
+if __name__ == "__main__":
+    main()
