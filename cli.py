@@ -57,7 +57,7 @@ def retriever(
                                                    "POST /retrieve then requires (retriever.http_token_file)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
-    """Serve a sharded FAISS index over ZeroMQ and Search-R1's HTTP /retrieve."""
+    """Serve a sharded FAISS or BM25 index over ZeroMQ and Search-R1's HTTP /retrieve."""
     cfg = _config(config, set_, "retriever", **{"retriever.index_dir": str(index) if index else None,
                                                 "retriever.gpus": gpus, "retriever.endpoint": endpoint,
                                                 "retriever.http_port": http_port,
@@ -82,6 +82,8 @@ def index_build(
     out: Path = typer.Option(..., "--out", help="Output index folder."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Local HF encoder folder (default: packaged MiniLM)."),
     shards: int = typer.Option(1, "--shards", min=1),
+    kind: Optional[str] = typer.Option(None, "--kind", help="dense (encoder + FAISS) or bm25 (bm25s, global IDF; "
+                                       "retriever.bm25_* settings). Default: retriever.kind, auto = dense."),
     factory: str = typer.Option("Flat", "--factory", help="faiss index_factory string."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     preset: Optional[str] = PresetOpt, pooling: Optional[str] = PoolingOpt,
@@ -90,13 +92,18 @@ def index_build(
                                                  'are encoded, e.g. "passage: " (e5).'),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
-    """Embed a corpus and write a sharded FAISS index with a manifest (resumable)."""
+    """Embed a corpus and write a sharded FAISS index with a manifest (resumable); --kind bm25:
+    a sharded BM25 index instead."""
     cfg = _config(config, set_, "index", **{"retriever.encoder": encoder})
+    from retriever.bm25 import build_bm25, build_kind
     from retriever.docstore import CorpusError
     from retriever.index import IndexFolderError, build_index
     from retriever.presets import warn_conventions, with_preset
 
     try:
+        if build_kind(cfg.retriever, kind) == "bm25":
+            build_bm25(cfg.retriever, corpus=corpus, out=out, shards=shards)
+            return
         rc = with_preset(cfg.retriever, preset, None, pooling, query_prefix, passage_prefix)
         m = build_index(rc, corpus=corpus, out=out, shards=shards, factory=factory, batch_size=batch_size)
     except (CorpusError, IndexFolderError, ValueError, FileNotFoundError) as e:

@@ -75,6 +75,12 @@ class RetrieverConfig(Section):
     request_timeout_s: float = Field(30.0, gt=0)  # how long an HTTP request waits for its batch
     http_default_topk: int = Field(3, ge=1, le=100)  # Search-R1 clients may omit topk
     http_max_body_bytes: int = Field(16 << 20, ge=1024)
+    # the /retrieve server: "threading" (http.server, a thread per connection) or "uvicorn"
+    # (uvicorn + starlette, one event loop); docs/BENCHMARKS.md "The Search-R1 HTTP API under load"
+    http_server: Literal["threading", "uvicorn"] = "threading"
+    http_max_connections: int = Field(256, ge=1)  # open /retrieve connections; more are answered 503 at once
+    # a request's line, headers and body must all arrive within this of its first byte (slow clients)
+    http_request_deadline_s: float = Field(10.0, gt=0)
     encoder_threads: int = Field(0, ge=0)  # torch threads in the router; 0 = half the cores (>=1)
     query_cache_size: int = Field(4096, ge=0)  # LRU of query vectors (GRPO groups repeat queries); 0 = off
     shard_threads: int = Field(0, ge=0)  # faiss OpenMP threads per shard; 0 = cores / shards (>=1)
@@ -85,6 +91,13 @@ class RetrieverConfig(Section):
     # -- index build
     build_chunk_rows: int = Field(16384, ge=1)  # rows per resumable embedding chunk file
     train_sample: int = Field(262144, ge=1)  # vectors used to train IVF/PQ indexes
+    # -- index kind: "dense" (encoder + FAISS) or "bm25" (bm25s, global IDF); "auto" = dense at
+    # `index build`, and at serving whatever the index's manifest says (a set kind must agree)
+    kind: Literal["auto", "dense", "bm25"] = "auto"
+    bm25_k1: float = Field(1.5, gt=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    bm25_method: Literal["lucene", "robertson", "atire"] = "lucene"  # bm25s's IDF/TF variants
+    bm25_stopwords: str = "en"  # a bm25s stopword language ("en", "de", ...) or "none"
 
 
 class ActorConfig(Section):

@@ -6,6 +6,7 @@ each other, as one typed definition with a version (the frames they travel in: c
     trajectories  TrajectoryGroup → GroupAck                     actor → learner
     retrieval     RetrieveRequest → RetrieveReply (Passages)     actor → retriever router
                   ShardHello, ShardSearch → ShardResult          router ⇄ its shard processes
+                  ShardSearchTokens → ShardResult                (BM25 indexes: token ids, not vectors)
 
 Weight sync has messages of its own, beside the code that speaks them: common/weightsync/messages.py.
 """
@@ -340,6 +341,32 @@ class ShardSearch(Message):
     def _check(self) -> "ShardSearch":
         if not 1 <= self.vectors.shape[0] <= MAX_QUERIES:
             raise ValueError(f"{self.vectors.shape[0]} query vectors, expected 1..{MAX_QUERIES}")
+        return self
+
+
+@register
+class ShardSearchTokens(Message):
+    """Router -> shard of a BM25 index: search these tokenized queries. `tokens` holds every
+    query's token ids (the index's global vocabulary) back to back, `lengths` the ids per query
+    (0: a query without an indexed word). A type of its own beside ShardSearch, so dense shards
+    and routers are unchanged."""
+
+    TYPE = "shard_search_tokens"
+    ARRAYS = {"tokens": ArraySpec(("int32",), ndim=1), "lengths": ArraySpec(("int32",), ndim=1)}
+    seq: int = Field(ge=0)
+    topk: int = Field(ge=1, le=MAX_TOPK)
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardSearchTokens":
+        if not 1 <= len(self.lengths) <= MAX_QUERIES:
+            raise ValueError(f"{len(self.lengths)} queries, expected 1..{MAX_QUERIES}")
+        if len(self.lengths) and int(self.lengths.min()) < 0:
+            raise ValueError("a query has a negative token count")
+        if int(self.lengths.sum(dtype=np.int64)) != len(self.tokens):
+            raise ValueError(f"lengths add up to {int(self.lengths.sum(dtype=np.int64))}, "
+                             f"{len(self.tokens)} tokens sent")
         return self
 
 

@@ -2,7 +2,8 @@
 recipe the toy-world study found to work on 2 CPU cores (`DEMO_RECIPE`), and the one TOML every
 role of a run reads (`write_run_config`: the recipe, free ports, ipc paths).
 
-    demo.toyworld.build_world ──▶ retriever.index.build_index (the corpus and its swapped twin)
+    demo.toyworld.build_world ──▶ retriever.index.build_index (the corpus and its swapped twin;
+                                  retriever.kind=bm25: retriever.bm25.build_bm25)
     demo.pretrain.pretrain_base_model ──▶ base model (or demo.base_model, a folder of your own)
     DEMO_RECIPE + the user's config ──▶ <run_dir>/scout.toml
 """
@@ -49,15 +50,21 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
 
 
 def _cached_index(cfg: ScoutConfig, corpus: Path, out: Path, world_digest: str) -> None:
-    """The index of `corpus`, rebuilt when it was built for another world (another --seed)."""
+    """The index of `corpus`, rebuilt when it was built for another world (another --seed) or of
+    another kind (`--set retriever.kind=bm25`: a BM25 index instead of the dense one)."""
+    from retriever.bm25 import build_bm25, build_kind
     from retriever.index import build_index
 
-    stamp = out / "world-digest"
-    if (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == world_digest:
+    kind = build_kind(cfg.retriever)
+    stamp, want = out / "world-digest", world_digest if kind == "dense" else f"{world_digest}:{kind}"
+    if (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == want:
         return
     shutil.rmtree(out, ignore_errors=True)
-    build_index(cfg.retriever, corpus=corpus, out=out, shards=1, factory="Flat", batch_size=256)
-    stamp.write_text(world_digest)
+    if kind == "bm25":
+        build_bm25(cfg.retriever, corpus=corpus, out=out, shards=1)
+    else:
+        build_index(cfg.retriever, corpus=corpus, out=out, shards=1, factory="Flat", batch_size=256)
+    stamp.write_text(want)
 
 
 # The demo's recipe (docs/DEMO_DESIGN.md): what the toy-world study found to work on 2 CPU cores.

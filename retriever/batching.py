@@ -6,6 +6,7 @@
        │                      idle; fewer than max_inflight batches at the shards)
        ▼ start_batch()
     to_encode ─▶ encoder thread: distinct queries not in the LRU vector cache ─▶ encoded
+                 (a BM25 index: the bm25s tokenizer instead, token ids, no cache)
                                                                                   ▼
                                                      finished() -> Batch (vectors, or error)
 
@@ -54,6 +55,7 @@ class Batch:
     items: list[Pending]
     k: int
     vectors: np.ndarray | None = None
+    tokens: tuple[np.ndarray, np.ndarray] | None = None  # BM25 index: (token ids back to back, ids per query)
     error: str = ""
     waiting: set = field(default_factory=set)
     parts: dict = field(default_factory=dict)
@@ -157,7 +159,10 @@ class Batcher:
                 return
             queries = [q for p in batch.items for q in p.queries]
             try:
-                batch.vectors = self._vectors(queries)
+                if self.manifest.get("kind") == "bm25":  # no encoder: the shards take token ids
+                    batch.tokens = self.encoder.tokenize(queries)
+                else:
+                    batch.vectors = self._vectors(queries)
             except Exception as e:  # reported to the callers of this batch; the service keeps going
                 log.exception("encoding failed")
                 batch.error = f"encoder failed: {type(e).__name__}: {e}"

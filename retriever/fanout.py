@@ -1,6 +1,7 @@
 """The router's fan-out: one encoded batch -> every shard process -> its per-shard top-k.
 
     send(batch) ── back ROUTER ── ShardSearch(seq, k, vectors) ──▶ shard-0, shard-1, ... (FAISS)
+                               ── ShardSearchTokens(seq, k, token ids) ──▶ (a BM25 index)
                                ◀── ShardResult(seq, scores, global rows) / ShardHello / ErrorReply
     read() ─▶ inflight[seq].parts[shard] ─▶ every shard answered: on_done(batch)
     check_shards(), expire() ─▶ a shard died / did not answer in shard_timeout_s:
@@ -28,7 +29,7 @@ import numpy as np
 import zmq
 
 from common.wire import ProtocolError, decode, encode
-from common.protocol import ErrorReply, ShardHello, ShardResult, ShardSearch
+from common.protocol import ErrorReply, ShardHello, ShardResult, ShardSearch, ShardSearchTokens
 from common.transport import split_envelope
 from retriever.batching import Batch
 
@@ -49,9 +50,11 @@ class FanOut:
     """The back ROUTER socket, the batches in flight at the shards, and their deadlines."""
 
     def __init__(self, ctx: zmq.Context, rc, metrics, on_done: Callable[[Batch], None],
-                 on_fail: Callable[[Batch, str, str], None], next_seq: Callable[[], int], dim: int):
+                 on_fail: Callable[[Batch, str, str], None], next_seq: Callable[[], int], dim: int,
+                 kind: str = "dense"):
         self.rc, self.on_done, self.on_fail = rc, on_done, on_fail
         self.next_seq, self.dim = next_seq, dim  # seqs shared with the batches; the probe's vector size
+        self.kind = kind  # "bm25": shards take ShardSearchTokens
         self.shards = None  # ShardSet
         self.inflight: dict[int, Batch] = {}
         self.back = ctx.socket(zmq.ROUTER)
@@ -89,7 +92,11 @@ class FanOut:
         return False
 
     def send(self, batch: Batch) -> None:
-        frames = encode(ShardSearch(seq=batch.seq, topk=batch.k, vectors=batch.vectors))
+        if batch.tokens is not None:  # a BM25 index
+            frames = encode(ShardSearchTokens(seq=batch.seq, topk=batch.k, tokens=batch.tokens[0],
+                                              lengths=batch.tokens[1]))
+        else:
+            frames = encode(ShardSearch(seq=batch.seq, topk=batch.k, vectors=batch.vectors))
         batch.sent_at = time.monotonic()
         batch.deadline = batch.sent_at + self.rc.shard_timeout_s
         self.inflight[batch.seq] = batch
@@ -182,13 +189,18 @@ class FanOut:
             if s.probe_seq is not None or not s.alive:
                 continue
             seq = self.next_seq()
-            frames = encode(ShardSearch(seq=seq, topk=1, vectors=np.zeros((1, self.dim), np.float32)))
+            frames = encode(self._probe_message(seq))
             try:
                 self.back.send_multipart([f"shard-{s.idx}".encode(), *frames], flags=zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as e:  # its queue is full or it is gone: try again at the next check
                 log.debug("probe to shard %d not sent: %s", s.idx, e)
                 continue
             s.probe_seq = seq
+
+    def _probe_message(self, seq: int):
+        if self.kind == "bm25":  # one query without tokens
+            return ShardSearchTokens(seq=seq, topk=1, tokens=np.zeros(0, np.int32), lengths=np.zeros(1, np.int32))
+        return ShardSearch(seq=seq, topk=1, vectors=np.zeros((1, self.dim), np.float32))
 
     def fail_all(self, message: str) -> None:
         """Shutting down: every batch in flight fails "unavailable"."""

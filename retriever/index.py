@@ -46,6 +46,7 @@ STATE = "build.json"
 # (smaller is closer). Shards answer L2 searches with the negated distance as the score, so the
 # router's merge (larger is better, `merge_topk`) is right for both.
 METRICS = ("inner_product", "l2")
+KINDS = ("dense", "bm25")  # the manifest's "kind" (retriever/bm25.py builds and searches "bm25")
 
 
 class IndexFolderError(RuntimeError):
@@ -313,7 +314,10 @@ def load_manifest(index_dir: str | Path) -> dict:
     shards = m.get("shards") or []
     if not shards or sum(s["count"] for s in shards) != m["count"]:
         raise IndexFolderError(f"{path}: shard counts do not add up to {m.get('count')}")
-    if m.get("metric", "inner_product") not in METRICS:
+    kind = m.get("kind", "dense")  # manifests from before BM25 have no kind: dense
+    if kind not in KINDS:
+        raise IndexFolderError(f"{path}: index kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "dense" and m.get("metric", "inner_product") not in METRICS:
         raise IndexFolderError(f"{path}: metric {m.get('metric')!r} is not one of {', '.join(METRICS)}")
     return m
 
@@ -329,7 +333,8 @@ def search_shard(index, vectors: np.ndarray, k: int, metric: str = "inner_produc
 
 def verify_checksums(index_dir: str | Path, manifest: dict) -> None:
     d = Path(index_dir)
-    files = {**manifest["files"], **{s["file"]: s["sha256"] for s in manifest["shards"]}}
+    # a BM25 shard is a folder: its arrays are listed in "files", its entry has no sha256
+    files = {**manifest["files"], **{s["file"]: s["sha256"] for s in manifest["shards"] if "sha256" in s}}
     for rel, digest in files.items():
         p = d / rel
         if not p.is_file():
@@ -394,6 +399,9 @@ class LocalIndex:
                  params: str = "", verify: bool = False):
         self.dir = Path(index_dir)
         self.manifest = load_manifest(self.dir)
+        if self.manifest.get("kind", "dense") != "dense":
+            raise IndexFolderError(f"{self.dir} is a {self.manifest['kind']} index: open it with "
+                                   "retriever.bm25.LocalBm25")
         if verify:
             verify_checksums(self.dir, self.manifest)
         if threads:

@@ -80,7 +80,8 @@ class Router:
         self.m_queries = metrics.counter("scout_retriever_queries_total", "queries received", ("source",))
         self.batcher = Batcher(self.rc, manifest, metrics, self.wake)
         self.fanout = FanOut(self.ctx, self.rc, metrics, on_done=self._finish, on_fail=self._fail_batch,
-                             next_seq=lambda: next(self.batcher.seq), dim=int(manifest["dim"]))
+                             next_seq=lambda: next(self.batcher.seq), dim=int(manifest["dim"]),
+                             kind=manifest.get("kind", "dense"))
         self.poller = zmq.Poller()
         self.poller.register(self.fanout.back, zmq.POLLIN)
         self._wake_r, self._wake_w = os.pipe()
@@ -112,6 +113,7 @@ class Router:
         else:
             status = "degraded"
         return {"status": status, "index": str(self.rc.index_dir), "passages": self.manifest["count"],
+                "kind": self.manifest.get("kind", "dense"),
                 "factory": self.manifest["factory"], "endpoint": self.rc.endpoint, "shards": shards,
                 "pending_queries": self.batcher.pending_queries, "inflight_batches": len(self.fanout.inflight)}
 

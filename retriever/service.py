@@ -4,7 +4,7 @@
       ├─ metrics + /health on metrics.retriever_port          (status "starting" until ready)
       ├─ router back ROUTER on ipc://<private tmp dir>/shards
       ├─ shard processes, one per shard (python -m retriever.shard), faiss-gpu with --gpus
-      ├─ query encoder (loads while the shards load)
+      ├─ query encoder (loads while the shards load; a BM25 index: bm25s's tokenizer)
       ├─ wait for every ShardHello, then bind retriever.endpoint (ZeroMQ ROUTER)
       ├─ Search-R1 HTTP API on retriever.http_host:http_port (0 = off; Bearer token: http_token_file)
       └─ router loop until SIGTERM / SIGINT, then: stop HTTP, answer what is pending
@@ -65,11 +65,40 @@ def _open_index(rc) -> tuple[dict, DocStore]:
     docs = DocStore(Path(rc.index_dir) / "docs")
     if len(docs) != manifest["count"]:
         raise IndexFolderError(f"document store holds {len(docs)} passages, manifest says {manifest['count']}")
+    kind = manifest.get("kind", "dense")
+    if rc.kind not in ("auto", kind):  # the manifest decides; a kind set in the config is a check
+        raise IndexFolderError(f"{rc.index_dir} holds a {kind} index, but retriever.kind is {rc.kind!r} "
+                               f"(set retriever.kind={kind} or auto, or serve a {rc.kind} index)")
+    if kind == "bm25":
+        b = manifest["bm25"]
+        log.info("index %s: %d passages, %d shards, BM25 (%s, k1 %g, b %g, global IDF), vocabulary %d", rc.index_dir,
+                 manifest["count"], len(manifest["shards"]), b["method"], b["k1"], b["b"], manifest["dim"])
+        return manifest, docs
     log.info("index %s: %d passages, %d shards, factory %s, metric %s, encoder %s, query prefix %r", rc.index_dir,
              manifest["count"], len(manifest["shards"]), manifest["factory"], manifest.get("metric", "inner_product"),
              manifest["encoder"]["path"], manifest["encoder"]["query_prefix"])
     warn_conventions(manifest["encoder"])  # e.g. an e5 index without "query: ": queries would not match
     return manifest, docs
+
+
+def _query_encoder(manifest: dict, rc, device: str):
+    """The router's query side: the encoder of a dense index, bm25s's tokenizer for a BM25 one."""
+    if manifest.get("kind") == "bm25":
+        from retriever.bm25 import QueryTokenizer
+
+        return QueryTokenizer(rc.index_dir, manifest)
+    return encoder_for(manifest, rc.encoder, threads=rc.encoder_threads, device=device)
+
+
+def _http_server(cfg, router, docs):
+    """The Search-R1 HTTP API on the server retriever.http_server names (same API either way)."""
+    if cfg.retriever.http_server == "uvicorn":
+        from retriever.http_asgi import AsgiSearchR1Server
+
+        return AsgiSearchR1Server(cfg, router, docs)
+    from retriever.http_api import SearchR1Server
+
+    return SearchR1Server(cfg, router, docs)
 
 
 def main(cfg) -> int:
@@ -112,15 +141,13 @@ def main(cfg) -> int:
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, port)
         shards.start_all()
         device = f"cuda:{gpus[0]}" if gpus else "cpu"
-        router.encoder = encoder_for(manifest, rc.encoder, threads=rc.encoder_threads, device=device)
+        router.encoder = _query_encoder(manifest, rc, device)
         router.start_encoder()
         if not router.wait_ready(rc.shard_start_timeout_s):
             return 0 if router.stop.is_set() else 1
         router.bind_front(cfg.transport)
         if rc.http_port:
-            from retriever.http_api import SearchR1Server
-
-            http = SearchR1Server(cfg, router, docs)
+            http = _http_server(cfg, router, docs)
             http.start()
         log.info("retriever ready: %d shards up, ZeroMQ %s", len(shards.shards), rc.endpoint)
         router.run()

@@ -1,7 +1,8 @@
-"""One shard process: holds one FAISS shard and answers the router's searches.
+"""One shard process: holds one FAISS (or BM25) shard and answers the router's searches.
 
     router ROUTER ◀── ShardHello (once loaded) ── shard DEALER (identity "shard-<i>")
     router ROUTER ── ShardSearch(seq, topk, vectors [n, d] float32) ──▶ shard
+                  ── ShardSearchTokens(seq, topk, token ids, lengths) ──▶ shard of a BM25 index
     router ROUTER ◀── ShardResult(seq, shard, scores [n, k], ids [n, k] global rows) ── shard
                   ◀── ErrorReply(internal, request_id=str(seq)) when the search fails
 
@@ -23,7 +24,7 @@ import zmq
 
 from common.log import setup_logging
 from common.wire import ProtocolError, decode
-from common.protocol import ErrorReply, ShardHello, ShardResult, ShardSearch
+from common.protocol import ErrorReply, ShardHello, ShardResult, ShardSearch, ShardSearchTokens
 from common.transport import send
 
 log = logging.getLogger("scout.retriever.shard")
@@ -51,25 +52,38 @@ class Shard:
         if not 0 <= args.shard < len(manifest["shards"]):
             raise SystemExit(f"shard {args.shard} does not exist (index has {len(manifest['shards'])})")
         self.entry = manifest["shards"][args.shard]
-        self.dim = int(manifest["dim"])
+        self.dim = int(manifest["dim"])  # BM25: the vocabulary size
         self.metric = manifest.get("metric", "inner_product")
+        self.kind = manifest.get("kind", "dense")
         self._search = search_shard
+        self.start = int(self.entry["start"])
+        self.stop = False
+        if self.kind == "bm25":  # a sparse score matrix, searched with numpy on the CPU
+            from retriever.bm25 import Bm25Shard
+
+            self.index, self.device = Bm25Shard(args.index, self.entry, self.dim), "cpu"
+            return
         import faiss
 
         faiss.omp_set_num_threads(max(1, args.threads))
         self.index = read_shard(args.index, self.entry, params=args.params, gpu=args.gpu)
         self.device = index_device(self.index)
-        self.start = int(self.entry["start"])
-        self.stop = False
 
-    def search(self, req: ShardSearch) -> ShardResult:
-        if req.vectors.shape[1] != self.dim:
-            raise ValueError(f"query vectors are {req.vectors.shape[1]}-d, shard holds {self.dim}-d")
-        k = min(req.topk, max(1, self.index.ntotal))
-        scores, ids = self._search(self.index, req.vectors, k, self.metric)  # L2: negated distances
+    def search(self, req: ShardSearch | ShardSearchTokens) -> ShardResult:
+        if (self.kind == "bm25") != isinstance(req, ShardSearchTokens):
+            raise ValueError(f"a {req.TYPE} message for a {self.kind} shard")
+        if isinstance(req, ShardSearchTokens):
+            scores, ids = self.index.search(req.tokens, req.lengths, req.topk)
+        else:
+            scores, ids = self._search_vectors(req)
         ids = np.where(ids >= 0, ids + self.start, -1).astype(np.int64)
         return ShardResult(seq=req.seq, shard=self.args.shard, scores=scores.astype(np.float32), ids=ids)
 
+    def _search_vectors(self, req: ShardSearch) -> tuple[np.ndarray, np.ndarray]:
+        if req.vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors are {req.vectors.shape[1]}-d, shard holds {self.dim}-d")
+        k = min(req.topk, max(1, self.index.ntotal))
+        return self._search(self.index, req.vectors, k, self.metric)  # L2: negated distances
     def serve(self) -> int:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)  # internal ipc socket in a private folder: no CURVE
@@ -93,7 +107,7 @@ class Shard:
 
     def _handle(self, sock: zmq.Socket, frames) -> None:
         try:
-            req = decode(frames, expect=ShardSearch)
+            req = decode(frames, expect=(ShardSearch, ShardSearchTokens))
         except ProtocolError as e:
             log.warning("bad message from router: %s", e)
             send(sock, ErrorReply(code="bad_request", message=str(e)[:4096]))

@@ -57,6 +57,7 @@ SAMPLES: list[W.Message] = [
     S.WeightIpcAck(peer_id="a0", run_id="r1", version=2, bucket=0, ok=False, message="cannot open the handle"),
     P.ShardHello(shard=1, pid=42, count=100, dim=384, device="cpu"),
     P.ShardSearch(seq=3, topk=5, vectors=np.ones((2, 4), np.float32)),
+    P.ShardSearchTokens(seq=4, topk=5, tokens=np.array([7, 3, 9], np.int32), lengths=np.array([2, 0, 1], np.int32)),
     P.ShardResult(seq=3, shard=1, scores=np.ones((2, 5), np.float32), ids=np.arange(10, dtype=np.int64).reshape(2, 5)),
 ]
 
