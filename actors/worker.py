@@ -409,7 +409,8 @@ class ActorWorker:
     def _on_ack(self, group_id: str, ack: GroupAck) -> None:
         self.unacked.pop(group_id, None)
         self.learner_version = max(self.learner_version, ack.version)
-        result = "accepted" if ack.accepted else ("stale" if "older than" in ack.reason else "rejected")
+        result = "accepted" if ack.accepted else ("stale" if "older than" in ack.reason else
+                                                  "buffer_full" if ack.reason == "buffer full" else "rejected")
         if ack.accepted and ack.reason == "duplicate":  # a resent group the learner already had
             result = "duplicate"
         self.metrics.groups.labels(result=result).inc()

@@ -393,7 +393,7 @@ class IngestServer:
                                        f"{self.min_version()} (version {self.version}, max_staleness {self.lc.max_staleness})")
             self.m_dropped.inc()
         elif len(self.buffer) >= self.lc.buffer_groups:
-            result, reason = "rejected", "buffer full"
+            result, reason = "buffer_full", "buffer full"  # its own label: back-pressure, not bad input
         held = self.dispatcher.returned((g.peer_id, g.run_id), g.prompt_id, result == "accepted") if known else False
         if result != "accepted" and held:
             self.dispatcher.give_back([g.prompt_id])
