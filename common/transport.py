@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import socket as pysocket
 import threading
@@ -87,6 +88,36 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def local_address_towards(host: str, port: int) -> str | None:
+    """The address of this machine's interface that traffic to host:port leaves from, or None
+    when the host does not resolve or is unreachable. A UDP connect sends nothing: it only asks
+    the routing table."""
+    try:
+        family, _, _, _, addr = pysocket.getaddrinfo(host.strip("[]"), port or 1, type=pysocket.SOCK_DGRAM)[0]
+        with pysocket.socket(family, pysocket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            return s.getsockname()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def gloo_bind_address(store: Any, loopback: bool) -> str | None:
+    """The address a weight-sync gloo group on `store` (a torch TCPStore, or PrefixStores over
+    one) binds and tells its peers: 127.0.0.1 on loopback; else, unless GLOO_SOCKET_IFNAME names
+    the interface, the one this machine reaches the configured store host from. Not the host
+    name's address, which torch would take: Debian's /etc/hosts maps it to 127.0.1.1, many
+    containers to 127.0.0.1, and peers on other machines cannot reach that.
+    None: torch's default device (also when the store's address gives nothing better)."""
+    if loopback:
+        return "127.0.0.1"
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    address = local_address_towards(getattr(store, "host", ""), getattr(store, "port", 0))
+    return None if address is None or is_loopback(address) else address
 
 
 def check_bind_address(addr: str, cfg: TransportConfig) -> None:
