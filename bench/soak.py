@@ -97,6 +97,23 @@ def fds(pids: list[int]) -> int:
     return n
 
 
+def big_mappings(pid: int, n: int = 2) -> list[dict]:
+    """The `n` largest memory mappings of a process with their resident part (MB): tells a pool
+    allocated once and touched as it fills (vLLM's KV cache) from growth elsewhere (a leak)."""
+    maps, cur = [], None
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            if line.startswith("Size:"):
+                cur = {"size_mb": int(line.split()[1]) / 1024}
+            elif line.startswith("Rss:") and cur is not None:
+                cur["rss_mb"] = int(line.split()[1]) / 1024
+                maps.append(cur)
+                cur = None
+    except OSError:
+        return []
+    return [{k: round(v, 1) for k, v in m.items()} for m in sorted(maps, key=lambda m: -m["size_mb"])[:n]]
+
+
 def worker_pid(actor_pid: int) -> int | None:
     for p in children_of(actor_pid):
         try:
@@ -260,6 +277,9 @@ def sample_roles(children, run_dir: Path, now: float) -> dict:
     for role in ROLES:
         pids = tree(children.procs[role].pid)
         sample[role] = {"rss_mb": round(rss_mb(pids), 1), "fds": fds(pids), "procs": len(pids)}
+    if sample["worker"] and int(now) % 60 < 10:  # once a minute: where the worker's memory sits
+        sample["worker_big_mappings"] = big_mappings(sample["worker"])
+        sample["worker_rss_mb"] = round(rss_mb([sample["worker"]]), 1)
     return sample
 
 
