@@ -78,7 +78,7 @@ class RetrieverConfig(Section):
     # the /retrieve server: "threading" (http.server, a thread per connection) or "uvicorn"
     # (uvicorn + starlette, one event loop); docs/BENCHMARKS.md "The Search-R1 HTTP API under load"
     http_server: Literal["threading", "uvicorn"] = "threading"
-    http_max_connections: int = Field(256, ge=1)  # open /retrieve connections; more are answered 503 at once
+    http_max_connections: int = Field(512, ge=1)  # open /retrieve connections; more are answered 503 at once
     # a request's line, headers and body must all arrive within this of its first byte (slow clients)
     http_request_deadline_s: float = Field(10.0, gt=0)
     encoder_threads: int = Field(0, ge=0)  # torch threads in the router; 0 = half the cores (>=1)
