@@ -40,9 +40,9 @@ def call(method: str, url: str, body: bytes | None = None, token: str | None = N
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()  # an HTTPMessage: names case-insensitive
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def metric(text: str, prefix: str) -> float:
