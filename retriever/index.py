@@ -182,7 +182,8 @@ def _progress(total: int, what: str):
                                TimeRemainingColumn)
 
     console = Console(stderr=True)
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    rate = TextColumn("{task.fields[rate]}")  # passages/s over the build so far, set by the caller
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), rate, TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
@@ -193,13 +194,17 @@ def _embed(enc: Encoder, store: DocStore, emb: Embeddings, prefix: str, batch_si
         log.info("embeddings: %d of %d rows already on disk, %d chunks to go", done_rows, emb.n, len(todo))
     t0, rows_done, last_log = time.time(), 0, time.time()
     with _progress(emb.n, "embedding") as bar:
-        task = bar.add_task("embed", total=emb.n, completed=done_rows)
+        task = bar.add_task("embed", total=emb.n, completed=done_rows, rate="")
+
+        def advance(m: int) -> None:
+            nonlocal rows_done
+            rows_done += m
+            bar.update(task, advance=m, rate=f"{rows_done / max(1e-9, time.time() - t0):.0f} passages/s")
+
         for c in todo:
             texts = store.contents_range(c.start, c.end)
-            vecs = enc.encode(texts, prefix=prefix, batch_size=batch_size,
-                              on_batch=lambda m: bar.advance(task, m))
+            vecs = enc.encode(texts, prefix=prefix, batch_size=batch_size, on_batch=advance)
             emb.write(c, vecs)
-            rows_done += c.end - c.start
             if time.time() - last_log > 30 or c is todo[-1]:
                 rate = rows_done / max(1e-9, time.time() - t0)
                 log.info("embedded %d/%d rows (%.0f passages/s)", done_rows + rows_done, emb.n, rate)
