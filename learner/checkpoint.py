@@ -367,7 +367,8 @@ def _local_bytes(state) -> int:
 
 
 def folder_usage(folder: Path) -> tuple[int, int]:
-    """(DCP shard files, bytes of every file) in a checkpoint folder being written."""
+    """(DCP shard files, bytes of every file) in a checkpoint folder being written; the ranks'
+    checksum notes (.sums-*.json, folded into meta.json and removed at the end) do not count."""
     files = size = 0
     try:
         entries = list(os.scandir(folder))
@@ -375,7 +376,7 @@ def folder_usage(folder: Path) -> tuple[int, int]:
         return 0, 0
     for e in entries:
         try:
-            if e.is_file():
+            if e.is_file() and not e.name.startswith(".sums-"):
                 size += e.stat().st_size
                 files += e.name.endswith(".distcp")
         except OSError:  # renamed or removed while we looked
