@@ -37,7 +37,8 @@ def index_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["threading", "uvicorn"])
+# uvicorn is the alternative server (retriever.http_server): its run is `long`, kept out of CI time
+@pytest.fixture(scope="module", params=["threading", pytest.param("uvicorn", marks=pytest.mark.long)])
 def svc(request, index_dir, tmp_path_factory):
     if request.param == "uvicorn":  # installed with vllm (fastapi[standard]); not a direct requirement
         for module in ("uvicorn", "starlette", "httptools"):

@@ -245,6 +245,7 @@ def by_instance(result: list[dict]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the rehearsal
+@pytest.mark.long  # 2-4 min on the 2-core VM: kept out of CI time (`make test-long`)
 def test_three_hosts_train_sync_and_are_scraped(cluster, tmp_path):
     http, netns = cluster["http"], cluster["netns"]
     cfg, index = write_run(tmp_path)
