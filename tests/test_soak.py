@@ -33,5 +33,6 @@ def test_short_soak_with_every_fault(tmp_path):
     assert summary["leaked_processes"] == []
     assert groups["lost_after_acceptance"] == 0
     assert groups["learner_trained"] > 0
-    # every fault window after the first trains: the learner is never stuck for good
-    assert all(rate > 0 for rate in summary["steps_per_min_between_faults"][1:])
+    # every whole window between two faults trains: the learner is never stuck for good (the first
+    # holds the start-up, the last may be cut short by the end of the run)
+    assert all(rate > 0 for rate in summary["steps_per_min_between_faults"][1:-1])
