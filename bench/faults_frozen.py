@@ -24,7 +24,7 @@ from typing import Callable
 
 from bench.faults import Stack, step_gaps
 
-ACK_RESULTS = ("accepted", "duplicate", "stale", "rejected", "error")
+ACK_RESULTS = ("accepted", "duplicate", "stale", "rejected", "buffer_full", "error")  # worker verdict labels
 
 
 # --------------------------------------------------------------------------- observation
