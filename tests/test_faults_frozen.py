@@ -41,6 +41,10 @@ FREEZE_S = 12.0
 SYNC_TIMEOUT_S = 4.0
 PEER_TIMEOUT_S = 6.0
 REQUEST_TIMEOUT_S = 4.0
+# the frozen-learner case: the worker's cap of groups must finish generating before its request
+# deadline ends the link (a link loss aborts what is still generating); 8 s leaves room on a loaded
+# machine (a CI run beside other jobs took more than 4 s), and the freeze still outlasts it
+LEARNER_CASE_REQUEST_TIMEOUT_S, LEARNER_CASE_FREEZE_S = 8.0, 16.0
 MAX_STALENESS = 2
 N_SAMPLES = 2
 
@@ -50,9 +54,9 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("faults-frozen-world"), questions=100)
 
 
-def _stack(world, procs, tmp_path, workers: int) -> Stack:
+def _stack(world, procs, tmp_path, workers: int, request_timeout_s: float = REQUEST_TIMEOUT_S) -> Stack:
     stack = Stack(tmp_path, world, start=procs.start)
-    stack.write_config(workers=workers, actor={"no_search": True, "request_timeout_s": REQUEST_TIMEOUT_S},
+    stack.write_config(workers=workers, actor={"no_search": True, "request_timeout_s": request_timeout_s},
                        learner={"sync_timeout_s": SYNC_TIMEOUT_S, "peer_timeout_s": PEER_TIMEOUT_S,
                                 "max_staleness": MAX_STALENESS, "n_samples": N_SAMPLES})
     return stack
@@ -173,7 +177,7 @@ def test_frozen_worker_is_dropped_and_rejoins_60s(world, procs, tmp_path):
 
 # --------------------------------------------------------------------------- case 3: a frozen learner
 def _run_frozen_learner(world, procs, tmp_path, freeze_s: float) -> None:
-    stack = _stack(world, procs, tmp_path, workers=1)
+    stack = _stack(world, procs, tmp_path, workers=1, request_timeout_s=LEARNER_CASE_REQUEST_TIMEOUT_S)
     r = frozen_learner(stack, freeze_s)
     print(f"\nfrozen learner: {r}")
     # the worker filled its cap, sent every group, then held all of them through the freeze
@@ -191,7 +195,7 @@ def _run_frozen_learner(world, procs, tmp_path, freeze_s: float) -> None:
 
 @pytest.mark.slow
 def test_frozen_learner_actor_waits_and_loses_nothing(world, procs, tmp_path):
-    _run_frozen_learner(world, procs, tmp_path, FREEZE_S)
+    _run_frozen_learner(world, procs, tmp_path, LEARNER_CASE_FREEZE_S)
 
 
 @pytest.mark.slow
