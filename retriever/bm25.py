@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.docstore import CorpusError, DocStore, write_docstore
-from retriever.index import (FORMAT, FORMAT_VERSION, MANIFEST, STATE, IndexFolderError, _start_state, _write_json,
+from retriever.docstore import CorpusError, DocStore
+from retriever.index import (FORMAT, FORMAT_VERSION, MANIFEST, STATE, IndexFolderError, _write_json, open_build,
                              merge_topk, sha256_file, shard_bounds)
 
 log = logging.getLogger("scout.retriever.bm25")
@@ -276,16 +276,9 @@ def build_bm25(rcfg, corpus: str | Path, out: str | Path, shards: int = 1) -> di
         raise ValueError(f"retriever.bm25_method {rcfg.bm25_method!r} is not one of {', '.join(METHODS)}")
     settings = _settings(rcfg, corpus, shards)
     out.mkdir(parents=True, exist_ok=True)
-    state = _start_state(out, settings)
-    if (out / MANIFEST).is_file() and state.get("complete"):
-        from retriever.index import load_manifest
-
-        log.info("index in %s is already complete", out)
-        return load_manifest(out)
-    if state["docs"] is None:
-        log.info("writing the document store from %s", corpus)
-        state["docs"] = {"count": write_docstore(corpus, out / "docs")}
-        _write_json(out / STATE, state)
+    state, done = open_build(out, corpus, settings)
+    if done is not None:
+        return done
     store = DocStore(out / "docs")
     n = len(store)
     bounds = shard_bounds(n, shards)

@@ -176,6 +176,20 @@ def _start_state(out: Path, settings: dict) -> dict:
     return state
 
 
+def open_build(out: Path, corpus: Path, settings: dict) -> tuple[dict, dict | None]:
+    """Start or resume a build in `out` (dense or BM25): (its state, the manifest when the index is
+    already complete). The document store is written first, once."""
+    state = _start_state(out, settings)
+    if (out / MANIFEST).is_file() and state.get("complete"):
+        log.info("index in %s is already complete", out)
+        return state, load_manifest(out)
+    if state["docs"] is None:
+        log.info("writing the document store from %s", corpus)
+        state["docs"] = {"count": write_docstore(corpus, out / "docs")}
+        _write_json(out / STATE, state)
+    return state, None
+
+
 def _progress(total: int, what: str):
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -240,15 +254,9 @@ def build_index(rcfg, corpus: str | Path, out: str | Path, shards: int = 1, fact
     out.mkdir(parents=True, exist_ok=True)
     enc_path = encoder.path if encoder is not None else resolve_encoder_path(rcfg.encoder)
     settings = _settings(rcfg, corpus, factory, shards, enc_path)
-    state = _start_state(out, settings)
-    if (out / MANIFEST).is_file() and state.get("complete"):
-        log.info("index in %s is already complete", out)
-        return load_manifest(out)
-    if state["docs"] is None:
-        log.info("writing the document store from %s", corpus)
-        n = write_docstore(corpus, out / "docs")
-        state["docs"] = {"count": n}
-        _write_json(out / STATE, state)
+    state, done = open_build(out, corpus, settings)
+    if done is not None:
+        return done
     store = DocStore(out / "docs")
     n = len(store)
     bounds = shard_bounds(n, shards)
