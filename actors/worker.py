@@ -55,6 +55,7 @@ from actors.main import EXIT_CONFIG, EXIT_RUN_ENDED
 from actors.rollout import GroupState, RolloutRunner, Trajectory, make_searcher
 from actors.worker_metrics import WorkerMetrics, count_behaviour
 from common.config import ScoutConfig
+from common.procs import HeapTrim
 from common.wire import Message, ProtocolError, decode
 from common.protocol import ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, WorkAssignment, WorkRequest
 from common.weightsync.messages import SyncAbort
@@ -162,6 +163,7 @@ class ActorWorker:
         self.parent = os.getppid()
         self.continued = threading.Event()  # set by SIGCONT: this process was stopped (SIGSTOP) until now
         self._tick_t = time.monotonic()  # when the last tick began
+        self.heap = HeapTrim(self.acfg.heap_trim_s)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -264,6 +266,9 @@ class ActorWorker:
         if not self.engine.has_unfinished() and self.runner.in_search:
             self.runner.wait_searches(0.02)
             mm.add_phase("search_wait", clock() - t4)
+        freed = self.heap.maybe()
+        if freed is not None:
+            mm.heap_trimmed.inc(freed)
         self._roll_metrics()
 
     def _check_stopped(self) -> None:

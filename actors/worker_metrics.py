@@ -56,6 +56,8 @@ class WorkerMetrics:
         self.searching = m.counter("scout_actor_searching_rollouts_total", "finished rollouts with at least one "
                                    "search (the base of think_before_search and search_hit)")
         self.bad_searches = m.counter("scout_actor_bad_searches_total", "turns that were no action or an empty query")
+        self.heap_trimmed = m.counter("scout_actor_heap_trimmed_bytes_total", "RSS given back to the OS by "
+                                      "malloc_trim (actor.heap_trim_s)")
         self.groups_sent = m.counter("scout_actor_groups_sent_total", "groups sent to the learner")
         self.groups_rewarded = m.counter("scout_actor_groups_rewarded_total", "groups sent with some sample's "
                                          "reward above 0 (sparse rewards: the share that carries a signal)")

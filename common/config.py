@@ -131,6 +131,7 @@ class ActorConfig(Section):
     heartbeat_s: float = Field(5.0, gt=0)
     restart_backoff_s: float = Field(2.0, ge=0)  # supervisor: pause before restarting a worker
     max_restarts: int = Field(20, ge=0)  # per worker slot; then the slot stays down
+    heap_trim_s: float = Field(30.0, ge=0)  # give freed C heap back to the OS this often (0 = off; common/procs.py)
     stay: bool = False  # when the learner's run ends: keep waiting for a new run (else exit 0)
     eval_limit: int = Field(0, ge=0)  # eval: first N questions (0 = all)
     eval_batch: int = Field(64, ge=1)  # eval: questions in flight at once
@@ -197,6 +198,7 @@ class LearnerConfig(Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     keep_checkpoints: int = Field(3, ge=1)  # complete checkpoints kept; older ones are deleted
     peer_timeout_s: float = Field(120.0, gt=0)  # prompts held by a silent actor run are re-queued
+    heap_trim_s: float = Field(60.0, ge=0)  # give freed C heap back to the OS this often (0 = off; common/procs.py)
     retry_after_s: float = Field(0.5, ge=0, le=60)  # told to actors when no credit is free
     end_grace_s: float = Field(15.0, ge=0)  # after the last step: time to tell live actors the run ended
     batch_wait_s: float = Field(2.0, gt=0)  # rank 0 re-checks (stop, pending syncs) this often

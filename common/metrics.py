@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +75,10 @@ class Metrics:
         self.started = time.time()
         self.up = self.gauge("scout_up", "1 while the process is serving")
         self.up.set(1)
+        # memory and descriptors of this process, read at each scrape (a creeping RSS or fd count is
+        # how a leak shows; the actor's supervisor and workers each report their own)
+        self.rss = self.gauge("scout_process_resident_memory_bytes", "resident memory of this process")
+        self.fds = self.gauge("scout_process_open_fds", "open file descriptors of this process")
         # bad input refused by any of this process's sockets (ZeroMQ or HTTP), e.g.
         # socket="ingest", reason="malformed" | "invalid" | "unexpected_type" | "http_400" ...
         self.rejected = self.counter(f"scout_{role}_rejected_messages_total",
@@ -98,6 +103,12 @@ class Metrics:
         return _Bound(h, self.const, labels)
 
     def render(self) -> bytes:
+        try:  # Linux /proc; elsewhere the two gauges stay at 0
+            with open("/proc/self/statm") as f:
+                self.rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+            self.fds.set(len(os.listdir("/proc/self/fd")))
+        except OSError:
+            pass
         return generate_latest(self.registry)
 
     def health(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from common.config import ConfigError, ScoutConfig
 from common.metrics import Metrics
+from common.procs import HeapTrim
 from learner.behaviour import behaviour_rates
 from learner.status import StatusLine
 from learner.checkpoint import CheckpointSaveError, find_resumable, load_checkpoint, save_checkpoint
@@ -109,6 +110,7 @@ class Learner:
         self.trainer = Trainer(self.lc, d)
         self.timer = PhaseTimer(self.trainer.model, self.trainer.optimizer)
         self.idle_since = time.monotonic()  # end of the previous step: the wait for a batch starts
+        self.heap = HeapTrim(self.lc.heap_trim_s)
         self.step, self.version, self.last_ckpt = 0, 0, -1
         self.stop_requested = False
         self.synced: tuple[int, set[tuple[str, str]]] = (-1, set())  # (version, (member, run) that loaded it)
@@ -145,6 +147,8 @@ class Learner:
         self.m_idle = m.gauge("scout_learner_idle_fraction", "share of wall time between steps not spent training")
         self.m_ckpt_failed = m.counter("scout_learner_checkpoint_failures_total",
                                        "checkpoint saves that failed (training went on)", ("reason",))
+        self.m_trimmed = m.counter("scout_learner_heap_trimmed_bytes_total", "RSS given back to the OS by "
+                                   "malloc_trim (learner.heap_trim_s)")
         self._last_log_t: float | None = None
 
     def _start_services(self, dispatcher) -> None:
@@ -224,6 +228,7 @@ class Learner:
                 self._log_step(stats, batch, groups, time.monotonic() - t0, sync)
             if self.lc.checkpoint_dir and self.lc.checkpoint_every and self.step % self.lc.checkpoint_every == 0:
                 self._checkpoint()
+            self._trim_heap()
             self.idle_since = time.monotonic()
         saved = True
         if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
@@ -236,6 +241,11 @@ class Learner:
         if not saved:
             log.error("the final checkpoint failed: the steps after %d are in no checkpoint", max(self.last_ckpt, 0))
         return 0 if saved else 1
+
+    def _trim_heap(self) -> None:
+        freed = self.heap.maybe()
+        if freed is not None and self.rank0:
+            self.m_trimmed.inc(freed)
 
     def _on_signal(self, signum, _frame) -> None:
         log.info("signal %d: stopping after the current step", signum)

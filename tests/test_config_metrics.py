@@ -11,6 +11,7 @@ import pytest
 
 from common.config import ConfigError, load_config, parse_device_indices, parse_devices
 from common.metrics import Metrics
+from common.procs import HeapTrim
 from tests.conftest import ROOT
 
 
@@ -155,6 +156,14 @@ def test_metrics_and_health_endpoints(free_port):
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert 'scout_actor_generated_tokens_total{gpu="cuda:1",role="actor",worker="3"} 5.0' in body
     assert 'stage="encode"' in body
+    # this process's own memory and descriptors, read at the scrape
+    rss = HeapTrim.rss_bytes()
+    for line in body.splitlines():
+        if line.startswith("scout_process_resident_memory_bytes{"):
+            assert abs(float(line.split()[-1]) - rss) < rss / 4, line
+        if line.startswith("scout_process_open_fds{"):
+            assert 3 <= float(line.split()[-1]) < 10_000, line
+    assert body.count("scout_process_resident_memory_bytes{") == body.count("scout_process_open_fds{") == 1
     h = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())
     assert h["status"] == "ok" and h["engine"] == "ready" and h["worker"] == "3"
     m2 = Metrics("learner")

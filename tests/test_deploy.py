@@ -265,7 +265,7 @@ def test_declared_metric_names_pass_promtool_lint():
     decls = declared_metrics()
     assert len(decls) > 40
     for kind, name, path in decls:
-        assert re.fullmatch(r"scout_(up|(retriever|actor|learner|\{[a-z_]+\})_[a-z0-9_]+)", name), (path, name)
+        assert re.fullmatch(r"scout_(up|process_[a-z_]+|(retriever|actor|learner|\{[a-z_]+\})_[a-z0-9_]+)", name), (path, name)
     r = promtool("check", "metrics", stdin=exposition_of_declared())
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
 
