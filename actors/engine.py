@@ -50,6 +50,7 @@ from common.config import ConfigError
 log = logging.getLogger("scout.actors.engine")
 
 STOP_WINDOW = 24  # tokens decoded to look for a stop string completed by the newest token
+_VLLM_FINISH = {"stop": "eos", "length": "length", "abort": "abort"}  # vLLM's finish reason -> ours
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Engine(ABC):
         self.weights_dirty = False  # an update touched the weights and has not finished
         self._begin_due = False  # begin_update() called, not yet armed (no bytes loaded yet)
         self._reqs: dict[str, _Req] = {}
-        self._piece_cache: dict[int, str] = {}  # token id -> its text (stop-string pre-check)
+        self._stop_tails: dict[tuple[str, ...], dict[int, bool]] = {}  # stops -> token id -> may end one
         self.tokenizer = self._load_tokenizer()
         self.eos_ids = self._eos_ids()
 
@@ -165,12 +166,15 @@ class Engine(ABC):
 
     def _apply_stop(self, req: _Req, out: StepOutput) -> None:
         """Cut at the first stop string / EOS / max_tokens; abort the request in the engine."""
+        spec, gen = req.spec, req.generated
+        tails = self._stop_tails.get(spec.stop) if spec.stop else None
+        if spec.stop and tails is None:
+            tails = self._stop_tails[spec.stop] = {}
         for i, tok in enumerate(out.token_ids):
-            req.generated.append(tok)
-            hit = self._stop_hit(req)
-            eos = tok in self.eos_ids and not req.spec.ignore_eos
-            reason = "stop" if hit else "eos" if eos else \
-                "length" if len(req.generated) >= req.spec.max_tokens else None
+            gen.append(tok)
+            hit = self._stop_hit(req, tails) if tails is not None else None
+            eos = tok in self.eos_ids and not spec.ignore_eos
+            reason = "stop" if hit else "eos" if eos else "length" if len(gen) >= spec.max_tokens else None
             if reason:
                 del out.token_ids[i + 1:], out.logprobs[i + 1:]
                 if not out.finished:
@@ -180,25 +184,24 @@ class Engine(ABC):
         if out.finished and out.finish_reason is None:
             out.finish_reason = "length"
 
-    def _stop_hit(self, req: _Req) -> str | None:
+    def _stop_hit(self, req: _Req, tails: dict[int, bool]) -> str | None:
         """The stop string completed by the newest token, if any. A stop string completed by a
         token ends inside that token's text, so tokens whose text holds no stop string's last
-        character (cached per token id) skip the window decode."""
-        if not req.spec.stop:
-            return None
-        piece = self._piece_cache.get(req.generated[-1])
-        if piece is None:
-            piece = self._piece_cache[req.generated[-1]] = self.tokenizer.decode(req.generated[-1:],
-                                                                                skip_special_tokens=False)
-        if not any(s[-1] in piece for s in req.spec.stop if s):
+        character skip the window decode (`tails`: that answer per token id, for these stops)."""
+        tok = req.generated[-1]
+        may_end = tails.get(tok)
+        if may_end is None:
+            piece = self.tokenizer.decode([tok], skip_special_tokens=False)
+            may_end = tails[tok] = any(s[-1] in piece for s in req.spec.stop if s)
+        if not may_end:
             return None
         tail = self.tokenizer.decode(req.generated[-STOP_WINDOW:], skip_special_tokens=False)
+        found = [s for s in req.spec.stop if s and s in tail]
+        if not found:  # the common case (a tag that is no stop string): one decode, not two
+            return None
         last = self.tokenizer.decode(req.generated[-STOP_WINDOW:-1], skip_special_tokens=False) \
             if len(req.generated) > 1 else ""
-        for s in req.spec.stop:
-            if s and s in tail and s not in last:
-                return s
-        return None
+        return next((s for s in found if s not in last), None)
 
     # ------------------------------------------------------------------ weights
     def sync_setup(self, plan: dict) -> None:
@@ -280,6 +283,7 @@ class VllmEngine(Engine):
                  recompute_kv: bool = True, version: int = 0):
         super().__init__(model_path, version)
         self.recompute_kv = recompute_kv
+        self._params_cache: dict[tuple, Any] = {}
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process core: step() = one step
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         from vllm import LLM
@@ -301,13 +305,21 @@ class VllmEngine(Engine):
                  self.model_path, max_model_len)
 
     def _params(self, spec: SamplingSpec):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        """vLLM's SamplingParams for a spec, made once per distinct spec: a rollout asks for the same
+        few (vLLM copies the object it is given, so sharing it is safe)."""
+        key = (spec.temperature, spec.top_p, spec.top_k, spec.max_tokens, spec.seed, spec.ignore_eos)
+        params = self._params_cache.get(key)
+        if params is None:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k if spec.top_k > 0 else 0,
-            max_tokens=spec.max_tokens, logprobs=0, detokenize=False, seed=spec.seed,
-            output_kind=RequestOutputKind.DELTA, skip_special_tokens=False, ignore_eos=spec.ignore_eos)
+            if len(self._params_cache) >= 1024:
+                self._params_cache.clear()
+            params = self._params_cache[key] = SamplingParams(
+                temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k if spec.top_k > 0 else 0,
+                max_tokens=spec.max_tokens, logprobs=0, detokenize=False, seed=spec.seed,
+                output_kind=RequestOutputKind.DELTA, skip_special_tokens=False, ignore_eos=spec.ignore_eos)
+        return params
 
     def _add(self, req: _Req) -> None:
         self.core.add_request(req.req_id, {"prompt_token_ids": req.prompt_ids}, self._params(req.spec))
@@ -325,8 +337,7 @@ class VllmEngine(Engine):
             lps = [float(d[t].logprob) for t, d in zip(toks, c.logprobs or [])]
             if len(lps) != len(toks):
                 raise EngineError(f"vLLM returned {len(toks)} tokens but {len(lps)} logprobs")
-            reason = {"stop": "eos", "length": "length", "abort": "abort"}.get(c.finish_reason or "",
-                                                                                c.finish_reason)
+            reason = _VLLM_FINISH.get(c.finish_reason or "", c.finish_reason)
             outs.append(StepOutput(o.request_id, toks, lps, self.version, bool(o.finished),
                                    reason if o.finished else None))
         return outs

@@ -10,6 +10,14 @@ bookkeeping included), after one warm-up round; `--repeat` rounds, best and medi
 (a shared machine's neighbours make single rounds noisy). Weight load: `engine.update_weights` with a
 perturbed copy of the model's own parameters (vLLM: layerwise reload through the worker
 extension; transformers: in-place copy), `--updates` times. Prints one JSON line.
+
+    python bench/actor_bench.py --compare bare --demo-dir <a prepared demo folder> --groups 96 --repeat 6
+
+`--compare bare`: scout's whole rollout loop (multi-turn, real searches against a `cli.py
+retriever` child, rewards, groups sent to a ZeroMQ sink that acks) on the demo's base model,
+questions and sampling, against bare vLLM replaying exactly the same turns, round by round
+(bench/actor_replay.py says how); the ratio is bare wall time / scout wall time, also given in
+CPU seconds (steadier on a shared machine), with scout's time split into the worker's phases.
 """
 
 from __future__ import annotations
@@ -49,8 +57,23 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="decode rounds (the best and the median are reported)")
     ap.add_argument("--stop", action="store_true", help="check the rollout stop strings (a random "
                     "model rarely emits them, so mostly their cost shows)")
+    ap.add_argument("--compare", choices=("bare",), default=None, help="scout's rollout loop against bare vLLM")
+    ap.add_argument("--demo-dir", default=".scout/demo", help="--compare: a prepared demo folder (only read)")
+    ap.add_argument("--engine-leg", action="store_true", help="--compare: also replay through scout's engine "
+                    "interface alone (no rollout loop), after the bare replay")
+    ap.add_argument("--warmup", type=int, default=1, help="--compare: rounds left out of the figures")
+    ap.add_argument("--groups", type=int, default=96, help="--compare: groups a round")
+    ap.add_argument("--in-flight", type=int, default=32, help="--compare: groups in flight (the demo's credits)")
+    ap.add_argument("--core", type=int, default=1, help="--compare: the core the engine runs on (-1: any)")
+    ap.add_argument("--retriever-core", type=int, default=0, help="--compare: the retriever's core (-1: any)")
+    ap.add_argument("--set", action="append", default=[], help="--compare: config override section.key=value")
+    ap.add_argument("--json", default=None, help="--compare: also write the figures here")
     args = ap.parse_args()
+    if min(args.repeat, args.groups, args.in_flight) < 1 or args.warmup < 0:
+        ap.error("--repeat, --groups and --in-flight must be >= 1 and --warmup >= 0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.compare:
+        return _compare(args)
     import torch
 
     from actors.engine import TransformersEngine, VllmEngine
@@ -81,6 +104,21 @@ def main() -> int:
            "loadavg_1m": round(os.getloadavg()[0], 2)}
     print(json.dumps(out))
     engine.close()
+    return 0
+
+
+def _compare(args) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as the pipeline bench runs the actor
+    from bench.actor_replay import compare_bare
+    from common.log import setup_logging
+
+    setup_logging("bench", "INFO")
+    args.core = None if args.core < 0 else args.core
+    args.retriever_core = None if args.retriever_core < 0 else args.retriever_core
+    out = compare_bare(args)
+    print(json.dumps({k: v for k, v in out.items() if k != "rounds"}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

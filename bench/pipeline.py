@@ -232,9 +232,12 @@ def report(results: dict[str, dict], args) -> str:
     if "sync" in results:
         lp = results["sync"]["learner_phases_s"]
         busy, period = lp["busy_s"], lp["step_period_s"]
+        bound = period / max(busy, period - busy, 1e-9)
         lines.append(f"\nsync step: learner busy {busy:.2f} s (train + sync), the rest {period - busy:.2f} s "
-                     f"(generation and hand-offs): with perfect overlap async/sync <= "
-                     f"{period / max(busy, period - busy, 1e-9):.2f}x")
+                     f"(generation and hand-offs): with perfect overlap async/sync <= {bound:.2f}x")
+        if "async" in results and results["sync"]["samples_per_s"]:
+            got = results["async"]["samples_per_s"] / results["sync"]["samples_per_s"]
+            lines.append(f"async/sync {got:.2f}x = {got / bound:.0%} of that bound (both from this invocation)")
     return "\n".join(lines)
 
 
