@@ -54,7 +54,8 @@ from retriever.docstore import CorpusError, write_docstore
 from retriever.encoder import Encoder, resolve_encoder_path
 from retriever.import_split import (FaissImportError, check_ivf_ids, describe_ivf, hnsw_params, hnsw_shard,
                                     ivf_shard, unwrap_ivf)
-from retriever.index import MANIFEST, _faiss, _manifest, _settings, _write_json, sha256_file, shard_bounds
+from retriever.index import (MANIFEST, _faiss, _manifest, _settings, _write_json, preallocated_flat, sha256_file,
+                             shard_bounds)
 from retriever.presets import warn_conventions, with_preset
 
 log = logging.getLogger("scout.retriever.importer")
@@ -180,28 +181,39 @@ def _prepare_out(out: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- shards
-def _preallocated(dst, count: int) -> np.ndarray | None:
-    """A writable float32 [count, d] view of dst's storage sized once (no growth while adding),
-    or None where this faiss build does not expose its storage."""
-    faiss = _faiss()
-    try:
-        dst.codes.resize(count * dst.code_size)
-        raw = faiss.rev_swig_ptr(dst.codes.data(), count * dst.code_size)
-    except (AttributeError, TypeError, RuntimeError):
-        dst.reset()
+def flat_file_rows(src, path: Path):
+    """read(a, b) -> rows [a, b) of the flat index file `path` by plain file reads, or None.
+    `src` is memory-mapped: rows taken through the map stay resident, and count in this process's
+    RSS, until the import ends (all of the source by the last shard: ~4x a shard of 4); a read
+    goes through the page cache only. Used where the file ends with the rows (faiss's layout for
+    a flat index), checked on the first and the last row."""
+    if not isinstance(src, _faiss().IndexFlat) or src.code_size != 4 * src.d:
         return None
-    return np.asarray(raw).view(np.float32).reshape(count, dst.d)
+    n, row = src.ntotal, 4 * src.d
+    offset = path.stat().st_size - n * row
+
+    def read(a: int, b: int) -> np.ndarray:
+        out = np.empty((b - a, src.d), dtype=np.float32)
+        with path.open("rb") as f:
+            f.seek(offset + a * row)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise FaissImportError(f"{path} ended before row {b} (truncated while importing?)")
+        return out
+
+    ends_with_rows = offset > 0 and all(np.array_equal(read(i, i + 1), src.reconstruct_n(i, 1)) for i in (0, n - 1))
+    return read if ends_with_rows else None
 
 
-def copy_rows(src, start: int, end: int, chunk_rows: int):
+def copy_rows(src, start: int, end: int, chunk_rows: int, read=None):
     """Rows [start, end) of a flat index as a new flat index of its metric, read chunk_rows rows
-    at a time."""
+    at a time (with `read` from flat_file_rows when given)."""
     faiss = _faiss()
     count = end - start
     dst = faiss.IndexFlat(src.d, src.metric_type)
-    view = _preallocated(dst, count)
+    view = preallocated_flat(dst, count)
     for a in range(start, end, chunk_rows):
-        block = src.reconstruct_n(a, min(end, a + chunk_rows) - a)
+        b = min(end, a + chunk_rows)
+        block = read(a, b) if read is not None else src.reconstruct_n(a, b - a)
         if view is None:
             dst.add(block)
         else:
@@ -217,7 +229,8 @@ def _shard_maker(index, kind: str, path: Path, shards: int, chunk_rows: int, npr
     """(make(start, end) -> one shard's faiss index, the manifest's factory name, its "source")."""
     source: dict = {"file": str(path.resolve()), "type": _type_name(index)}
     if kind == "flat":
-        return (lambda a, b: copy_rows(index, a, b, chunk_rows)), "Flat", source
+        read = flat_file_rows(index, path)
+        return (lambda a, b: copy_rows(index, a, b, chunk_rows, read)), "Flat", source
     if kind == "hnsw":
         params = hnsw_params(index)
         source.update(hnsw=params, rebuilt=shards > 1)

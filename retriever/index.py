@@ -237,11 +237,40 @@ def _build_shard(emb: Embeddings, start: int, end: int, factory: str, train_samp
         except RuntimeError as e:
             raise IndexFolderError(f"training {factory!r} on {len(sample)} vectors failed: "
                               f"{str(e).strip().splitlines()[-1]}") from None
-    for block in emb.rows(start, end):
-        index.add(block)
+    _add_rows(index, emb, start, end)
     if index.ntotal != count:
         raise IndexFolderError(f"shard holds {index.ntotal} vectors, expected {count}")
     return index
+
+
+def preallocated_flat(index, count: int) -> np.ndarray | None:
+    """A writable float32 [count, d] view of a flat index's storage, sized once; None for other
+    index types or where this faiss build does not expose the storage."""
+    faiss = _faiss()
+    if not isinstance(index, faiss.IndexFlat) or index.ntotal:
+        return None
+    try:
+        index.codes.resize(count * index.code_size)
+        raw = faiss.rev_swig_ptr(index.codes.data(), count * index.code_size)
+    except (AttributeError, TypeError, RuntimeError):
+        index.reset()
+        return None
+    return np.asarray(raw).view(np.float32).reshape(count, index.d)
+
+
+def _add_rows(index, emb: Embeddings, start: int, end: int) -> None:
+    """Add rows [start, end). A flat index is filled in place: add() block by block grows a
+    std::vector, which holds the old and the doubled buffer at once (peak up to ~2x the index)."""
+    view = preallocated_flat(index, end - start)
+    if view is None:
+        for block in emb.rows(start, end):
+            index.add(block)
+        return
+    at = 0
+    for block in emb.rows(start, end):
+        view[at:at + len(block)] = block
+        at += len(block)
+    index.ntotal = at
 
 
 def build_index(rcfg, corpus: str | Path, out: str | Path, shards: int = 1, factory: str = "Flat",
