@@ -175,33 +175,40 @@ def resync_decision(sender, report: dict, version: int) -> bool:
 
 
 @pytest.mark.slow
-def test_member_killed_mid_chain(procs, free_port, tmp_path, sender_factory):
+@pytest.mark.parametrize("bucket", [2, 0])  # 0: gone before its first bucket, the transfer is aborted
+def test_member_killed_mid_chain(procs, free_port, tmp_path, sender_factory, bucket):
     sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004, op="chain", timeout_s=TIMEOUT_S))
     m = start_chain(procs, sender, tmp_path, ["w", "x", "y", "z"], until=3)
     assert sender.broadcast(1, make_weights(1).items())["ok"] == ["w", "x", "y", "z"]
     first, victim, *behind = chain_order(sender)
-    m[victim][2].write_text("die-at 2:2")
+    m[victim][2].write_text(f"die-at 2:{bucket}")
 
     t0 = time.monotonic()
-    rep = sender.broadcast(2, make_weights(2).items())  # rank 2 kill -9's itself at bucket 2
+    rep = sender.broadcast(2, make_weights(2).items())  # rank 2 kill -9's itself at that bucket
     assert time.monotonic() - t0 < BOUND_S
     assert m[victim][0].wait(10) == -signal.SIGKILL
-    assert rep["ok"] == [first] and victim in rep["dropped"], rep
-    assert wait_result(m[first][1], 2)["tensors"] == expected(2)
+    assert victim in rep["dropped"] and victim not in rep["ok"], rep
+    # Upstream of the dead one, `first` usually loads version 2 now. When the learner's header
+    # for a later bucket finds the victim already gone, the learner aborts the whole transfer
+    # and `first` gets version 2 from the re-send below, with the others (seen once in CI).
+    assert rep["ok"] in ([first], []), rep
+    if rep["ok"]:
+        assert wait_result(m[first][1], 2)["tensors"] == expected(2)
+    lacking = [x for x in (first, *behind) if x not in rep["ok"]]
     # behind the dead one: failed (the first one at once: its upstream's connection is gone; the
     # others at the latest when the learner, done collecting, sets "abort"), nothing loaded
-    assert set(rep["failed"]) | set(rep["dropped"]) >= set(behind), rep
-    for x in behind:
+    assert set(rep["failed"]) | set(rep["dropped"]) >= set(lacking), rep
+    for x in lacking:
         r = wait_result(m[x][1], 2, timeout_s=TIMEOUT_S)
         assert not r["ok"] and r["tensors"] == {}, r
 
     # the next sync: the learner re-sends the current version to whoever lacks it
-    assert wait_member(sender, behind, TIMEOUT_S)
+    assert wait_member(sender, lacking, TIMEOUT_S)
     assert resync_decision(sender, rep, 2)
     rep = sender.broadcast(2, make_weights(2).items())
     assert rep["ok"] == sorted([first, *behind]), rep
     assert chain_order(sender) == [first, *behind]  # re-planned without the dead one
-    for x in behind:
+    for x in lacking:
         assert wait_result(m[x][1], 2, ok=True)["tensors"] == expected(2)
     assert not resync_decision(sender, rep, 2)
     assert sender.broadcast(3, make_weights(3).items())["ok"] == sorted([first, *behind])
