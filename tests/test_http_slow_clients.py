@@ -57,6 +57,19 @@ def port_of(svc) -> int:
     return int(svc["retrieve"].rsplit(":", 1)[1].split("/")[0])
 
 
+def read_to_close(s: socket.socket, timeout_s: float = 5.0) -> bytes:
+    got, end = b"", time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            part = s.recv(4096)
+        except OSError:
+            break
+        if not part:
+            break
+        got += part
+    return got
+
+
 def trickle(port: int, at_once: bytes, slowly: bytes, out: dict, every_s: float = 0.3) -> None:
     """Send `at_once`, then `slowly` a byte every `every_s`, until the server answers or closes the
     connection; record how long it held on and what came back. No single read on the server waits
@@ -72,10 +85,7 @@ def trickle(port: int, at_once: bytes, slowly: bytes, out: dict, every_s: float 
             except OSError:
                 break
             if select.select([s], [], [], every_s)[0]:  # an answer, or the server closed the connection
-                try:
-                    got = s.recv(4096)
-                except OSError:
-                    pass
+                got = read_to_close(s)  # the status line and the JSON body may come in separate writes
                 break
     out.update(held_s=time.monotonic() - t0, got=got)
 

@@ -56,7 +56,7 @@ def test_tiny_run_records_every_measurement(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     by = {(r.get("step", "build"), r["kind"], r.get("param")): r for r in rows}
     flat = by["build", "flat", None]
-    assert flat["index_mb"] > 0 and flat["peak_rss_mb"] >= flat["hwm_polled_mb"] > 0
+    assert flat["index_mb"] > 0 and flat["peak_rss_mb"] >= flat["hwm_polled_mb"] - 1 > 0  # two readings of one peak, rounded apart
     assert 0 < flat["phases_s"]["encode_s"] < flat["build_s"]
     hnsw, ivfpq = by["build", "hnsw", None], by["build", "ivfpq", None]
     assert hnsw["factory"] == "HNSW16" and ivfpq["file_mb"] > 0

@@ -57,7 +57,9 @@ def start_peer(procs, sender, tmp_path, peer_id, **opts):
 def results(path) -> dict[int, dict]:
     if not os.path.exists(path):
         return {}
-    lines = [json.loads(x) for x in open(path).read().splitlines() if x.strip()]
+    text = open(path).read()
+    complete = text[:text.rfind("\n") + 1]  # a peer may be writing its last line right now
+    lines = [json.loads(x) for x in complete.splitlines() if x.strip()]
     return {r["version"]: r for r in lines}
 
 
