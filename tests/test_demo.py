@@ -90,14 +90,16 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
     """The demo's own pipeline (world, index, pretraining, retriever, vLLM actor, FSDP learner,
     evals) with fewer learner steps: the reward must rise and held-out EM must improve."""
     run = tmp_path / "run"
-    p = procs.start(["cli.py", "demo", "--steps", "25", "--set", f"demo.dir='{tmp_path / 'demo'}'",
+    # 40 steps: the reward's takeoff comes anywhere from step ~10 to past step 25 (issue #17: it
+    # depends on the actor/learner timing), and 25 steps missed it in 2 of 3 CI runs on 2026-12-06
+    p = procs.start(["cli.py", "demo", "--steps", "40", "--set", f"demo.dir='{tmp_path / 'demo'}'",
                      "--set", f"run_dir='{run}'", "--set", "demo.eval_limit=100"],
                     stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     rc = p.wait(timeout=1500)
     log = (tmp_path / "demo.log").read_text(errors="replace")
     assert rc == 0, log[-4000:]
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 25
+    assert len(steps) == 40
     first = sum(s["reward_mean"] for s in steps[:5]) / 5
     last = sum(s["reward_mean"] for s in steps[-5:]) / 5
     print(f"reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
@@ -113,7 +115,7 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
     assert len(logged) == 1, "the demo logs its config once, with the recipe applied"
     config = json.loads(logged[0].split("demo resolved config: ", 1)[1])
     assert config["learner"]["micro_batch_tokens"] == DEMO_RECIPE["learner"]["micro_batch_tokens"]
-    assert config["learner"]["steps"] == 25 and config["run_dir"] == str(run)
+    assert config["learner"]["steps"] == 40 and config["run_dir"] == str(run)
 
 
 @pytest.mark.slow
