@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from common.config import ConfigError
+from common.procs import rss_bytes
 
 log = logging.getLogger("scout.metrics")
 
@@ -104,8 +105,7 @@ class Metrics:
 
     def render(self) -> bytes:
         try:  # Linux /proc; elsewhere the two gauges stay at 0
-            with open("/proc/self/statm") as f:
-                self.rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+            self.rss.set(rss_bytes())
             self.fds.set(len(os.listdir("/proc/self/fd")))
         except OSError:
             pass

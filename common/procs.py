@@ -39,6 +39,12 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 20.0, group: 
             p.wait()
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class HeapTrim:
     """Every `every_s` seconds, hand the C heap's free pages back to the OS (glibc's malloc_trim).
 
@@ -52,19 +58,14 @@ class HeapTrim:
     def __init__(self, every_s: float):
         self.every_s = every_s
         self.next_at = time.monotonic() + every_s
-        self.trims, self.freed_bytes, self.seconds = 0, 0, 0.0
+        self.trims = 0
         self._trim = None
         if every_s > 0:
             try:
                 import ctypes
                 self._trim = ctypes.CDLL("libc.so.6").malloc_trim
             except (OSError, AttributeError):
-                self._trim = None
-
-    @staticmethod
-    def rss_bytes() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                pass
 
     def maybe(self) -> int | None:
         """Trim if due: the bytes of RSS given back, or None when not due (or off)."""
@@ -72,13 +73,11 @@ class HeapTrim:
         if self._trim is None or now < self.next_at:
             return None
         self.next_at = now + self.every_s
-        before = self.rss_bytes()
+        before = rss_bytes()
         self._trim(0)
-        freed = max(0, before - self.rss_bytes())
+        freed = max(0, before - rss_bytes())
         self.trims += 1
-        self.freed_bytes += freed
         took = time.monotonic() - now
-        self.seconds += took
         if took > 0.05:  # it holds glibc's heap lock meanwhile: say so when that is long
             logging.getLogger("scout.heap").info("malloc_trim gave back %.0f MB in %.0f ms", freed / 2**20, took * 1e3)
         return freed

@@ -11,7 +11,7 @@ import pytest
 
 from common.config import ConfigError, load_config, parse_device_indices, parse_devices
 from common.metrics import Metrics
-from common.procs import HeapTrim
+from common.procs import rss_bytes
 from tests.conftest import ROOT
 
 
@@ -157,7 +157,7 @@ def test_metrics_and_health_endpoints(free_port):
     assert 'scout_actor_generated_tokens_total{gpu="cuda:1",role="actor",worker="3"} 5.0' in body
     assert 'stage="encode"' in body
     # this process's own memory and descriptors, read at the scrape
-    rss = HeapTrim.rss_bytes()
+    rss = rss_bytes()
     for line in body.splitlines():
         if line.startswith("scout_process_resident_memory_bytes{"):
             assert abs(float(line.split()[-1]) - rss) < rss / 4, line

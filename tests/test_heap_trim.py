@@ -15,15 +15,15 @@ from common.procs import HeapTrim
 FRAGMENT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from common.procs import HeapTrim
+    from common.procs import HeapTrim, rss_bytes
     blocks = [np.ones(64 * 1024 - 64, dtype=np.uint8) for _ in range(2000)]
     keep = blocks[-1]
     del blocks
     trim = HeapTrim(float(sys.argv[1]))
     trim.next_at = 0.0  # due now
-    before = HeapTrim.rss_bytes()
+    before = rss_bytes()
     freed = trim.maybe()
-    print(json.dumps({"freed": freed, "drop": before - HeapTrim.rss_bytes(), "trims": trim.trims}))
+    print(json.dumps({"freed": freed, "drop": before - rss_bytes(), "trims": trim.trims}))
 """)
 
 
