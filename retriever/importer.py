@@ -54,7 +54,7 @@ from retriever.docstore import CorpusError, write_docstore
 from retriever.encoder import Encoder, resolve_encoder_path
 from retriever.import_split import (FaissImportError, check_ivf_ids, describe_ivf, hnsw_params, hnsw_shard,
                                     ivf_shard, unwrap_ivf)
-from retriever.index import (MANIFEST, _faiss, _manifest, _settings, _write_json, preallocated_flat, sha256_file,
+from retriever.index import (MANIFEST, _faiss, _manifest, _settings, _write_json, fill_index, sha256_file,
                              shard_bounds)
 from retriever.presets import warn_conventions, with_preset
 
@@ -210,16 +210,8 @@ def copy_rows(src, start: int, end: int, chunk_rows: int, read=None):
     faiss = _faiss()
     count = end - start
     dst = faiss.IndexFlat(src.d, src.metric_type)
-    view = preallocated_flat(dst, count)
-    for a in range(start, end, chunk_rows):
-        b = min(end, a + chunk_rows)
-        block = read(a, b) if read is not None else src.reconstruct_n(a, b - a)
-        if view is None:
-            dst.add(block)
-        else:
-            view[a - start:a - start + len(block)] = block
-    if view is not None:
-        dst.ntotal = count
+    read = read or (lambda a, b: src.reconstruct_n(a, b - a))
+    fill_index(dst, (read(a, min(end, a + chunk_rows)) for a in range(start, end, chunk_rows)), count)
     if dst.ntotal != count:
         raise FaissImportError(f"shard holds {dst.ntotal} vectors, expected {count}")
     return dst

@@ -237,7 +237,7 @@ def _build_shard(emb: Embeddings, start: int, end: int, factory: str, train_samp
         except RuntimeError as e:
             raise IndexFolderError(f"training {factory!r} on {len(sample)} vectors failed: "
                               f"{str(e).strip().splitlines()[-1]}") from None
-    _add_rows(index, emb, start, end)
+    fill_index(index, emb.rows(start, end), count)
     if index.ntotal != count:
         raise IndexFolderError(f"shard holds {index.ntotal} vectors, expected {count}")
     return index
@@ -258,16 +258,17 @@ def preallocated_flat(index, count: int) -> np.ndarray | None:
     return np.asarray(raw).view(np.float32).reshape(count, index.d)
 
 
-def _add_rows(index, emb: Embeddings, start: int, end: int) -> None:
-    """Add rows [start, end). A flat index is filled in place: add() block by block grows a
-    std::vector, which holds the old and the doubled buffer at once (peak up to ~2x the index)."""
-    view = preallocated_flat(index, end - start)
+def fill_index(index, blocks, count: int) -> None:
+    """Add `count` rows arriving as float32 blocks. A flat index is filled in place: add() block by
+    block grows a std::vector, which holds the old and the doubled buffer at once (peak up to ~2x
+    the index). The caller checks index.ntotal against what it expected."""
+    view = preallocated_flat(index, count)
     if view is None:
-        for block in emb.rows(start, end):
+        for block in blocks:
             index.add(block)
         return
     at = 0
-    for block in emb.rows(start, end):
+    for block in blocks:
         view[at:at + len(block)] = block
         at += len(block)
     index.ntotal = at
