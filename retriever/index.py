@@ -258,12 +258,36 @@ def preallocated_flat(index, count: int) -> np.ndarray | None:
     return np.asarray(raw).view(np.float32).reshape(count, index.d)
 
 
+def reserve_hnsw(index, count: int) -> bool:
+    """Give an empty HNSW index's vector storage and neighbour table their final capacity before
+    the first add(): each add() grows both std::vectors by doubling, which holds the old and the
+    new buffer at once. The neighbour slots come from the level probabilities (twice the expected
+    upper-level share, so a larger draw is rare; it then grows as before). Resizing to the
+    capacity and back to 0 keeps the capacity. False where this is not an empty HNSW index."""
+    faiss = _faiss()
+    if not isinstance(index, faiss.IndexHNSW) or index.ntotal:
+        return False
+    hnsw, storage = index.hnsw, faiss.downcast_index(index.storage)
+    if not isinstance(storage, faiss.IndexFlatCodes) or storage.ntotal:
+        return False
+    probas = faiss.vector_to_array(hnsw.assign_probas)
+    upper = sum(p * (hnsw.cum_nb_neighbors(level + 1) - hnsw.nb_neighbors(0))
+                for level, p in enumerate(probas))
+    slots = int(count * (hnsw.nb_neighbors(0) + 2 * upper)) + 4096
+    for vec, size in ((storage.codes, count * storage.code_size), (hnsw.neighbors, slots)):
+        vec.resize(size)
+        vec.resize(0)
+    return True
+
+
 def fill_index(index, blocks, count: int) -> None:
     """Add `count` rows arriving as float32 blocks. A flat index is filled in place: add() block by
     block grows a std::vector, which holds the old and the doubled buffer at once (peak up to ~2x
-    the index). The caller checks index.ntotal against what it expected."""
+    the index); an HNSW index gets its capacity first (reserve_hnsw). The caller checks
+    index.ntotal against what it expected."""
     view = preallocated_flat(index, count)
     if view is None:
+        reserve_hnsw(index, count)
         for block in blocks:
             index.add(block)
         return

@@ -210,6 +210,37 @@ def test_other_factories_and_bad_factory(tmp_path, encoder):
         build_index(rcfg(), path, tmp_path / "ivf64", shards=2, factory="IVF64,Flat", encoder=encoder)
 
 
+def test_hnsw_storage_and_graph_are_sized_before_the_first_add():
+    """reserve_hnsw: adding block by block then never moves the vector storage or the neighbour
+    table (each move holds the old and the doubled buffer: peak RSS 1.70x the index at 300k
+    before, 1.07x after). Without it both move; the built index answers the same."""
+    import faiss
+
+    from retriever.index import fill_index, make_faiss_index, reserve_hnsw
+
+    x = np.random.default_rng(0).standard_normal((6000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # inner product: each row finds itself
+
+    def build(reserve: bool):
+        index = make_faiss_index(16, "HNSW8")
+        assert reserve_hnsw(index, len(x)) if reserve else True
+        storage = faiss.downcast_index(index.storage)
+        index.add(x[:1000])
+        first = (int(storage.codes.data()), int(index.hnsw.neighbors.data()))
+        for at in range(1000, len(x), 1000):
+            index.add(x[at:at + 1000])
+        return index, first == (int(storage.codes.data()), int(index.hnsw.neighbors.data()))
+
+    (reserved, kept), (plain, moved) = build(True), build(False)
+    assert kept and not moved
+    assert reserved.hnsw.neighbors.size() == plain.hnsw.neighbors.size() > 0
+    np.testing.assert_array_equal(reserved.search(x[:50], 1)[1][:, 0], np.arange(50))
+    assert not reserve_hnsw(reserved, 10) and not reserve_hnsw(make_faiss_index(16, "Flat"), 10)
+    filled = make_faiss_index(16, "HNSW8")  # fill_index reserves, then adds
+    fill_index(filled, (x[a:a + 1000] for a in range(0, len(x), 1000)), len(x))
+    assert filled.ntotal == len(x)
+
+
 class _Flaky:
     """Wraps the real encoder; raises KeyboardInterrupt at the N-th call (a killed build)."""
 
