@@ -97,6 +97,13 @@ def check_model_dir(path: str | os.PathLike | None) -> Path:
     return p
 
 
+def _can_end(stop: str, piece: str) -> bool:
+    """Whether a token whose text is `piece` can complete `stop`: the stop string then ends inside
+    the piece, so the piece holds it whole or starts with one of its suffixes (`</think>` ends in
+    `>` like `</search>`, but cannot end it)."""
+    return stop in piece or any(stop.endswith(piece[:k]) for k in range(1, min(len(piece), len(stop)) + 1))
+
+
 class Engine(ABC):
     """Common state: tokenizer, policy version, request bookkeeping and stop detection."""
 
@@ -109,6 +116,7 @@ class Engine(ABC):
         self._begin_due = False  # begin_update() called, not yet armed (no bytes loaded yet)
         self._reqs: dict[str, _Req] = {}
         self._stop_tails: dict[tuple[str, ...], dict[int, bool]] = {}  # stops -> token id -> may end one
+        self._single_stops: dict[tuple[str, ...], dict[int, str]] = {}  # stops -> token id -> stop it is
         self.tokenizer = self._load_tokenizer()
         self.eos_ids = self._eos_ids()
 
@@ -164,15 +172,33 @@ class Engine(ABC):
             outs.append(out)
         return outs
 
+    def single_token_stops(self, stops: tuple[str, ...]) -> dict[int, str]:
+        """Token id -> stop string, for each stop string the tokenizer encodes as exactly one token
+        that decodes back to exactly that string (`</search>` on the demo's); once per stop tuple."""
+        found = self._single_stops.get(stops)
+        if found is None:
+            found = {}
+            for s in stops:
+                ids = self.tokenizer.encode(s, add_special_tokens=False) if s else []
+                if len(ids) == 1 and self.tokenizer.decode(ids, skip_special_tokens=False) == s:
+                    found.setdefault(int(ids[0]), s)
+            self._single_stops[stops] = found
+        return found
+
     def _apply_stop(self, req: _Req, out: StepOutput) -> None:
-        """Cut at the first stop string / EOS / max_tokens; abort the request in the engine."""
+        """Cut at the first stop string / EOS / max_tokens; abort the request in the engine unless
+        the engine finished it itself (vLLM does, on a single-token stop: see VllmEngine._params)."""
         spec, gen = req.spec, req.generated
-        tails = self._stop_tails.get(spec.stop) if spec.stop else None
-        if spec.stop and tails is None:
-            tails = self._stop_tails[spec.stop] = {}
+        tails = singles = None
+        if spec.stop:
+            tails = self._stop_tails.get(spec.stop)
+            if tails is None:
+                tails = self._stop_tails[spec.stop] = {}
+            singles = self.single_token_stops(spec.stop)
         for i, tok in enumerate(out.token_ids):
             gen.append(tok)
-            hit = self._stop_hit(req, tails) if tails is not None else None
+            # a single-token stop is a hit on its own; others may end one spelled in several tokens
+            hit = (singles.get(tok) or self._stop_hit(req, tails)) if tails is not None else None
             eos = tok in self.eos_ids and not spec.ignore_eos
             reason = "stop" if hit else "eos" if eos else "length" if len(gen) >= spec.max_tokens else None
             if reason:
@@ -186,13 +212,13 @@ class Engine(ABC):
 
     def _stop_hit(self, req: _Req, tails: dict[int, bool]) -> str | None:
         """The stop string completed by the newest token, if any. A stop string completed by a
-        token ends inside that token's text, so tokens whose text holds no stop string's last
-        character skip the window decode (`tails`: that answer per token id, for these stops)."""
+        token ends inside that token's text, so tokens whose text cannot end one skip the window
+        decode (`tails`: that answer per token id, for these stops; see `_can_end`)."""
         tok = req.generated[-1]
         may_end = tails.get(tok)
         if may_end is None:
             piece = self.tokenizer.decode([tok], skip_special_tokens=False)
-            may_end = tails[tok] = any(s[-1] in piece for s in req.spec.stop if s)
+            may_end = tails[tok] = any(_can_end(s, piece) for s in req.spec.stop if s)
         if not may_end:
             return None
         tail = self.tokenizer.decode(req.generated[-STOP_WINDOW:], skip_special_tokens=False)
@@ -307,7 +333,7 @@ class VllmEngine(Engine):
     def _params(self, spec: SamplingSpec):
         """vLLM's SamplingParams for a spec, made once per distinct spec: a rollout asks for the same
         few (vLLM copies the object it is given, so sharing it is safe)."""
-        key = (spec.temperature, spec.top_p, spec.top_k, spec.max_tokens, spec.seed, spec.ignore_eos)
+        key = (spec.temperature, spec.top_p, spec.top_k, spec.max_tokens, spec.seed, spec.ignore_eos, spec.stop)
         params = self._params_cache.get(key)
         if params is None:
             from vllm import SamplingParams
@@ -318,8 +344,16 @@ class VllmEngine(Engine):
             params = self._params_cache[key] = SamplingParams(
                 temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k if spec.top_k > 0 else 0,
                 max_tokens=spec.max_tokens, logprobs=0, detokenize=False, seed=spec.seed,
-                output_kind=RequestOutputKind.DELTA, skip_special_tokens=False, ignore_eos=spec.ignore_eos)
+                output_kind=RequestOutputKind.DELTA, skip_special_tokens=False, ignore_eos=spec.ignore_eos,
+                stop_token_ids=self._stop_token_ids(spec.stop))
         return params
+
+    def _stop_token_ids(self, stops: tuple[str, ...]) -> list[int]:
+        """The single-token stops, handed to vLLM: it ends the request on that token itself (and
+        keeps the token in the output), so scout neither aborts it nor decodes a window for it.
+        Multi-token stop strings stay with scout's window check (Engine._stop_hit)."""
+        vocab = self.core.model_config.get_vocab_size()  # vLLM refuses ids the model cannot sample
+        return sorted(t for t in self.single_token_stops(stops) if t < vocab)
 
     def _add(self, req: _Req) -> None:
         self.core.add_request(req.req_id, {"prompt_token_ids": req.prompt_ids}, self._params(req.spec))

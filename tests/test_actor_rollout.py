@@ -233,6 +233,34 @@ def test_engine_stop_strings_eos_and_length(engine):
         engine.abort(rid)
 
 
+def test_single_token_stop_is_a_hit_without_a_window_decode(engine, monkeypatch):
+    """A stop string that is one token (`</search>` here) ends the turn on that token without any
+    decode; the same string spelled in several tokens is still found by the window check, which
+    decodes a window only after a token that can end a stop string."""
+    tok = engine.tokenizer
+    sid = tok.convert_tokens_to_ids("</search>")
+    stops = ("</search>", "capital of")
+    assert engine.single_token_stops(stops) == {sid: "</search>"}, "'capital of' is several tokens"
+    head = tok("<search> zorland", add_special_tokens=False)["input_ids"]
+    tail = tok(" and more", add_special_tokens=False)["input_ids"]
+    decoded, real_decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: (decoded.append(list(ids)), real_decode(ids, **kw))[1])
+    spelled = [tok.convert_tokens_to_ids(c) for c in "</search>"]  # byte-level pieces, one a character
+    for rid, stop_ids in (("single", [sid]), ("spelled", spelled)):
+        engine.add(rid, [1, 2, 3], SamplingSpec(max_tokens=50, stop=stops))
+        ids = head + stop_ids + tail
+        out = StepOutput(rid, list(ids), [-0.1] * len(ids), 0)
+        engine._apply_stop(engine._reqs[rid], out)
+        assert (out.finished, out.finish_reason, out.stop_string) == (True, "stop", "</search>")
+        assert out.token_ids == head + stop_ids and len(out.logprobs) == len(out.token_ids)
+        engine.abort(rid)
+    windows = [d for d in decoded if len(d) > 1]  # decodes of the newest tokens' window
+    assert sid not in [d[-1] for d in decoded], "the single-token stop needed no decode"
+    # one window check, at the spelled one's `>` (with and without it): `<search>` ends in `>`
+    # too but cannot end `</search>`, so it needed none
+    assert windows == [head + spelled, head + spelled[:-1]]
+
+
 def test_transformers_engine_generates_and_scores_its_own_tokens(engine):
     """The fallback engine end to end: sampled tokens' logprobs equal its own recomputation."""
     prompt = build_prompt_ids(engine.tokenizer, "who founded zorland ?")

@@ -333,6 +333,59 @@ def test_eval_loop_is_greedy_em_f1_search_rate(engine, searcher, acfg):
     assert s["by_source"]["toy"]["em"] == 1.0 and s["by_source"]["other"]["em"] == 0.0
 
 
+def _greedy_turn(engine, stop: tuple[str, ...]) -> tuple[list[int], list[float], object, list[str]]:
+    """One greedy turn of the taught model on QUESTION, stepped to its end: its tokens, logprobs,
+    last StepOutput and the requests scout aborted in vLLM meanwhile."""
+    from actors.engine import SamplingSpec
+    from actors.rollout import build_prompt_ids
+
+    aborted, real_abort = [], engine._abort
+    engine._abort = lambda rid: (aborted.append(rid), real_abort(rid))
+    try:
+        engine.add("turn", build_prompt_ids(engine.tokenizer, QUESTION),
+                   SamplingSpec(max_tokens=40, temperature=0.0, stop=stop))
+        tokens, logprobs, last = [], [], None
+        while engine.has_unfinished():
+            for last in engine.step():
+                tokens += last.token_ids
+                logprobs += last.logprobs
+    finally:
+        del engine._abort  # back to the class's method
+    assert not engine.core.has_unfinished_requests(), "the turn is over in vLLM too"
+    return tokens, logprobs, last, aborted
+
+
+def test_single_token_stop_is_ended_by_vllm(engine, monkeypatch):
+    """`</search>` is one token of the tiny tokenizer: it goes to vLLM as a stop token id, so vLLM
+    ends the turn on it itself (scout aborts nothing), and the turn is exactly what scout's own
+    stop check made when it found the stop in a decoded window and aborted: same tokens and
+    logprobs, finish "stop", the stop string, the stop token last. A multi-token stop string
+    still ends a turn through the window check and an abort."""
+    from actors.rollout import STOPS
+
+    assert engine.version == 0, "runs on the taught weights (before the update tests)"
+    tok = engine.tokenizer
+    ids = {tok.convert_tokens_to_ids(s): s for s in STOPS}
+    assert engine.single_token_stops(STOPS) == ids
+    tokens, logprobs, last, aborted = _greedy_turn(engine, STOPS)
+    assert (last.finished, last.finish_reason, last.stop_string) == (True, "stop", "</search>")
+    assert tokens[-1] == tok.convert_tokens_to_ids("</search>") and "<search>" in tok.decode(tokens)
+    assert aborted == [], "vLLM ended the turn itself"
+    # the same turn with the stop tokens kept from vLLM: scout finds the stop and aborts, as before
+    monkeypatch.setattr(engine, "_params_cache", {})
+    monkeypatch.setattr(engine, "_stop_token_ids", lambda stops: [])
+    tokens2, logprobs2, last2, aborted2 = _greedy_turn(engine, STOPS)
+    assert aborted2 == ["turn"] and tokens2 == tokens
+    assert (last2.finish_reason, last2.stop_string) == ("stop", "</search>")
+    assert np.abs(np.asarray(logprobs2) - np.asarray(logprobs)).max() < 1e-5
+    monkeypatch.undo()
+    multi = "capital of"  # in the greedy query "<search> capital of zorland </search>"
+    assert len(tok.encode(multi, add_special_tokens=False)) > 1 and engine.single_token_stops((multi,)) == {}
+    tokens3, _, last3, aborted3 = _greedy_turn(engine, (multi,))
+    assert (last3.finish_reason, last3.stop_string, aborted3) == ("stop", multi, ["turn"])
+    assert tok.decode(tokens3).endswith(multi) and tokens3 == tokens[:len(tokens3)]
+
+
 def test_weight_update_from_sender_process_is_live(engine, ref, searcher, acfg, sender):
     """Version 1 arrives in buckets over gloo from a real WeightSender process; afterwards the
     engine's logprobs match the new weights (and no longer the old ones)."""
