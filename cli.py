@@ -196,11 +196,13 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="Learner steps."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of everything: the world, the base model's "
                                        "initialisation and data, RL sampling and prompt order (demo.seed)."),
+    world: Optional[str] = typer.Option(None, "--world", help="single (one search per answer) or multihop "
+                                        "(two chained searches: demo.world)."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
     """Embedded default: build the toy world and run the whole system on this machine."""
     cfg = _config(config, set_, "demo", log=False, **{"demo.no_search": no_search or None, "demo.steps": steps,
-                                                      "demo.seed": seed})
+                                                      "demo.seed": seed, "demo.world": world})
     from demo.run import main
 
     raise typer.Exit(main(cfg))

@@ -210,6 +210,7 @@ class LearnerConfig(Section):
 class DemoConfig(Section):
     dir: str = ".scout/demo"
     seed: int = 0
+    world: Literal["single", "multihop"] = "single"  # multihop: two chained searches per answer (demo/multihop.py)
     steps: int = Field(100, ge=0)
     no_search: bool = False
     pretrain_steps: int | None = Field(None, ge=0)  # None: the recipe's default

@@ -52,7 +52,8 @@ class PretrainSpec:
     prior: PriorSpec = field(default_factory=PriorSpec)
 
     def key(self, world_digest: str, seed: int) -> str:
-        blob = json.dumps({"format": PRETRAIN_FORMAT, "world": world_digest, "seed": seed, **asdict(self)},
+        fields = {**asdict(self), "prior": self.prior.key_fields()}
+        blob = json.dumps({"format": PRETRAIN_FORMAT, "world": world_digest, "seed": seed, **fields},
                           sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -135,6 +136,15 @@ def _train(model, tok, world: World, spec: PretrainSpec, seed: int, log_every: i
     return curve
 
 
+def default_spec(world: World) -> PretrainSpec:
+    """The recipe's pretraining: the multi-hop world's prior also searches for what it read."""
+    if world.chains:
+        from demo.multihop import MULTIHOP_PRIOR
+
+        return PretrainSpec(prior=MULTIHOP_PRIOR)
+    return PretrainSpec()
+
+
 def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 0, spec: PretrainSpec | None = None,
                         threads: int = 0, log_every: int = 100, **overrides) -> Path:
     """Build and pretrain the demo base model from the world in `world_dir`; returns `out_dir`.
@@ -144,13 +154,13 @@ def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 
 
     from demo.tinymodel import build_tiny_model
 
-    spec = spec or PretrainSpec()
+    world = load_world(world_dir)
+    spec = spec or default_spec(world)
     if isinstance(overrides.get("prior"), dict):
         overrides["prior"] = PriorSpec(**overrides["prior"])
     if overrides:
         spec = PretrainSpec(**{**asdict(spec), "prior": spec.prior, **overrides})
     check_spec(spec)
-    world = load_world(world_dir)
     out = Path(out_dir)
     key = spec.key(world.spec.digest(), seed)
     meta_path = out / "pretrain.json"

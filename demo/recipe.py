@@ -30,9 +30,11 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
 
     d = Path(cfg.demo.dir)
     t0 = time.monotonic()
-    world = build_world(d / "world", seed=cfg.demo.seed)
+    multi = cfg.demo.world == "multihop"
+    tag = "-multihop" if multi else ""  # each world keeps its own caches side by side
+    world = build_world(d / f"world{tag}", seed=cfg.demo.seed, **({"hops": 2} if multi else {}))
     digest = json.loads(world.meta.read_text())["digest"]
-    index_dir, swapped_dir = d / "index", d / "index-swapped"
+    index_dir, swapped_dir = d / f"index{tag}", d / f"index{tag}-swapped"
     for corpus, out in ((world.corpus, index_dir), (world.corpus_swapped, swapped_dir)):
         _cached_index(cfg, corpus, out, digest)
     t1 = time.monotonic()
@@ -42,9 +44,9 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
         if not (model / "config.json").is_file():
             raise RuntimeError(f"demo.base_model {model} is not an HF model folder (no config.json)")
     else:
-        model = pretrain_base_model(d / "world", d / "base-model", seed=cfg.demo.seed, **overrides)
+        model = pretrain_base_model(world.dir, d / f"base-model{tag}", seed=cfg.demo.seed, **overrides)
     log.info("world + index %.0f s, base model %.0f s", t1 - t0, time.monotonic() - t1)
-    return {"world": d / "world", "train": world.train, "heldout": world.heldout,
+    return {"world": world.dir, "train": world.train, "heldout": world.heldout,
             "heldout_swapped": world.heldout_swapped, "index": index_dir, "index_swapped": swapped_dir,
             "model": Path(model)}
 

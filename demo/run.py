@@ -143,8 +143,11 @@ def main(cfg: ScoutConfig) -> int:
         after = run_eval(children, config, final, paths["heldout"], run_dir, "after")
         summary = {"em_before": before["em"], "em_after": after["em"], "search_rate_before": before["search_rate"],
                    "search_rate_after": after["search_rate"], "right_search_before": before.get("right_search_rate"),
-                   "right_search_after": after.get("right_search_rate"), "steps": len(records),
-                   "no_search": cfg.demo.no_search}
+                   "right_search_after": after.get("right_search_rate"),
+                   "searches_per_question_before": before.get("searches_per_question"),
+                   "searches_per_question_after": after.get("searches_per_question"), "steps": len(records),
+                   "no_search": cfg.demo.no_search, "world": cfg.demo.world,
+                   "max_turns": load_config(config).actor.max_turns}
         if swapped is not None:  # the same held-out questions over passages whose values were swapped
             wait_healthy(swapped[1], "retriever-swapped", children, "retriever-swapped")
             sw = run_eval(children, config, final, paths["heldout_swapped"], run_dir, "after-swapped",
@@ -156,7 +159,9 @@ def main(cfg: ScoutConfig) -> int:
         plot(records, before, after, run_dir / "demo.png")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"held-out EM: before {before['em']:.3f} -> after {after['em']:.3f}; search rate "
-              f"{before['search_rate']:.2f} -> {after['search_rate']:.2f}; wall {summary['wall_s']:.0f} s; "
+              f"{before['search_rate']:.2f} -> {after['search_rate']:.2f}; searches per question "
+              f"{before.get('searches_per_question', 0):.2f} -> {after.get('searches_per_question', 0):.2f}; "
+              f"wall {summary['wall_s']:.0f} s; "
               f"plot {run_dir / 'demo.png'}", flush=True)
         return 0
     except KeyboardInterrupt:

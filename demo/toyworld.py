@@ -58,9 +58,13 @@ class WorldSpec:
     entity_syllables: int = 150  # inventory sizes (names are two syllables: "zor vak"); a large
     value_syllables: int = 200  # entity inventory keeps names apart for the dense encoder
     value_words: int = 1  # 1: a value is one invented word ("sur"); 2: two ("sur fil")
+    hops: int = 1  # 2: the multi-hop world of demo/multihop.py (n_entities chains person -> country)
 
     def digest(self) -> str:
-        blob = json.dumps({"format": WORLD_FORMAT, **asdict(self)}, sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["hops"] == 1:  # added later: single-hop worlds keep the digest (and caches) they had
+            del fields["hops"]
+        blob = json.dumps({"format": WORLD_FORMAT, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -73,6 +77,7 @@ class World:
     swapped: dict[tuple[int, str], str]  # (entity id, relation) -> a different value
     value_names: list[str] = field(default_factory=list)  # the value inventory
     relations: dict[int, tuple[str, ...]] = field(default_factory=dict)  # entity id -> its relations
+    chains: dict[int, int] = field(default_factory=dict)  # multi-hop: person id -> its country's id
 
     @property
     def train_ids(self) -> list[int]:
@@ -107,10 +112,11 @@ def passage_id(eid: int, relation: str) -> str:
 
 
 # --------------------------------------------------------------------------- the world
-def _syllables(rng: random.Random, n_entity: int, n_value: int) -> tuple[list[str], list[str]]:
+def _syllables(rng: random.Random, n_entity: int, n_value: int, extra: str = "") -> tuple[list[str], list[str]]:
     pool = sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS} - _BANNED)
     # nor pieces of the template's words ("ver" in "river"): answers must stand apart as words
-    template = " ".join([question_text("", ""), passage_text("", "", ""), *RELATIONS, *THINK_PHRASES, "question"])
+    template = " ".join([question_text("", ""), passage_text("", "", ""), *RELATIONS, *THINK_PHRASES, "question",
+                         extra])
     pool = [s for s in pool if s not in template]
     rng.shuffle(pool)
     if n_entity + n_value > len(pool):
@@ -143,6 +149,12 @@ def make_world(spec: WorldSpec) -> World:
     """The world of `spec`, identical on every machine for the same spec."""
     if not 0 < spec.heldout_entities < spec.n_entities:
         raise ValueError("heldout_entities must be between 1 and n_entities - 1")
+    if spec.hops == 2:
+        from demo.multihop import make_chain_world
+
+        return make_chain_world(spec)
+    if spec.hops != 1:
+        raise ValueError(f"hops must be 1 or 2, not {spec.hops}")
     rng = random.Random(f"toyworld/{spec.seed}")
     ent_syl, val_syl = _syllables(rng, spec.entity_syllables, spec.value_syllables)
     if not 1 <= spec.relations_per_entity <= len(RELATIONS):
@@ -193,6 +205,10 @@ def corpus_records(world: World, swapped: bool = False) -> list[dict]:
 
 
 def qa_records(world: World, ids: list[int], swapped: bool = False) -> list[dict]:
+    if world.chains:
+        from demo.multihop import chain_qa_records
+
+        return chain_qa_records(world, ids, swapped)
     table = world.swapped if swapped else world.values
     return [{"question": question_text(world.entities[eid], rel), "golden_answers": [table[(eid, rel)]],
              "data_source": DATA_SOURCE, "passage_id": passage_id(eid, rel)}
@@ -270,6 +286,16 @@ class PriorSpec:
     p_copy_entity: float = 0.0  # an answer without search copies the question's entity (else a random value)
     p_drill: float = 0.5  # share of generic copy drills: a list of random names, then a span of it again
     drill_names: int = 6  # names per drill list
+    requery: str = "question"  # a search after an information block: a span of the "question", or
+    #                            one of the "values" that block shows (the multi-hop world's prior)
+
+    def key_fields(self) -> dict:
+        """The fields for a cache key: `requery` (added later) only when set, so single-hop base
+        models keep the keys they had."""
+        fields = asdict(self)
+        if fields["requery"] == "question":
+            del fields["requery"]
+        return fields
 
 
 @dataclass
@@ -297,7 +323,8 @@ class _Prior:
         self.train = world.train_ids
         self.by_name = {world.entities[i]: i for i in self.train}
         self.held_names = {world.entities[i] for i in world.heldout}
-        self.by_rel = {r: [i for i in self.train if r in world.relations[i]] for r in RELATIONS}
+        self.rel_names = RELATIONS + tuple(sorted({r for i in self.train for r in world.relations[i]} - set(RELATIONS)))
+        self.by_rel = {r: [i for i in self.train if r in world.relations[i]] for r in self.rel_names}
         self.by_syl: dict[str, list[int]] = {}
         for i in self.train:
             for s in world.entities[i].split():
@@ -309,6 +336,11 @@ class _Prior:
             if v not in banned:
                 return v
 
+    def redraw(self, rel: str, banned: set[str]) -> str:
+        """A value for a shown passage of relation `rel`, never one in `banned` (a hook: the
+        multi-hop prior draws countries for birthplaces)."""
+        return self.value_not(banned)
+
     def span(self, words: list[str]) -> list[str]:
         spans = [(a, b) for a in range(len(words)) for b in range(a + 1, len(words) + 1)]
         a, b = self.rng.choice(spans)
@@ -318,7 +350,7 @@ class _Prior:
         """Imitates what the dense retriever returns for `span` (lexically): the named entity's
         passages (asked relation first), else passages sharing a syllable or the relation."""
         k, rng, rel_of = self.p.topk, self.rng, self.w.relations
-        rels = [r for r in RELATIONS if r in span]
+        rels = [r for r in self.rel_names if r in span]
         named = [self.by_name[b] for b in (" ".join(span[j:j + 2]) for j in range(len(span) - 1))
                  if b in self.by_name]
         out: list[tuple[int, str]] = []
@@ -339,7 +371,7 @@ class _Prior:
         docs, names = [], []
         for eid, rel in self.retrieve(span):
             name = self.w.entities[eid]
-            value = self.value_not({gold, self.w.values[(eid, rel)]})
+            value = self.redraw(rel, {gold, self.w.values[(eid, rel)]})
             docs.append((name, passage_text(name, rel, value)))
             names += [n for n in ((value,) if self.p.answer_from == "values" else (name, value)) if n not in names]
         return format_information(docs), names
@@ -389,7 +421,13 @@ class _Prior:
 def pretraining_transcripts(world: World, n: int, seed: int = 0, prior: PriorSpec = PriorSpec()) -> list[Transcript]:
     """n pretraining sequences, copy-prior transcripts and copy drills (deterministic for
     (world, seed, prior))."""
-    sampler = _Prior(world, prior, random.Random(f"prior/{world.spec.digest()}/{seed}"))
+    rng = random.Random(f"prior/{world.spec.digest()}/{seed}")
+    if world.chains:
+        from demo.multihop import ChainPrior
+
+        sampler: _Prior = ChainPrior(world, prior, rng)
+    else:
+        sampler = _Prior(world, prior, rng)
     return [sampler.sample() for _ in range(n)]
 
 
@@ -398,4 +436,8 @@ def world_words(world: World) -> list[str]:
     words = set(" ".join(world.entities + world.value_names).split())
     words |= set(question_text("x", "y").split()) | set(passage_text("x", "y", "z").split()) | set(RELATIONS)
     words |= set(" ".join(THINK_PHRASES).split()) | set(PROMPT_TEMPLATE.format(question="").replace(":", " ").split())
+    if world.chains:
+        from demo.multihop import chain_question
+
+        words |= set(chain_question("x y").split()) | {r for rs in world.relations.values() for r in rs}
     return sorted(words - {"x", "y", "z"})

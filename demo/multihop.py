@@ -1,0 +1,118 @@
+"""The multi-hop toy world (`cli.py demo --world multihop`): every answer needs two chained searches.
+
+    person "zor vak" ──birthplace──▶ country "kel dum" ──capital──▶ "sur"
+
+    corpus (one fact a passage)   "the birthplace of zor vak is kel dum ."
+                                  "the capital of kel dum is sur ."
+    question                      "what is the capital of the birthplace of zor vak ?"   gold "sur"
+    what RL must find             search the person ─▶ read the country ─▶ search the country ─▶
+                                  answer its capital
+
+Each country belongs to exactly one person, and whole chains are held out (the person and their
+country): a held-out question's two passages never appear in pretraining, and no training
+question leads to a held-out country, so its capital cannot be learnt from memory either. The
+swapped corpus re-draws only the capitals (the chain stays intact; the gold is the swapped one).
+
+The pretraining prior (`MULTIHOP_PRIOR`, never the task): the chain question about a *training*
+person; then an answer at once, or a search for a random span of the question, an information
+block whose values are all re-drawn (a birthplace shows a random other country, a capital a
+random other word), possibly a second search for one of the values that block shows (a generic
+"look up what you read"), and an answer that copies a value of the last block. So no true fact,
+no held-out name and no gold answer ever appears (tests/test_multihop.py).
+"""
+
+from __future__ import annotations
+
+import random
+
+from demo.toyworld import (THINK_PHRASES, PriorSpec, Transcript, World, WorldSpec, _entity_names, _pick_heldout,
+                           _Prior, _syllables, make_prompt, passage_id)
+
+BIRTHPLACE, CAPITAL = "birthplace", "capital"
+MULTIHOP_PRIOR = PriorSpec(p_search=0.6, p_search_again=0.6, requery="values")
+
+
+def chain_question(person: str) -> str:
+    return f"what is the {CAPITAL} of the {BIRTHPLACE} of {person} ?"
+
+
+def make_chain_world(spec: WorldSpec) -> World:
+    """spec.n_entities chains person -> country -> capital; spec.heldout_entities of them held out.
+    Entity ids: persons 0..n-1, the country of person i is n + i."""
+    n = spec.n_entities
+    rng = random.Random(f"toyworld-multihop/{spec.seed}")
+    ent_syl, val_syl = _syllables(rng, spec.entity_syllables, spec.value_syllables, extra=chain_question(""))
+    names = _entity_names(rng, ent_syl, 2 * n)
+    capitals = list(val_syl)
+    values: dict[tuple[int, str], str] = {}
+    swapped: dict[tuple[int, str], str] = {}
+    relations: dict[int, tuple[str, ...]] = {}
+    for person in range(n):
+        country = n + person
+        relations[person], relations[country] = (BIRTHPLACE,), (CAPITAL,)
+        values[(person, BIRTHPLACE)] = swapped[(person, BIRTHPLACE)] = names[country]
+        values[(country, CAPITAL)], swapped[(country, CAPITAL)] = rng.sample(capitals, 2)
+    # hold out whole chains, each of whose syllables (person's and country's) occurs in a training chain
+    chains = [f"{names[i]} {names[n + i]}" for i in range(n)]
+    held_people = _pick_heldout(rng, chains, spec.heldout_entities)
+    heldout = held_people | {n + p for p in held_people}
+    return World(spec, names, heldout, values, swapped, capitals, relations,
+                 chains={p: n + p for p in range(n)})
+
+
+def chain_qa_records(world: World, ids: list[int], swapped: bool = False) -> list[dict]:
+    """Questions about the persons among `ids`; `passage_id` is the passage holding the answer (the
+    capital's: the right-search rate then means "both hops found"), `hop_passage_ids` both hops'."""
+    table = world.swapped if swapped else world.values
+    rows = []
+    for person in ids:
+        country = world.chains.get(person)
+        if country is None:
+            continue
+        rows.append({"question": chain_question(world.entities[person]),
+                     "golden_answers": [table[(country, CAPITAL)]], "data_source": "toyworld-multihop",
+                     "passage_id": passage_id(country, CAPITAL),
+                     "hop_passage_ids": [passage_id(person, BIRTHPLACE), passage_id(country, CAPITAL)]})
+    return rows
+
+
+class ChainPrior(_Prior):
+    """Copy-prior transcripts for the multi-hop world: chain questions about training persons."""
+
+    def __init__(self, world: World, prior: PriorSpec, rng: random.Random):
+        super().__init__(world, prior, rng)
+        self.people = [p for p in world.chains if p not in world.heldout]
+        self.countries = [world.chains[p] for p in self.people]
+
+    def redraw(self, rel: str, banned: set[str]) -> str:
+        if rel != BIRTHPLACE:
+            return self.value_not(banned)
+        while True:  # a birthplace shows some training country, never the true one
+            name = self.w.entities[self.rng.choice(self.countries)]
+            if name not in banned:
+                return name
+
+    def sample(self) -> Transcript:
+        if self.rng.random() < self.p.p_drill:
+            return self.drill()
+        rng, w = self.rng, self.w
+        person = rng.choice(self.people)
+        question = chain_question(w.entities[person])
+        gold = w.values[(w.chains[person], CAPITAL)]
+        segs: list[tuple[str, bool]] = [(make_prompt(question), False)]
+        think = f"<think> {rng.choice(THINK_PHRASES)} </think>\n"
+        if rng.random() >= self.p.p_search:
+            answer = self.value_not({gold})
+            segs.append((f"{think}<answer> {answer} </answer>", True))
+            return Transcript(segs, question, gold, answer, False)
+        query, names = question.split(), []
+        for turn in range(2):
+            span = self.span(query) if turn == 0 or self.p.requery == "question" else rng.choice(names).split()
+            segs.append(((think if turn == 0 else "") + f"<search> {' '.join(span)} </search>", True))
+            obs, names = self.information(span, gold)
+            segs.append((obs, False))
+            if rng.random() >= self.p.p_search_again:
+                break
+        answer = rng.choice(names)
+        segs.append((f"<answer> {answer} </answer>", True))
+        return Transcript(segs, question, gold, answer, True)
