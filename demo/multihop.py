@@ -1,9 +1,9 @@
 """The multi-hop toy world (`cli.py demo --world multihop`): every answer needs two chained searches.
 
-    person "zor vak" ──birthplace──▶ country "kel dum" ──capital──▶ "sur"
+    person "zor vak" ──birthplace──▶ country "keldum" ──capital──▶ "sur"
 
-    corpus (one fact a passage)   "the birthplace of zor vak is kel dum ."
-                                  "the capital of kel dum is sur ."
+    corpus (one fact a passage)   "the birthplace of zor vak is keldum ."
+                                  "the capital of keldum is sur ."
     question                      "what is the capital of the birthplace of zor vak ?"   gold "sur"
     what RL must find             search the person ─▶ read the country ─▶ search the country ─▶
                                   answer its capital
@@ -29,7 +29,13 @@ from demo.toyworld import (THINK_PHRASES, PriorSpec, Transcript, World, WorldSpe
                            _Prior, _syllables, make_prompt, passage_id)
 
 BIRTHPLACE, CAPITAL = "birthplace", "capital"
-MULTIHOP_PRIOR = PriorSpec(p_search=0.6, p_search_again=0.6, requery="values")
+# one passage a search (the recipe's actor.topk = 1 for this world): with three, a 2-layer model
+# pretrained for 3,000 steps copied the right one of three values into its second query 0.5% of
+# the time and RL found no signal; a second search below 0.5 keeps the greedy base model at one
+MULTIHOP_PRIOR = PriorSpec(p_search=0.6, p_search_again=0.4, requery="values", topk=1)
+
+
+WORLD_VOCAB = 2048  # the tokenizer keeps each of the 1,000 one-word countries whole
 
 
 def chain_question(person: str) -> str:
@@ -42,7 +48,10 @@ def make_chain_world(spec: WorldSpec) -> World:
     n = spec.n_entities
     rng = random.Random(f"toyworld-multihop/{spec.seed}")
     ent_syl, val_syl = _syllables(rng, spec.entity_syllables, spec.value_syllables, extra=chain_question(""))
-    names = _entity_names(rng, ent_syl, 2 * n)
+    pairs = _entity_names(rng, ent_syl, 2 * n)
+    # a country is one word of two syllables ("kelmur"): the second search copies it from the
+    # first passage, and a 2-layer model copies one token far more reliably than two
+    names = pairs[:n] + [p.replace(" ", "") for p in pairs[n:]]
     capitals = list(val_syl)
     values: dict[tuple[int, str], str] = {}
     swapped: dict[tuple[int, str], str] = {}
@@ -52,9 +61,8 @@ def make_chain_world(spec: WorldSpec) -> World:
         relations[person], relations[country] = (BIRTHPLACE,), (CAPITAL,)
         values[(person, BIRTHPLACE)] = swapped[(person, BIRTHPLACE)] = names[country]
         values[(country, CAPITAL)], swapped[(country, CAPITAL)] = rng.sample(capitals, 2)
-    # hold out whole chains, each of whose syllables (person's and country's) occurs in a training chain
-    chains = [f"{names[i]} {names[n + i]}" for i in range(n)]
-    held_people = _pick_heldout(rng, chains, spec.heldout_entities)
+    # hold out whole chains; each held-out person's syllables occur in a training person's name
+    held_people = _pick_heldout(rng, pairs[:n], spec.heldout_entities)
     heldout = held_people | {n + p for p in held_people}
     return World(spec, names, heldout, values, swapped, capitals, relations,
                  chains={p: n + p for p in range(n)})
@@ -83,6 +91,19 @@ class ChainPrior(_Prior):
         super().__init__(world, prior, rng)
         self.people = [p for p in world.chains if p not in world.heldout]
         self.countries = [world.chains[p] for p in self.people]
+        self.all_countries = sorted(world.chains.values())
+
+    def drill(self) -> Transcript:
+        """As the single-hop drills, with every country word among the names, held-out ones too:
+        a held-out country is one token that would otherwise never be trained (its embedding
+        random), and no fact comes with it (a drill is a bare list of names)."""
+        t = super().drill()
+        words = t.segments[0][0][1:-2].split(" ; ")[0].split()
+        for k in range(len(words)):
+            if self.rng.random() < 0.25:
+                words[k] = self.w.entities[self.rng.choice(self.all_countries)]
+        listed = " ".join(words)
+        return Transcript([(f" {listed} ; {listed} .", True)], kind="drill")
 
     def redraw(self, rel: str, banned: set[str]) -> str:
         if rel != BIRTHPLACE:

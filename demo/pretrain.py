@@ -139,9 +139,10 @@ def _train(model, tok, world: World, spec: PretrainSpec, seed: int, log_every: i
 def default_spec(world: World) -> PretrainSpec:
     """The recipe's pretraining: the multi-hop world's prior also searches for what it read."""
     if world.chains:
-        from demo.multihop import MULTIHOP_PRIOR
+        from demo.multihop import MULTIHOP_PRIOR, WORLD_VOCAB
 
-        return PretrainSpec(prior=MULTIHOP_PRIOR)
+        # longer transcripts (copying comes later); one token for each one-word country
+        return PretrainSpec(prior=MULTIHOP_PRIOR, steps=3000, vocab_size=WORLD_VOCAB)
     return PretrainSpec()
 
 

@@ -82,13 +82,29 @@ DEMO_RECIPE = {
 }
 
 
+# The multi-hop world (demo/multihop.py) on top of DEMO_RECIPE: one passage a search, as its
+# base model was pretrained, and more steps (the second hop takes off later).
+MULTIHOP_RECIPE = {"actor": {"topk": 1}}
+MULTIHOP_STEPS = 300
+
+
+def demo_steps(cfg: ScoutConfig) -> int:
+    """Learner steps: demo.steps as the user set it, else the world's own default."""
+    if cfg.demo.world == "multihop" and "steps" not in cfg.demo.model_fields_set:
+        return MULTIHOP_STEPS
+    return cfg.demo.steps
+
+
 def apply_recipe(cfg: ScoutConfig, tree: dict) -> dict:
-    """`tree` (the dumped config) with DEMO_RECIPE filled in where the user left the default."""
-    for section, values in DEMO_RECIPE.items():
-        chosen = getattr(cfg, section).model_fields_set
-        for key, value in values.items():
-            if key not in chosen:
-                tree[section][key] = value
+    """`tree` (the dumped config) with DEMO_RECIPE (and the world's own recipe) filled in where the
+    user left the default."""
+    recipes = [DEMO_RECIPE] + ([MULTIHOP_RECIPE] if cfg.demo.world == "multihop" else [])
+    for recipe in recipes:
+        for section, values in recipe.items():
+            chosen = getattr(cfg, section).model_fields_set
+            for key, value in values.items():
+                if key not in chosen:
+                    tree[section][key] = value
     return tree
 
 
@@ -114,7 +130,7 @@ def write_run_config(cfg: ScoutConfig, paths: dict[str, Path], run_dir: Path) ->
     tree["learner"].update(model=str(paths["model"]), data=str(paths["train"]),
                            ingest_endpoint=f"ipc://{ipc}/ingest", sync_endpoint=f"ipc://{ipc}/sync",
                            store_port=free_tcp_port(), checkpoint_dir=str(run_dir / "checkpoints"),
-                           steps=cfg.demo.steps)
+                           steps=demo_steps(cfg))
     tree["actor"].update(model=str(paths["model"]), retriever_endpoint=f"ipc://{ipc}/retriever",
                          learner_endpoint=f"ipc://{ipc}/ingest", no_search=cfg.demo.no_search,
                          eval_limit=cfg.demo.eval_limit, prompt_template=PROMPT_TEMPLATE,

@@ -24,7 +24,7 @@ from pathlib import Path
 from common.config import ScoutConfig, load_config, log_config
 from common.transport import free_tcp_port
 from demo.children import Children, cfg_port, wait_healthy
-from demo.recipe import prepare, write_run_config
+from demo.recipe import demo_steps, prepare, write_run_config
 
 log = logging.getLogger("scout.demo")
 
@@ -95,7 +95,7 @@ def plot(records: list[dict], before: dict, after: dict, out: Path) -> None:
     ax[1].axhline(after["em"], color="green", ls="--", label=f"held-out EM after {after['em']:.2f}")
     ax[1].legend(fontsize=7)
     ax[1].set_title("exact match")
-    ax[2].plot(steps, [min(1.0, r.get("searches_mean", 0)) for r in records])
+    ax[2].plot(steps, [r.get("searches_mean", 0) for r in records])
     ax[2].set_title("searches per rollout")
     for key, label in (("valid_format_rate", "valid format"), ("think_before_search_rate", "think before search"),
                        ("answer_rate", "ends in <answer>"), ("groups_rewarded_frac", "groups with any reward")):
@@ -137,7 +137,7 @@ def main(cfg: ScoutConfig) -> int:
         print(f"held-out EM before RL: {before['em']:.3f} (search rate {before['search_rate']:.2f})", flush=True)
         children.start("learner", ["cli.py", "learner", "--config", str(config)])
         children.start("actor", ["cli.py", "actor", "--config", str(config)])
-        records = follow_progress(children, run_dir, cfg.demo.steps)
+        records = follow_progress(children, run_dir, demo_steps(cfg))
         children.stop("actor")
         final = export_final(run_dir)
         after = run_eval(children, config, final, paths["heldout"], run_dir, "after")

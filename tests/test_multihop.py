@@ -58,27 +58,37 @@ def test_whole_chains_are_held_out(world):
     assert len(held_people) == SMALL["heldout_entities"]
     assert {world.chains[p] for p in held_people} == world.heldout - set(held_people)
     seen = {s for i in world.train_ids for s in world.entities[i].split()}
-    assert all(set(world.entities[i].split()) <= seen for i in world.heldout)
+    assert all(set(world.entities[p].split()) <= seen for p in held_people)
+    countries = [world.entities[c] for c in world.chains.values()]  # one word each, never a person's
+    assert len(set(countries)) == len(countries) and all(" " not in c for c in countries)
+    assert not set(countries) & {world.entities[p] for p in world.chains}
     # swapping keeps the chain: only capitals change
     for (eid, rel), value in world.values.items():
         assert (world.swapped[(eid, rel)] == value) == (rel == mh.BIRTHPLACE)
 
 
 def test_prior_never_shows_heldout_names_true_facts_or_gold(world):
-    held = [world.entities[i] for i in world.heldout]
+    held_people = [world.entities[p] for p in world.chains if p in world.heldout]
+    held_countries = {world.entities[world.chains[p]] for p in world.chains if p in world.heldout}
     true = {tw.passage_text(world.entities[e], r, v) for (e, r), v in world.values.items()}
     ts = tw.pretraining_transcripts(world, 3000, seed=0, prior=mh.MULTIHOP_PRIOR)
     searches = {0: 0, 1: 0, 2: 0}
+    drilled: set[str] = set()
     for t in ts:
         text = f" {t.text} "
-        assert not any(f" {n} " in text or f"{n})" in text for n in held)
-        facts = re.findall(r"the \w+ of \w+ \w+ is \w+(?: \w+)? \.", text)
+        assert not any(f" {n} " in text or f"{n})" in text for n in held_people)
+        facts = re.findall(r"the \w+ of \w+(?: \w+)? is \w+ \.", text)
         assert facts or "<information>" not in text
         assert not set(facts) & true
-        if t.kind == "drill":
+        if t.kind == "drill":  # the only place a held-out country's word appears: a bare list
+            first, second = t.text[1:-2].split(" ; ")
+            assert first == second
+            drilled |= held_countries & set(first.split())
             continue
+        assert not held_countries & set(t.text.replace(")", " ").split())
         searches[t.text.count("<search>")] += 1
         assert t.question.startswith("what is the capital of the birthplace of") and t.answer != t.gold
+    assert len(drilled) > len(held_countries) / 2  # their tokens get trained
     n = sum(searches.values())
     assert abs((searches[1] + searches[2]) / n - mh.MULTIHOP_PRIOR.p_search) < 0.05
     assert searches[2] / (searches[1] + searches[2]) == pytest.approx(mh.MULTIHOP_PRIOR.p_search_again, abs=0.06)
@@ -103,3 +113,28 @@ def test_second_search_copies_a_value_of_the_first_block(world):
 def test_world_words_cover_the_chain_template(world):
     words = set(tw.world_words(world))
     assert set(mh.chain_question("").split()) <= words and "birthplace" in words
+
+
+def test_multihop_recipe_retrieves_one_passage_unless_the_user_chose():
+    from common.config import load_config
+    from demo.recipe import apply_recipe
+
+    def tree(*sets):
+        cfg = load_config(None, list(sets), environ={})
+        return apply_recipe(cfg, cfg.model_dump(mode="json", exclude_none=True))
+
+    assert tree()["actor"]["topk"] == 3  # the single-hop demo keeps three
+    assert tree("demo.world='multihop'")["actor"]["topk"] == mh.MULTIHOP_PRIOR.topk == 1
+    assert tree("demo.world='multihop'", "actor.topk=2")["actor"]["topk"] == 2
+
+
+def test_multihop_runs_longer_unless_the_user_set_steps():
+    from common.config import load_config
+    from demo.pretrain import default_spec
+    from demo.recipe import MULTIHOP_STEPS, demo_steps
+
+    assert demo_steps(load_config(None, [], environ={})) == 100
+    assert demo_steps(load_config(None, ["demo.world='multihop'"], environ={})) == MULTIHOP_STEPS
+    assert demo_steps(load_config(None, ["demo.world='multihop'", "demo.steps=7"], environ={})) == 7
+    w = tw.make_world(tw.WorldSpec(seed=4, **SMALL))
+    assert default_spec(w).prior == mh.MULTIHOP_PRIOR and default_spec(w).steps == 3000
