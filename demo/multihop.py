@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import random
 
-from demo.toyworld import (THINK_PHRASES, PriorSpec, Transcript, World, WorldSpec, _entity_names, _pick_heldout,
-                           _Prior, _syllables, make_prompt, passage_id)
+from demo.toyworld import PriorSpec, World, WorldSpec, _entity_names, _pick_heldout, _Prior, _syllables, passage_id
 
 BIRTHPLACE, CAPITAL = "birthplace", "capital"
 # one passage a search (the recipe's actor.topk = 1 for this world): with three, a 2-layer model
@@ -93,17 +92,12 @@ class ChainPrior(_Prior):
         self.countries = [world.chains[p] for p in self.people]
         self.all_countries = sorted(world.chains.values())
 
-    def drill(self) -> Transcript:
-        """As the single-hop drills, with every country word among the names, held-out ones too:
-        a held-out country is one token that would otherwise never be trained (its embedding
-        random), and no fact comes with it (a drill is a bare list of names)."""
-        t = super().drill()
-        words = t.segments[0][0][1:-2].split(" ; ")[0].split()
-        for k in range(len(words)):
-            if self.rng.random() < 0.25:
-                words[k] = self.w.entities[self.rng.choice(self.all_countries)]
-        listed = " ".join(words)
-        return Transcript([(f" {listed} ; {listed} .", True)], kind="drill")
+    def drill_words(self, words: list[str]) -> list[str]:
+        """Every country word among a drill's names, held-out ones too: a held-out country is one
+        token that would otherwise never be trained (its embedding random), and no fact comes with
+        it (a drill is a bare list of names)."""
+        return [self.w.entities[self.rng.choice(self.all_countries)] if self.rng.random() < 0.25 else w
+                for w in words]
 
     def redraw(self, rel: str, banned: set[str]) -> str:
         if rel != BIRTHPLACE:
@@ -113,27 +107,7 @@ class ChainPrior(_Prior):
             if name not in banned:
                 return name
 
-    def sample(self) -> Transcript:
-        if self.rng.random() < self.p.p_drill:
-            return self.drill()
-        rng, w = self.rng, self.w
-        person = rng.choice(self.people)
-        question = chain_question(w.entities[person])
-        gold = w.values[(w.chains[person], CAPITAL)]
-        segs: list[tuple[str, bool]] = [(make_prompt(question), False)]
-        think = f"<think> {rng.choice(THINK_PHRASES)} </think>\n"
-        if rng.random() >= self.p.p_search:
-            answer = self.value_not({gold})
-            segs.append((f"{think}<answer> {answer} </answer>", True))
-            return Transcript(segs, question, gold, answer, False)
-        query, names = question.split(), []
-        for turn in range(2):
-            span = self.span(query) if turn == 0 or self.p.requery == "question" else rng.choice(names).split()
-            segs.append(((think if turn == 0 else "") + f"<search> {' '.join(span)} </search>", True))
-            obs, names = self.information(span, gold)
-            segs.append((obs, False))
-            if rng.random() >= self.p.p_search_again:
-                break
-        answer = rng.choice(names)
-        segs.append((f"<answer> {answer} </answer>", True))
-        return Transcript(segs, question, gold, answer, True)
+    def pick_question(self) -> tuple[str, str, str | None]:
+        """The chain question about a training person; an answer without search never copies."""
+        person = self.rng.choice(self.people)
+        return chain_question(self.w.entities[person]), self.w.values[(self.w.chains[person], CAPITAL)], None

@@ -128,7 +128,8 @@ def main(cfg: ScoutConfig) -> int:
     try:
         paths = prepare(cfg)
         config = write_run_config(cfg, paths, run_dir)
-        log_config(load_config(config), "demo")  # with the demo recipe and the run's ports applied
+        run_cfg = load_config(config)  # with the demo recipe and the run's ports applied
+        log_config(run_cfg, "demo")
         print(f"demo: run dir {run_dir}, config {config}", flush=True)
         children.start("retriever", ["cli.py", "retriever", "--config", str(config)])
         swapped = None if cfg.demo.no_search else start_swapped_retriever(children, config, paths)
@@ -147,7 +148,7 @@ def main(cfg: ScoutConfig) -> int:
                    "searches_per_question_before": before.get("searches_per_question"),
                    "searches_per_question_after": after.get("searches_per_question"), "steps": len(records),
                    "no_search": cfg.demo.no_search, "world": cfg.demo.world,
-                   "max_turns": load_config(config).actor.max_turns}
+                   "max_turns": run_cfg.actor.max_turns}
         if swapped is not None:  # the same held-out questions over passages whose values were swapped
             wait_healthy(swapped[1], "retriever-swapped", children, "retriever-swapped")
             sw = run_eval(children, config, final, paths["heldout_swapped"], run_dir, "after-swapped",

@@ -388,26 +388,35 @@ class _Prior:
             words = " ".join(names).split()
             if not any(f"{a} {b}" in self.held_names for a, b in zip(words, words[1:])):
                 break  # two neighbouring names must not spell a held-out entity
-        listed = " ".join(names)
+        listed = " ".join(self.drill_words(words))
         return Transcript([(f" {listed} ; {listed} .", True)], kind="drill")
+
+    def drill_words(self, words: list[str]) -> list[str]:
+        """The words a drill lists (a hook: the multi-hop prior mixes in country words)."""
+        return words
+
+    def pick_question(self) -> tuple[str, str, str | None]:
+        """(question, gold, the entity an answer without search may copy) about a training entity."""
+        eid = self.rng.choice(self.train)
+        rel = self.rng.choice(self.w.relations[eid])
+        return question_text(self.w.entities[eid], rel), self.w.values[(eid, rel)], self.w.entities[eid]
 
     def sample(self) -> Transcript:
         if self.rng.random() < self.p.p_drill:
             return self.drill()
-        rng, w = self.rng, self.w
-        eid = rng.choice(self.train)
-        rel = rng.choice(w.relations[eid])
-        question, gold = question_text(w.entities[eid], rel), w.values[(eid, rel)]
+        rng = self.rng
+        question, gold, entity = self.pick_question()
         segs: list[tuple[str, bool]] = [(make_prompt(question), False)]
         think = f"<think> {rng.choice(THINK_PHRASES)} </think>\n"
         if rng.random() >= self.p.p_search:
-            answer = w.entities[eid] if rng.random() < self.p.p_copy_entity else self.value_not({gold})
+            copy = entity is not None and rng.random() < self.p.p_copy_entity
+            answer = entity if copy else self.value_not({gold})
             segs.append((f"{think}<answer> {answer} </answer>", True))
             return Transcript(segs, question, gold, answer, False)
         words = question.split()
         names: list[str] = []
-        for turn in range(2):
-            span = self.span(words)
+        for turn in range(2):  # a follow-up search copies a span of the question, or a value it read
+            span = self.span(words) if turn == 0 or self.p.requery == "question" else rng.choice(names).split()
             segs.append(((think if turn == 0 else "") + f"<search> {' '.join(span)} </search>", True))
             obs, names = self.information(span, gold)
             segs.append((obs, False))
