@@ -108,6 +108,9 @@ class ChainPrior(_Prior):
                 return name
 
     def pick_question(self) -> tuple[str, str, str | None]:
-        """The chain question about a training person; an answer without search never copies."""
+        """The chain question about a training person (or, p_novel_entity, an invented name that
+        is nobody's); an answer without search never copies."""
+        if self.p.p_novel_entity and self.rng.random() < self.p.p_novel_entity:
+            return chain_question(self.novel_name()), self.value_not(set()), None
         person = self.rng.choice(self.people)
         return chain_question(self.w.entities[person]), self.w.values[(self.w.chains[person], CAPITAL)], None

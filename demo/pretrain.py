@@ -41,7 +41,7 @@ class PretrainSpec:
     heads: int = 2  # head size 32: vLLM's CPU attention supports 32, 64, 80, 96, ... (not 16)
     intermediate: int = 192
     vocab_size: int = 1024
-    steps: int = 1500
+    steps: int = 2500
     batch: int = 48
     lr: float = 3e-3
     warmup: int = 100

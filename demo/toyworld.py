@@ -288,13 +288,18 @@ class PriorSpec:
     drill_names: int = 6  # names per drill list
     requery: str = "question"  # a search after an information block: a span of the "question", or
     #                            one of the "values" that block shows (the multi-hop world's prior)
+    # share of questions about an invented name that is nobody's: its search must copy both
+    # syllables from the question, where a training name's second syllable can be recalled
+    # (without them, base models of some seeds copied held-out names' second syllable 9% of the time)
+    p_novel_entity: float = 0.3
 
     def key_fields(self) -> dict:
-        """The fields for a cache key: `requery` (added later) only when set, so single-hop base
-        models keep the keys they had."""
+        """The fields for a cache key: those added later (`requery`, `p_novel_entity`) only when
+        set, so base models pretrained before them keep the keys they had."""
         fields = asdict(self)
-        if fields["requery"] == "question":
-            del fields["requery"]
+        for name, before in (("requery", "question"), ("p_novel_entity", 0.0)):
+            if fields[name] == before:
+                del fields[name]
         return fields
 
 
@@ -329,6 +334,17 @@ class _Prior:
         for i in self.train:
             for s in world.entities[i].split():
                 self.by_syl.setdefault(s, []).append(i)
+        self.syllables = sorted({s for i in self.train for s in world.entities[i].split()
+                                 if len(world.entities[i].split()) == 2})  # a person's, not a country's
+        self.names_taken = {n for e in world.entities for n in (e, " ".join(reversed(e.split())))}
+
+    def novel_name(self) -> str:
+        """Two syllables of training names that spell no entity of the world (held-out ones
+        included), in either order: a name the model can only copy, never recall."""
+        while True:
+            name = " ".join(self.rng.sample(self.syllables, 2))
+            if name not in self.names_taken:
+                return name
 
     def value_not(self, banned: set[str]) -> str:
         while True:
@@ -396,7 +412,11 @@ class _Prior:
         return words
 
     def pick_question(self) -> tuple[str, str, str | None]:
-        """(question, gold, the entity an answer without search may copy) about a training entity."""
+        """(question, gold, the entity an answer without search may copy) about a training entity,
+        or (p_novel_entity) about an invented name, with an invented gold."""
+        if self.p.p_novel_entity and self.rng.random() < self.p.p_novel_entity:  # no draw when off
+            name, rel = self.novel_name(), self.rng.choice(self.rel_names)
+            return question_text(name, rel), self.value_not(set()), name
         eid = self.rng.choice(self.train)
         rel = self.rng.choice(self.w.relations[eid])
         return question_text(self.w.entities[eid], rel), self.w.values[(eid, rel)], self.w.entities[eid]

@@ -121,6 +121,53 @@ def test_pretraining_queries_copy_a_span_of_the_question():
             assert f" {q} " in f" {t.question} "
 
 
+@pytest.mark.parametrize("hops", [1, 2])
+def test_novel_names_are_nobodys_and_their_questions_are_copied_into_searches(hops):
+    """The prior's invented names (p_novel_entity) never spell an entity of the world, held-out
+    ones included, in either order; they are made of training syllables; a search copies them."""
+    from demo.multihop import MULTIHOP_PRIOR
+
+    spec = tw.WorldSpec(seed=5, **SMALL, hops=hops)
+    w = tw.make_world(spec)
+    prior = MULTIHOP_PRIOR if hops == 2 else tw.PriorSpec()
+    assert prior.p_novel_entity > 0  # the demo's recipe uses them
+    taken = {n for e in w.entities for n in (e, " ".join(reversed(e.split())))}
+    train_syl = {s for i in w.train_ids for s in w.entities[i].split()}
+    person = re.compile(r"of (\w+ \w+) \?$")
+    novel = copied = 0
+    for t in tw.pretraining_transcripts(w, 3000, seed=2, prior=prior):
+        if t.kind == "drill":
+            continue
+        name = person.search(t.question).group(1)
+        if name in taken:
+            continue
+        novel += 1
+        assert set(name.split()) <= train_syl and t.answer != t.gold
+        first = re.search(r"<search> (.*?) </search>", t.text)
+        copied += bool(first and name in first.group(1))
+    questions = sum(1 for t in tw.pretraining_transcripts(w, 3000, seed=2, prior=prior) if t.kind != "drill")
+    assert novel / questions == pytest.approx(prior.p_novel_entity, abs=0.05)
+    assert copied > novel * prior.p_search * 0.1  # some searches carry the whole invented name
+
+
+def test_a_prior_without_novel_names_draws_as_before():
+    """p_novel_entity = 0 consumes no random draw: transcripts (hashed below with the code before the
+    field existed) and cache keys of older base models hold, in both worlds."""
+    import dataclasses
+    import hashlib
+
+    from demo.multihop import MULTIHOP_PRIOR
+
+    h = hashlib.sha256()
+    for hops, prior in ((1, tw.PriorSpec()), (2, MULTIHOP_PRIOR)):
+        off = dataclasses.replace(prior, p_novel_entity=0.0)
+        assert "p_novel_entity" not in off.key_fields() and "p_novel_entity" in prior.key_fields()
+        w = tw.make_world(tw.WorldSpec(seed=5, **SMALL, hops=hops))
+        for t in tw.pretraining_transcripts(w, 1000, seed=0, prior=off):
+            h.update(t.text.encode())
+    assert h.hexdigest()[:16] == "995809f02e45fc58"
+
+
 def test_information_block_matches_search_r1():
     obs = tw.format_information([("a b", "the river of a b is c d ."), ("e f", "x")])
     assert obs == "\n\n<information>Doc 1(Title: a b) the river of a b is c d .\nDoc 2(Title: e f) x</information>\n\n"
