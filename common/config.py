@@ -180,14 +180,15 @@ class LearnerConfig(Section):
     # >0: a bucket goes in segments: tensors of at least this size straight from their own memory,
     # smaller ones packed in runs of about this size; 0: one packed segment per bucket
     sync_chunk_mb: float = Field(4.0, ge=0)
-    # gloo groups: "send" = point-to-point sends from the learner to each member, "broadcast" = one
-    # gloo broadcast per segment (~0.4 ms more per op on the 2-core VM, bench/gloo_ops.py), "chain" =
-    # a pipelined relay: the learner sends each segment once, to member rank 1, and rank k forwards
-    # it to rank k+1 as it arrives (the learner's bytes out and send time no longer grow with the
-    # members; a dead or frozen member holds up only those behind it, until sync_timeout_s, and
-    # they get the version at the next sync; bench/fanout_bench.py). NCCL always broadcasts (its
-    # broadcast already pipelines in a ring)
-    sync_gloo_op: Literal["send", "broadcast", "chain"] = "send"
+    # gloo groups: "chain" (the default) = a pipelined relay: the learner sends each segment once,
+    # to member rank 1, and rank k forwards it to rank k+1 as it arrives (the learner's bytes out
+    # and send time no longer grow with the members; a dead or frozen member holds up only those
+    # behind it, until sync_timeout_s, and they get the version at the next sync;
+    # bench/fanout_bench.py); "send" = point-to-point sends from the learner to each member (the
+    # fallback, and the comparison); "broadcast" = one gloo broadcast per segment (~0.4 ms more
+    # per op on the 2-core VM, bench/gloo_ops.py). NCCL always broadcasts (its broadcast already
+    # pipelines in a ring)
+    sync_gloo_op: Literal["send", "broadcast", "chain"] = "chain"
     # share buckets through CUDA IPC with actors on the learner's own GPU (same host + GPU UUID);
     # others, and every actor when the weights are not on CUDA, get the broadcast
     colocated_ipc: bool = False

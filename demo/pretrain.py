@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,9 +51,19 @@ class PretrainSpec:
     grad_clip: float = 1.0
     tokenizer_texts: int = 4000
     prior: PriorSpec = field(default_factory=PriorSpec)
+    # the copy check: at check_step, the answer copy (answer_copy below) must reach
+    # check_min_copy, else pretraining starts again from another initialisation, at most
+    # max_restarts times (0 = no check). Copying forms abruptly, between steps ~750 and ~1,000
+    # where it forms at all; one seed of five showed none by step 3,250 (docs/DEMO_DESIGN.md)
+    check_step: int = 1250
+    check_min_copy: float = 0.1
+    max_restarts: int = 2
 
     def key(self, world_digest: str, seed: int) -> str:
         fields = {**asdict(self), "prior": self.prior.key_fields()}
+        if not self.max_restarts:  # added later: base models pretrained without the check keep their keys
+            for name in ("check_step", "check_min_copy", "max_restarts"):
+                del fields[name]
         blob = json.dumps({"format": PRETRAIN_FORMAT, "world": world_digest, "seed": seed, **fields},
                           sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -99,7 +110,9 @@ def _lr_at(step: int, spec: PretrainSpec) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _train(model, tok, world: World, spec: PretrainSpec, seed: int, log_every: int) -> list[dict]:
+def _train(model, tok, world: World, spec: PretrainSpec, seed: int, log_every: int, check=None) -> list[dict]:
+    """Next-token training for spec.steps; `check(step, model)` runs at spec.check_step and may
+    abandon the run (returns False: the curve so far comes back, its last entry marked)."""
     import torch
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -132,8 +145,40 @@ def _train(model, tok, world: World, spec: PretrainSpec, seed: int, log_every: i
             curve.append(entry)
             log.info("pretrain step %d/%d loss %.4f (%.0f s)", step + 1, spec.steps, entry["loss"], entry["seconds"])
             run_loss, run_n = 0.0, 0
+        if check is not None and step + 1 == spec.check_step and step + 1 < spec.steps:
+            model.eval()
+            ok = check(step + 1, model)
+            model.train()
+            if not ok:
+                curve.append({"step": step + 1, "abandoned": True})
+                break
     model.eval()
     return curve
+
+
+def answer_copy(model, tok, world: World, prior: PriorSpec, n: int = 60) -> float:
+    """The copy the prior teaches, measured: over n of the prior's own transcripts that searched
+    (training entities and invented names only, never a held-out one), the probability the
+    model gives, where the answer starts, to the values its last information block shows.
+    Guessing puts about topk / (number of values) there (0.015 for the demo); a model that
+    copies, 0.2-0.4 after 1,250 steps."""
+    import torch
+
+    ts = [t for t in pretraining_transcripts(world, 8 * n, seed=-7, prior=prior) if t.searched][:n]
+    mass = 0.0
+    for t in ts:
+        ids: list[int] = []
+        for text, _generated in t.segments[:-1]:
+            ids += tok.encode(text, add_special_tokens=False)
+        answer = tok.encode(t.segments[-1][0], add_special_tokens=False)
+        first = tok.encode(" " + t.answer, add_special_tokens=False)[0]
+        ids += answer[:answer.index(first)]  # "<answer>", as the rollout's tokens have it
+        last_block = [text for text, generated in t.segments if not generated][-1]
+        values = {tok.encode(" " + v, add_special_tokens=False)[0] for v in re.findall(r" is (\S+) \.", last_block)}
+        with torch.no_grad():
+            probs = model(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+        mass += float(probs[sorted(values)].sum())
+    return mass / max(1, len(ts))
 
 
 def default_spec(world: World) -> PretrainSpec:
@@ -151,7 +196,7 @@ def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 
     """Build and pretrain the demo base model from the world in `world_dir`; returns `out_dir`.
     Keyword overrides replace PretrainSpec fields (e.g. steps=2000). Cached by pretrain.json."""
     import torch
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     from demo.tinymodel import build_tiny_model
 
@@ -180,16 +225,47 @@ def pretrain_base_model(world_dir: str | Path, out_dir: str | Path, seed: int = 
                      intermediate=spec.intermediate, vocab_size=spec.vocab_size, max_positions=1024, seed=seed)
     tok = AutoTokenizer.from_pretrained(str(out))
     _check_tokenizer(tok, world)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
     t_build = time.time() - t0
-    curve = _train(model, tok, world, spec, seed, log_every)
+    model, curve, checks = _train_with_restarts(out, tok, world, spec, seed, log_every)
     model.save_pretrained(str(out), safe_serialization=True)
     meta = {"key": key, "seed": seed, "world": world.spec.digest(), "spec": asdict(spec),
             "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
-            "build_seconds": round(t_build, 1), "train_seconds": curve[-1]["seconds"] if curve else 0.0,
-            "curve": curve}
+            "build_seconds": round(t_build, 1), "train_seconds": round(time.time() - t0 - t_build, 1),
+            "copy_checks": checks, "curve": curve}
     tmp = meta_path.with_name("pretrain.json.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(meta_path)
     return out
+
+
+def _train_with_restarts(out: Path, tok, world: World, spec: PretrainSpec, seed: int, log_every: int):
+    """Pretrain from the initialisation build_tiny_model saved in `out`; when the copy check fails
+    at spec.check_step, start again from a fresh initialisation and data order (attempt k uses
+    seed + 7919 k), at most spec.max_restarts times; the last attempt always runs to the end.
+    Returns (model, curve of the kept attempt, [{attempt, seed, step, answer_copy, passed}])."""
+    import torch
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    checks: list[dict] = []
+    for attempt in range(spec.max_restarts + 1):
+        init = seed + 7919 * attempt
+        torch.manual_seed(init)
+        if attempt == 0:
+            model = Qwen2ForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+        else:
+            model = Qwen2ForCausalLM(AutoConfig.from_pretrained(str(out))).to(torch.float32)
+        last = attempt == spec.max_restarts
+
+        def check(step: int, m) -> bool:
+            copy = answer_copy(m, tok, world, spec.prior)
+            passed = copy >= spec.check_min_copy
+            checks.append({"attempt": attempt, "seed": init, "step": step, "answer_copy": round(copy, 3),
+                           "passed": passed})
+            log.info("pretrain copy check at step %d: answer copy %.3f (%s)", step, copy,
+                     "passed" if passed else "last attempt, going on" if last else "failed: starting again")
+            return passed or last
+
+        curve = _train(model, tok, world, spec, init, log_every, check=check if spec.max_restarts else None)
+        if not curve or not curve[-1].get("abandoned"):
+            return model, curve, checks
+    raise AssertionError("unreachable: the last attempt is never abandoned")

@@ -186,6 +186,31 @@ def test_tokenizer_keeps_every_world_word_whole(tmp_path):
 
 
 @pytest.mark.slow
+def test_pretraining_starts_again_when_the_copy_check_fails(tmp_path):
+    """A check that passes changes nothing (the same weights as no check); one that fails starts
+    again from another initialisation, at most max_restarts times, and the last attempt runs on."""
+    from safetensors.torch import load_file
+
+    from demo.pretrain import pretrain_base_model
+
+    paths = tw.build_world(tmp_path / "w", seed=0, **SMALL)
+    tiny = dict(steps=6, batch=4, tokenizer_texts=200, check_step=3)
+    plain = pretrain_base_model(paths.dir, tmp_path / "plain", seed=0, max_restarts=0, **tiny)
+    passed = pretrain_base_model(paths.dir, tmp_path / "passed", seed=0, check_min_copy=0.0, **tiny)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (plain, passed))
+    assert all(a[k].equal(b[k]) for k in a)
+    meta = json.loads((passed / "pretrain.json").read_text())
+    assert [c["passed"] for c in meta["copy_checks"]] == [True] and 0 <= meta["copy_checks"][0]["answer_copy"] <= 1
+    failed = pretrain_base_model(paths.dir, tmp_path / "failed", seed=0, check_min_copy=1.5, max_restarts=1, **tiny)
+    meta = json.loads((failed / "pretrain.json").read_text())
+    assert [(c["attempt"], c["passed"]) for c in meta["copy_checks"]] == [(0, False), (1, False)]
+    assert [c["seed"] for c in meta["copy_checks"]] == [0, 7919]
+    assert meta["curve"][-1]["step"] == 6 and not any(e.get("abandoned") for e in meta["curve"])
+    c = load_file(str(failed / "model.safetensors"))
+    assert not all(a[k].equal(c[k]) for k in a)  # the kept model is the second initialisation's
+
+
+@pytest.mark.slow
 def test_pretrain_writes_a_loadable_cached_model(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,5 +229,9 @@ def test_pretrain_writes_a_loadable_cached_model(tmp_path):
     ids = tok.encode(tw.make_prompt("what is the river of x y ?"), return_tensors="pt")
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape[-1] == len(tok)
+    from bench.copy_probe import probe  # the copy probe reads a base model (values for 3 entities)
+
+    row = probe(model, tok, tw.load_world(paths.dir), [0, 1, 2])
+    assert row["entities"] == 3 and all(0 <= row[k] <= 1 for k in ("p_syllable_1", "greedy_syllable_2"))
     with pytest.raises(ValueError, match="head size"):
         check_spec(PretrainSpec(hidden=64, heads=4))

@@ -40,7 +40,8 @@ def sender_cfg(free_port, timeout_s: float = 10.0, bucket_mb: float = 0.012, chu
                colocated_ipc: bool = False, op: str = "send") -> LearnerConfig:
     """Buckets of ~12 KB, so every sync has several. chunk_mb=0.004: tensors of 4 KB and more go
     as segments of their own, smaller ones packed (the segment path); 0: one per bucket. op: how
-    a gloo group moves them (point-to-point sends, the default, or broadcasts)."""
+    a gloo group moves them (point-to-point sends, the fallback path these tests pin, or
+    broadcasts; the chain, the default, has tests/test_weightsync_chain.py)."""
     return LearnerConfig(sync_endpoint=f"tcp://127.0.0.1:{free_port()}", store_port=0,
                          bucket_mb=bucket_mb, sync_chunk_mb=chunk_mb, sync_timeout_s=timeout_s,
                          colocated_ipc=colocated_ipc, sync_gloo_op=op)

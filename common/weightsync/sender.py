@@ -69,7 +69,7 @@ class WeightSender:
         # a bucket is also one zmq data frame: keep it under the protocol's array cap
         self.bucket_bytes = max(1, min(int(learner_cfg.bucket_mb * (1 << 20)), MAX_ARRAY_BYTES))
         self.chunk_bytes = int(getattr(learner_cfg, "sync_chunk_mb", 0.0) * (1 << 20))
-        self.gloo_op = getattr(learner_cfg, "sync_gloo_op", "send")  # read at each group formation
+        self.gloo_op = getattr(learner_cfg, "sync_gloo_op", "chain")  # read at each group formation
         # ramp (plan_buckets first_bytes): off. Measured on the loaded 2-core VM it lost wall time
         # (more buckets, more wake-ups per sync); bench/weightsync_bench.py --variants ramp tries it
         self.first_bucket_bytes: int | None = None
