@@ -188,8 +188,8 @@ def test_tokenizer_keeps_every_world_word_whole(tmp_path):
 @pytest.mark.slow
 def test_pretraining_starts_again_when_the_copy_check_fails(tmp_path):
     """A check that passes changes nothing (the same weights as no check); one that fails starts
-    again with another tokenizer sample and initialisation, at most max_restarts times, and the
-    last attempt runs on."""
+    again without invented names (another tokenizer sample and initialisation), at most
+    max_restarts times, and the last attempt runs on."""
     from safetensors.torch import load_file
 
     from demo.pretrain import pretrain_base_model
@@ -206,6 +206,7 @@ def test_pretraining_starts_again_when_the_copy_check_fails(tmp_path):
     meta = json.loads((failed / "pretrain.json").read_text())
     assert [(c["attempt"], c["passed"]) for c in meta["copy_checks"]] == [(0, False), (1, False)]
     assert [c["seed"] for c in meta["copy_checks"]] == [0, 7919]
+    assert [c["p_novel_entity"] for c in meta["copy_checks"]] == [tw.PriorSpec().p_novel_entity, 0.0]
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(failed)).get_vocab() != AutoTokenizer.from_pretrained(str(plain)).get_vocab()
