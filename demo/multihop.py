@@ -110,7 +110,7 @@ class ChainPrior(_Prior):
     def pick_question(self) -> tuple[str, str, str | None]:
         """The chain question about a training person (or, p_novel_entity, an invented name that
         is nobody's); an answer without search never copies."""
-        if self.p.p_novel_entity and self.rng.random() < self.p.p_novel_entity:
+        if self.asks_novel():
             return chain_question(self.novel_name()), self.value_not(set()), None
         person = self.rng.choice(self.people)
         return chain_question(self.w.entities[person]), self.w.values[(self.w.chains[person], CAPITAL)], None

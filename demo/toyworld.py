@@ -338,6 +338,11 @@ class _Prior:
                                  if len(world.entities[i].split()) == 2})  # a person's, not a country's
         self.names_taken = {n for e in world.entities for n in (e, " ".join(reversed(e.split())))}
 
+    def asks_novel(self) -> bool:
+        """Whether this question is about an invented name (p_novel_entity); draws nothing when
+        the share is 0, so priors without invented names sample exactly as before."""
+        return bool(self.p.p_novel_entity) and self.rng.random() < self.p.p_novel_entity
+
     def novel_name(self) -> str:
         """Two syllables of training names that spell no entity of the world (held-out ones
         included), in either order: a name the model can only copy, never recall."""
@@ -414,7 +419,7 @@ class _Prior:
     def pick_question(self) -> tuple[str, str, str | None]:
         """(question, gold, the entity an answer without search may copy) about a training entity,
         or (p_novel_entity) about an invented name, with an invented gold."""
-        if self.p.p_novel_entity and self.rng.random() < self.p.p_novel_entity:  # no draw when off
+        if self.asks_novel():
             name, rel = self.novel_name(), self.rng.choice(self.rel_names)
             return question_text(name, rel), self.value_not(set()), name
         eid = self.rng.choice(self.train)
