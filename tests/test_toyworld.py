@@ -189,7 +189,7 @@ def test_tokenizer_keeps_every_world_word_whole(tmp_path):
 def test_pretraining_starts_again_when_the_copy_check_fails(tmp_path):
     """A check that passes changes nothing (the same weights as no check); one that fails starts
     again without invented names (another tokenizer sample and initialisation), at most
-    max_restarts times, and the last attempt runs on."""
+    max_restarts times, and the last attempt runs on, for fallback_steps."""
     from safetensors.torch import load_file
 
     from demo.pretrain import pretrain_base_model
@@ -202,7 +202,8 @@ def test_pretraining_starts_again_when_the_copy_check_fails(tmp_path):
     assert all(a[k].equal(b[k]) for k in a)
     meta = json.loads((passed / "pretrain.json").read_text())
     assert [c["passed"] for c in meta["copy_checks"]] == [True] and 0 <= meta["copy_checks"][0]["answer_copy"] <= 1
-    failed = pretrain_base_model(paths.dir, tmp_path / "failed", seed=0, check_min_copy=1.5, max_restarts=1, **tiny)
+    failed = pretrain_base_model(paths.dir, tmp_path / "failed", seed=0, check_min_copy=1.5, max_restarts=1,
+                                 fallback_steps=5, **tiny)
     meta = json.loads((failed / "pretrain.json").read_text())
     assert [(c["attempt"], c["passed"]) for c in meta["copy_checks"]] == [(0, False), (1, False)]
     assert [c["seed"] for c in meta["copy_checks"]] == [0, 7919]
@@ -210,7 +211,7 @@ def test_pretraining_starts_again_when_the_copy_check_fails(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(failed)).get_vocab() != AutoTokenizer.from_pretrained(str(plain)).get_vocab()
-    assert meta["curve"][-1]["step"] == 6 and not any(e.get("abandoned") for e in meta["curve"])
+    assert meta["curve"][-1]["step"] == 5 and not any(e.get("abandoned") for e in meta["curve"])  # fallback_steps
     c = load_file(str(failed / "model.safetensors"))
     assert a.keys() == c.keys()  # the kept model is the second attempt's (its own tokenizer, above)
 
@@ -240,3 +241,5 @@ def test_pretrain_writes_a_loadable_cached_model(tmp_path):
     assert row["entities"] == 3 and all(0 <= row[k] <= 1 for k in ("p_syllable_1", "greedy_syllable_2"))
     with pytest.raises(ValueError, match="head size"):
         check_spec(PretrainSpec(hidden=64, heads=4))
+    with pytest.raises(ValueError, match="fallback_steps -1"):
+        check_spec(PretrainSpec(fallback_steps=-1))
