@@ -2,6 +2,7 @@
 chain (learner.sync_gloo_op "chain") and the point-to-point path ("send"), same run.
 
     python bench/fanout_bench.py [--members 1,2,4,8] [--sizes-mb 50,500] [--reps 3] [--ops chain,send]
+                                 [--nice-downstream 19]
 
 For each member count N, N member processes (SyncClient + BucketReceiver, as an actor's; this
 script with --role member) join a learner-side WeightSender in this process and stay for every
@@ -62,14 +63,31 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def renice_threads(nice: int) -> None:
+    """Set every thread of this process (gloo's included) to `nice` (Linux's nice is per thread;
+    threads started later inherit the caller's)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def member(args) -> None:
-    """Follow every update; append {"version", "t", "ok"} to --out once it is all here."""
+    """Follow every update; append {"version", "t", "ok"} to --out once it is all here.
+    --nice-downstream N: at each plan, ranks 2.. run at nice N and rank 1 at 0 (the diagnostic)."""
     client = SyncClient(args.endpoint, args.peer_id, uuid.uuid4().hex, TransportConfig(), ("gloo",))
     receiver = BucketReceiver()
+
+    def setup(plan: dict):
+        if args.nice_downstream:
+            renice_threads(args.nice_downstream if plan["rank"] >= 2 else 0)
+        return receiver.setup(plan)
+
     client.join(-1)
     with open(args.out, "a") as out:
         while True:
-            rep = follow_sync(client, client.poll(1000), receiver.setup, lambda h, d: receiver.receive(h, d))
+            rep = follow_sync(client, client.poll(1000), setup, lambda h, d: receiver.receive(h, d))
             if rep is None:
                 if os.getppid() == 1:  # the leader is gone
                     break
@@ -139,7 +157,8 @@ def run_members(args, n: int, models: dict, counter, version: list) -> list[dict
     tmp = Path(args.tmp)
     outs = [tmp / f"m{n}-{i}.jsonl" for i in range(n)]
     procs = [subprocess.Popen([sys.executable, __file__, "--role", "member", "--endpoint", sender.endpoint,
-                               "--peer-id", f"m{i}", "--out", str(outs[i])], cwd=ROOT)
+                               "--peer-id", f"m{i}", "--out", str(outs[i]),
+                               "--nice-downstream", str(args.nice_downstream)], cwd=ROOT)
              for i in range(n)]
     cells = []
     try:
@@ -202,13 +221,17 @@ def main() -> None:
     ap.add_argument("--endpoint", default="")
     ap.add_argument("--peer-id", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--nice-downstream", type=int, default=0,
+                    help="diagnostic: members of rank 2.. run at this nice value (rank 1 and the learner at 0), "
+                         "so that on a shared box the learner's send is not slowed by the relays behind rank 1")
     args = ap.parse_args()
     args.members = [int(x) for x in args.members.split(",")]
     args.sizes = [int(x) for x in args.sizes_mb.split(",")]
     args.ops = args.ops.split(",")
     bad = [o for o in args.ops if o not in ("chain", "send", "broadcast")]
-    if bad or min(args.members) < 1 or args.reps < 1:
-        raise SystemExit(f"bad --ops/--members/--reps: ops {bad}, members {args.members}, reps {args.reps}")
+    if bad or min(args.members) < 1 or args.reps < 1 or not 0 <= args.nice_downstream <= 19:
+        raise SystemExit(f"bad --ops/--members/--reps/--nice-downstream: ops {bad}, members {args.members}, "
+                         f"reps {args.reps}, nice {args.nice_downstream} (0-19)")
     (leader if args.role == "leader" else member)(args)
 
 
