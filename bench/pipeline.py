@@ -11,6 +11,9 @@
         actor worker /metrics scraped when the measured window opens and when it closes
     ──▶ per mode: samples/s, tokens/s, learner idle, actor idle, staleness, reward at the end
     ──▶ async / sync ratio, and the profile of one async step (where the time goes)
+    ──▶ the ratio against two bounds from the sync run (the learner's busy time against the rest
+        of the period; against the actor's own work), and the async actor's work as a share of
+        its period: the pipeline's fraction of the bound its slowest stage sets
 
 The first --warmup steps (engine compilation, first weight syncs) are left out of every figure.
 
@@ -238,7 +241,25 @@ def report(results: dict[str, dict], args) -> str:
         if "async" in results and results["sync"]["samples_per_s"]:
             got = results["async"]["samples_per_s"] / results["sync"]["samples_per_s"]
             lines.append(f"async/sync {got:.2f}x = {got / bound:.0%} of that bound (both from this invocation)")
+            work = actor_work_s(results["sync"])
+            tight = period / max(busy, work, 1e-9)
+            lines.append(f"sync step: the actor's own work {work:.2f} s (not waiting for prompts or retrieval): "
+                         f"async/sync <= {tight:.2f}x; async/sync {got:.2f}x = {got / tight:.0%} of it")
+    if "async" in results:
+        r = results["async"]
+        period, work = r["learner_phases_s"]["step_period_s"], actor_work_s(r)
+        lines.append(f"async step: the actor worked {work:.3f} s of the {period:.3f} s period = {work / period:.0%} "
+                     "(the pipeline at that share of the bound its slowest stage sets, when the actor is that stage)")
     return "\n".join(lines)
+
+
+ACTOR_WORK = ("engine", "rollout", "send", "link", "weight_load")  # ACTOR_PHASES less the waits
+
+
+def actor_work_s(r: dict) -> float:
+    """Seconds per step the actor worker spent working (engine steps, rollout logic, sending,
+    the learner link, loading weights), not waiting for prompts (credits) or for retrieval."""
+    return sum(r["actor_phases_s"][k] for k in ACTOR_WORK)
 
 
 def profile_table(r: dict) -> str:
