@@ -201,6 +201,10 @@ class LearnerConfig(Section):
     peer_timeout_s: float = Field(120.0, gt=0)  # prompts held by a silent actor run are re-queued
     heap_trim_s: float = Field(60.0, ge=0)  # give freed C heap back to the OS this often (0 = off; common/procs.py)
     retry_after_s: float = Field(0.5, ge=0, le=60)  # told to actors when no credit is free
+    # a group refused because the buffer is full is answered this long after it came (0 = at once):
+    # an actor that ignores its credits and sends back to back, one group in flight, is held to one
+    # refusal per delay, so however many there are they cannot keep the ingest thread busy
+    buffer_full_delay_s: float = Field(0.5, ge=0, le=60)
     end_grace_s: float = Field(15.0, ge=0)  # after the last step: time to tell live actors the run ended
     batch_wait_s: float = Field(2.0, gt=0)  # rank 0 re-checks (stop, pending syncs) this often
     sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = model config dtype

@@ -19,6 +19,10 @@ every sample failed retrieval, or with tokens of a version newer than the learne
 resume from an older checkpoint), is refused and its prompt handed out again; an actor holding
 such newer weights gets no prompts until the learner's next sync has reached it.
 
+A group refused because the buffer is full (only an actor that ignores its credits sends one)
+is answered learner.buffer_full_delay_s later, from a queue the ingest thread flushes between
+messages: such an actor, one group in flight, then costs the thread one refusal per delay.
+
 The socket lives in its own thread; the trainer only touches the lock-protected buffer.
 """
 
@@ -180,6 +184,8 @@ class IngestServer:
         self.sync_endpoint = sync_endpoint or self.lc.sync_endpoint  # told to actors in HelloAck
         self.ended = False  # the run is over: work requests are answered `ended`, groups refused
         self.told_ended: set[tuple[str, str]] = set()  # (peer, run) that got an `ended` answer
+        # "buffer full" answers held back: (due, frames), due times in order (one delay for all)
+        self._deferred: collections.deque[tuple[float, list]] = collections.deque()
         self._metrics(metrics or Metrics("learner"))
 
     def _metrics(self, m: Metrics) -> None:
@@ -198,6 +204,8 @@ class IngestServer:
                                        "token version, at training time", buckets=STALENESS_BUCKETS)
         self.m_busy = m.counter("scout_learner_ingest_seconds_total", "ingest thread time decoding, checking and "
                                 "answering messages")
+        self.m_deferred = m.gauge("scout_learner_deferred_refusals", "'buffer full' answers waiting out "
+                                  "learner.buffer_full_delay_s")
         self.counts = collections.Counter()  # plain numbers for metrics.jsonl
         self._busy_s = 0.0  # ingest thread seconds spent on messages (learner/main.py logs it per step)
 
@@ -237,23 +245,40 @@ class IngestServer:
 
     def _serve(self, sock: zmq.Socket) -> None:
         last_sweep = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                if sock.poll(100):
-                    frames = sock.recv_multipart(copy=False)
-                    t0 = time.perf_counter()
-                    self._reply(sock, frames)
-                    dt = time.perf_counter() - t0
-                    self._busy_s += dt
-                    self.m_busy.inc(dt)
-                if time.monotonic() - last_sweep > 1.0:
-                    last_sweep = time.monotonic()
-                    self._sweep_dead_peers()
-            except zmq.Again:
-                continue
-            except Exception:  # the ingest thread must outlive any single bad moment
-                log.exception("ingest loop error (still serving)")
-                time.sleep(0.1)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if sock.poll(self._poll_ms()):
+                        frames = sock.recv_multipart(copy=False)
+                        t0 = time.perf_counter()
+                        self._reply(sock, frames)
+                        dt = time.perf_counter() - t0
+                        self._busy_s += dt
+                        self.m_busy.inc(dt)
+                    if self._deferred:
+                        self._flush_deferred(sock, time.monotonic())
+                    if time.monotonic() - last_sweep > 1.0:
+                        last_sweep = time.monotonic()
+                        self._sweep_dead_peers()
+                except zmq.Again:
+                    continue
+                except Exception:  # the ingest thread must outlive any single bad moment
+                    log.exception("ingest loop error (still serving)")
+                    time.sleep(0.1)
+        finally:
+            self._flush_deferred(sock, float("inf"))  # stopping: every group sent still gets its answer
+
+    def _poll_ms(self) -> int:
+        """Wait at most 100 ms, and no longer than the first held-back answer is due."""
+        if not self._deferred:
+            return 100
+        return max(0, min(100, int((self._deferred[0][0] - time.monotonic()) * 1000) + 1))
+
+    def _flush_deferred(self, sock: zmq.Socket, now: float) -> None:
+        """Send the held-back "buffer full" answers that are due."""
+        while self._deferred and self._deferred[0][0] <= now:
+            self._send(sock, self._deferred.popleft()[1], "GroupAck")
+        self.m_deferred.set(len(self._deferred))
 
     def _reply(self, sock: zmq.Socket, frames: list) -> None:
         env, reply = self._handle(frames)
@@ -264,10 +289,21 @@ class IngestServer:
         except ProtocolError as e:  # e.g. an assignment too large for one header
             log.error("cannot encode %s: %s", reply.TYPE, e)
             out = error_frames("internal", f"reply could not be encoded: {e}")
+        delay = self.lc.buffer_full_delay_s
+        # one entry per refused sender in flight; the bound only guards against a sender that
+        # does not wait for its answers (it then gets them at once)
+        if delay > 0 and isinstance(reply, GroupAck) and reply.reason == "buffer full" and len(self._deferred) < 65536:
+            self._deferred.append((time.monotonic() + delay, [*env, *out]))
+            self.m_deferred.set(len(self._deferred))
+            return
+        self._send(sock, [*env, *out], reply.TYPE)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, frames: list, what: str) -> None:
         try:
-            sock.send_multipart([*env, *out], copy=False, flags=zmq.NOBLOCK)
+            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            log.warning("reply %s dropped: %s", reply.TYPE, e)
+            log.warning("reply %s dropped: %s", what, e)
 
     # ----------------------------------------------------------------- messages
     def _handle(self, frames: list) -> tuple[list | None, Message | None]:

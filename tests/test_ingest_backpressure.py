@@ -56,7 +56,8 @@ def start_sims(procs, endpoint: str, tmp_path, mode: str, count: int, groups: in
 def test_actors_faster_than_the_trainer_are_refused_counted_and_nothing_accepted_is_lost(ipc_path, procs, tmp_path):
     cfg = load_config(None, [f"learner.ingest_endpoint='{ipc_path('ingest')}'", "learner.n_samples=8",
                              f"learner.groups_per_step={PER_STEP}", f"learner.buffer_groups={BUFFER}",
-                             "learner.max_staleness=1", "learner.retry_after_s=0.05"])
+                             "learner.max_staleness=1", "learner.retry_after_s=0.05",
+                             "learner.buffer_full_delay_s=0.02"])
     rows = [{"question": f"q{i}?", "golden_answers": [f"a{i}"], "data_source": "t"} for i in range(ROWS)]
     srv = WatchedServer(cfg, Dispatcher(rows, seed=1), vocab_size=VOCAB).start()
     # flood: actors that ignore credits (groups for any prompt, back to back); credit: the worker's way
@@ -106,3 +107,32 @@ def test_actors_faster_than_the_trainer_are_refused_counted_and_nothing_accepted
     stale_in_buffer = counts.get("stale", 0) - metric.get("stale", 0)
     assert counts["buffer"] == 0 and taken + stale_in_buffer == metric["accepted"]
     assert taken > 0 and sum(s["answers"].get("accepted", 0) for s in sims[len(floods):]) > 0  # credit actors got through
+
+
+def test_a_flooding_actor_is_held_to_one_refusal_per_delay(ipc_path, procs, tmp_path):
+    """learner.buffer_full_delay_s: with the buffer full and nobody training, 4 actors ignoring
+    credits (one group in flight each) get each "buffer full" answer no sooner than the delay, so
+    the refusals take at least (refused / 4) delays while the ingest thread stays mostly idle;
+    every group is still answered and counted."""
+    delay = 0.25
+    cfg = load_config(None, [f"learner.ingest_endpoint='{ipc_path('flood')}'", "learner.n_samples=8",
+                             f"learner.groups_per_step={PER_STEP}", f"learner.buffer_groups={BUFFER}",
+                             "learner.max_staleness=1", f"learner.buffer_full_delay_s={delay}"])
+    rows = [{"question": f"q{i}?", "golden_answers": [f"a{i}"], "data_source": "t"} for i in range(ROWS)]
+    srv = WatchedServer(cfg, Dispatcher(rows, seed=1), vocab_size=VOCAB).start()
+    try:
+        t0 = time.monotonic()
+        (p, path), = start_sims(procs, srv.endpoint, tmp_path, "flood", 1, 40)
+        assert p.wait(120) == 0, "the simulated actors failed"
+        took, busy = time.monotonic() - t0, srv.busy_seconds()
+    finally:
+        srv.stop()
+    sim, metric = json.loads(path.read_text()), received(srv)
+    print(f"{sim['answers']} in {took:.2f} s, ingest thread busy {busy:.3f} s", file=sys.stderr)
+    assert sim["sent"] >= 40 and sum(sim["answers"].values()) == sim["sent"]  # every group answered
+    assert sim["answers"].get("accepted", 0) == BUFFER == srv.peak  # the buffer filled, then refusals
+    refused = sim["answers"]["buffer full"]
+    assert metric["buffer_full"] == refused and metric["accepted"] == BUFFER  # counted on /metrics
+    assert took >= refused / 4 * delay  # each actor waited out the delay for every refusal
+    assert busy < took / 4  # the ingest thread was mostly idle through the flood
+    assert not srv._deferred  # nothing left held back
