@@ -47,6 +47,7 @@ log = logging.getLogger("scout.bench.pipeline")
 LEARNER_CORES, ACTOR_CORES = {0}, {1}
 LEARNER_PHASES = ("wait_s", "assemble_s", "forward_s", "backward_s", "optimizer_s", "gather_s", "broadcast_s")
 ACTOR_PHASES = ("engine", "rollout", "send", "link", "weight_load", "search_wait", "no_work")
+ACTOR_WORK = tuple(p for p in ACTOR_PHASES if p not in ("search_wait", "no_work"))  # less the waits
 
 
 class PinnedChildren(Children):
@@ -251,9 +252,6 @@ def report(results: dict[str, dict], args) -> str:
         lines.append(f"async step: the actor worked {work:.3f} s of the {period:.3f} s period = {work / period:.0%} "
                      "(the pipeline at that share of the bound its slowest stage sets, when the actor is that stage)")
     return "\n".join(lines)
-
-
-ACTOR_WORK = ("engine", "rollout", "send", "link", "weight_load")  # ACTOR_PHASES less the waits
 
 
 def actor_work_s(r: dict) -> float:

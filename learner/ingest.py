@@ -49,6 +49,7 @@ from common.transport import bind, bound_endpoint
 log = logging.getLogger("scout.learner.ingest")
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+BUFFER_FULL = "buffer full"  # GroupAck.reason of a group refused for a full buffer (answered late: _reply)
 
 
 # --------------------------------------------------------------------------- data
@@ -292,7 +293,7 @@ class IngestServer:
         delay = self.lc.buffer_full_delay_s
         # one entry per refused sender in flight; the bound only guards against a sender that
         # does not wait for its answers (it then gets them at once)
-        if delay > 0 and isinstance(reply, GroupAck) and reply.reason == "buffer full" and len(self._deferred) < 65536:
+        if delay > 0 and isinstance(reply, GroupAck) and reply.reason == BUFFER_FULL and len(self._deferred) < 65536:
             self._deferred.append((time.monotonic() + delay, [*env, *out]))
             self.m_deferred.set(len(self._deferred))
             return
@@ -429,7 +430,7 @@ class IngestServer:
                                        f"{self.min_version()} (version {self.version}, max_staleness {self.lc.max_staleness})")
             self.m_dropped.inc()
         elif len(self.buffer) >= self.lc.buffer_groups:
-            result, reason = "buffer_full", "buffer full"  # its own label: back-pressure, not bad input
+            result, reason = "buffer_full", BUFFER_FULL  # its own label: back-pressure, not bad input
         held = self.dispatcher.returned((g.peer_id, g.run_id), g.prompt_id, result == "accepted") if known else False
         if result != "accepted" and held:
             self.dispatcher.give_back([g.prompt_id])
