@@ -219,12 +219,8 @@ def frozen_learner(stack: Stack, freeze_s: float, warm_steps: int = 3, after_ste
     stack.wait(lambda: len(stack.steps()) >= warm_steps and stack.health("actor", 0)["version"] >= 1, timeout,
                f"{warm_steps} steps and a worker holding broadcast weights", watch)
     wpid = int(stack.health("actor", 0)["pid"])
-    stack.wait(lambda: stack.health("actor", 0)["groups_in_flight"] >= cap, timeout,
-               f"the worker holding its {cap} groups in flight", watch, poll_s=0.01)
-    n_stop = len(stack.steps())
-    with Frozen(stack.procs["learner"].pid) as fz:
-        stack.wait(lambda: stack.health("actor", 0)["groups_unacked"] >= cap, min(timeout, freeze_s),
-                   f"all {cap} groups finished and sent", ("actor",), poll_s=0.05)
+    fz, n_stop, tries = _freeze_at_cap(stack, cap, freeze_s, timeout)
+    with fz:
         t_full, cpu0 = time.time(), cpu_seconds(wpid)
         samples = []  # (seconds since the stop, groups in flight, groups sent and not answered)
         while time.time() < fz.t_stop + freeze_s:
@@ -239,11 +235,38 @@ def frozen_learner(stack: Stack, freeze_s: float, warm_steps: int = 3, after_ste
     stack.wait(lambda: len(stack.steps()) >= n + after_steps, timeout, f"{after_steps} steps after SIGCONT", watch)
     t_steps = time.time()
     first = stack.steps()[n]["time"]
-    return {"scenario": "frozen_learner", "freeze_s": t_cont - fz.t_stop, "cap": cap,
+    return {"scenario": "frozen_learner", "freeze_s": t_cont - fz.t_stop, "cap": cap, "freeze_tries": tries,
             "stop_to_all_sent_s": t_full - fz.t_stop, "worker_cpu_frozen": cpu, "samples": samples,
             "steps_while_frozen": steps_frozen, "worker_pid_same": int(stack.health("actor", 0)["pid"]) == wpid,
             "cont_to_first_step_s": first - t_cont, "cont_to_after_steps_s": t_steps - t_cont,
             "groups_frozen": during, "accounts": accounts(stack, 0, 30.0), "t_stop": fz.t_stop, "t_cont": t_cont}
+
+
+def _freeze_at_cap(stack: Stack, cap: int, freeze_s: float, timeout: float, tries: int = 5) -> tuple[Frozen, int, int]:
+    """SIGSTOP the learner at a moment worker 0 holds its `cap` groups in flight, and wait until it
+    has sent all of them. An answer the learner sent just before the stop (a "stale" refusal) can
+    still reach the worker afterwards: it frees a slot whose WorkRequest the stopped learner never
+    answers, so the worker would never hold `cap` sent groups. Then SIGCONT at once and try again
+    (up to `tries` times). Returns the freeze that held, the learner's step count at its stop and
+    the number of tries it took."""
+    watch = ("learner", "actor")
+    for attempt in range(1, tries + 1):
+        stack.wait(lambda: stack.health("actor", 0)["groups_in_flight"] >= cap, timeout,
+                   f"the worker holding its {cap} groups in flight", watch, poll_s=0.01)
+        n_stop = len(stack.steps())
+        fz = Frozen(stack.procs["learner"].pid)
+        while time.time() < fz.t_stop + freeze_s:
+            h = stack.health("actor", 0)
+            if h["groups_unacked"] >= cap:
+                return fz, n_stop, attempt
+            if h["groups_in_flight"] < cap:
+                break  # an answer from before the stop freed a slot: this freeze cannot hold the cap
+            time.sleep(0.05)
+        else:
+            fz.cont()
+            raise TimeoutError(f"the worker did not send all {cap} groups within {freeze_s} s of the stop")
+        fz.cont()
+    raise TimeoutError(f"the worker never sent all {cap} groups while the learner was stopped ({tries} tries)")
 
 
 def accounts(stack: Stack, slot: int, timeout: float) -> dict:
