@@ -94,6 +94,9 @@ def collect(started: list[tuple[subprocess.Popen, Path]], timeout: float) -> dic
 
 
 # --------------------------------------------------------------------------- throughput
+DRAIN_MIN = 16  # the demo's learner.groups_per_step: the trainer takes that many at a time
+
+
 def ingest_server(endpoint: str, curve_dir: str | None, rows: int, vocab: int):
     """The real IngestServer with a drain thread that takes groups as fast as they are accepted."""
     import zmq
@@ -110,9 +113,9 @@ def ingest_server(endpoint: str, curve_dir: str | None, rows: int, vocab: int):
     srv = IngestServer(cfg, Dispatcher(qa, seed=0), vocab_size=vocab, ctx=ctx).start()
     stop = threading.Event()
 
-    def drain():  # like the trainer, many groups per take (each take scans the buffer for stale groups)
+    def drain():  # like the trainer: a step's worth of groups per take (at least DRAIN_MIN, up to 256)
         while not stop.is_set():
-            if srv.take_groups(max(1, min(len(srv.buffer), 256)), 0.2) is not None:
+            if srv.take_groups(max(DRAIN_MIN, min(len(srv.buffer), 256)), 0.2) is not None:
                 srv.release(0)
 
     t = threading.Thread(target=drain, daemon=True)

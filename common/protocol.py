@@ -13,6 +13,7 @@ Weight sync has messages of its own, beside the code that speaks them: common/we
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -261,10 +262,16 @@ class TrajectoryGroup(Message):
     def n(self) -> int:
         return int(self.lengths.shape[0])
 
+    @functools.cached_property
+    def version_span(self) -> tuple[int, int]:
+        """(oldest, newest) policy version among generated tokens, (-1, -1) if none were generated;
+        one gather, computed once (the learner asks on arrival, at every take and in training)."""
+        gen = self.versions[self.loss_mask.view(bool)]
+        return (int(gen.min()), int(gen.max())) if gen.size else (-1, -1)
+
     def oldest_version(self) -> int:
         """Oldest policy version among generated tokens (-1 if none were generated)."""
-        gen = self.loss_mask.view(bool)
-        return int(self.versions[gen].min()) if gen.any() else -1
+        return self.version_span[0]
 
     def sample_slices(self) -> list[slice]:
         ends = np.cumsum(self.lengths.astype(np.int64))

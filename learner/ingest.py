@@ -79,6 +79,7 @@ class Dispatcher:
         self.epoch, self.cursor = 0, 0
         self.requeue: collections.deque[int] = collections.deque()
         self.held: dict[tuple[str, str], collections.Counter] = {}
+        self._n_held = 0  # sum of every run's held counts (in_flight, asked on every work request)
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -105,6 +106,7 @@ class Dispatcher:
     def take(self, run: tuple[str, str], k: int) -> list[int]:
         ids = [self._next_id() for _ in range(k)]
         self.held.setdefault(run, collections.Counter()).update(ids)
+        self._n_held += k
         return ids
 
     def returned(self, run: tuple[str, str], pid: int, accepted: bool = True) -> bool:
@@ -115,6 +117,7 @@ class Dispatcher:
             held[pid] -= 1
             if held[pid] == 0:
                 del held[pid]
+            self._n_held -= 1
             return True
         if accepted and pid in self.requeue:  # handed back after a restart, but its group arrived after all
             self.requeue.remove(pid)
@@ -130,10 +133,11 @@ class Dispatcher:
             return 0
         ids = list(held.elements())
         self.requeue.extendleft(reversed(ids))
+        self._n_held -= len(ids)
         return len(ids)
 
     def in_flight(self) -> int:
-        return sum(sum(c.values()) for c in self.held.values())
+        return self._n_held
 
     def state_dict(self, pending: list[int] = ()) -> dict:
         held = [pid for c in self.held.values() for pid in c.elements()]
@@ -147,7 +151,7 @@ class Dispatcher:
             return
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
-        self.held = {}
+        self.held, self._n_held = {}, 0
         self.requeue = collections.deque(int(p) for p in state["pending"] if self.knows(int(p)))
 
 
@@ -178,6 +182,7 @@ class IngestServer:
         self.superseded: dict[str, collections.deque[str]] = {}
         self.seen_groups: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cond = threading.Condition()
+        self._wanted = 0  # groups the trainer is waiting for in take_groups (0: not waiting)
         self._stop = threading.Event()
         self._ctx = ctx or zmq.Context.instance()
         self._thread: threading.Thread | None = None
@@ -207,8 +212,15 @@ class IngestServer:
                                 "answering messages")
         self.m_deferred = m.gauge("scout_learner_deferred_refusals", "'buffer full' answers waiting out "
                                   "learner.buffer_full_delay_s")
+        self._m_results: dict[str, object] = {}  # result -> its labelled child (labels() costs ~10 us)
         self.counts = collections.Counter()  # plain numbers for metrics.jsonl
         self._busy_s = 0.0  # ingest thread seconds spent on messages (learner/main.py logs it per step)
+
+    def _m_result(self, result: str):
+        child = self._m_results.get(result)
+        if child is None:
+            child = self._m_results[result] = self.m_groups.labels(result=result)
+        return child
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "IngestServer":
@@ -246,11 +258,20 @@ class IngestServer:
 
     def _serve(self, sock: zmq.Socket) -> None:
         last_sweep = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        ready = False  # a message was there last time: try the next one before polling
         try:
             while not self._stop.is_set():
                 try:
-                    if sock.poll(self._poll_ms()):
-                        frames = sock.recv_multipart(copy=False)
+                    if not ready:
+                        poller.poll(self._poll_ms())
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        ready = True
+                    except zmq.Again:
+                        ready = False
+                    if ready:
                         t0 = time.perf_counter()
                         self._reply(sock, frames)
                         dt = time.perf_counter() - t0
@@ -402,13 +423,14 @@ class IngestServer:
             return f"prompt_id {g.prompt_id} is not in the learner's data ({len(self.dispatcher.rows)} rows)"
         if g.tokens.size and int(g.tokens.max()) >= self.vocab_size:
             return f"token id {int(g.tokens.max())} outside the model's vocabulary of {self.vocab_size}"
-        if int(g.lengths.max()) > self.lc.micro_batch_tokens:
-            return f"a sample has {int(g.lengths.max())} tokens, more than learner.micro_batch_tokens"
-        if not g.loss_mask.any():
+        longest = max(g.lengths.tolist())
+        if longest > self.lc.micro_batch_tokens:
+            return f"a sample has {longest} tokens, more than learner.micro_batch_tokens"
+        if g.version_span[0] < 0:  # generated tokens all carry a version >= 0 (decode checks it)
             return "no generated tokens in the group"
         if all(g.retrieval_failed):
             return "retrieval failed in every sample: nothing to learn from (the prompt is handed out again)"
-        newest = int(g.versions[g.loss_mask.view(bool)].max())
+        newest = g.version_span[1]
         if newest > self.version:
             return (f"tokens of policy version {newest}, newer than the learner's {self.version} (it resumed from an "
                     "older checkpoint): load the learner's current weights first")
@@ -417,7 +439,7 @@ class IngestServer:
     def _on_group(self, g: TrajectoryGroup) -> GroupAck:
         self._touch(g.peer_id, g.run_id, None)
         if g.group_id in self.seen_groups:  # a retry of a group already accepted
-            self.m_groups.labels(result="duplicate").inc()
+            self._m_result("duplicate").inc()
             return GroupAck(group_id=g.group_id, accepted=True, reason="duplicate", version=self.version)
         problem = self._check_group(g)
         known = self.dispatcher.knows(g.prompt_id)
@@ -436,14 +458,15 @@ class IngestServer:
             self.dispatcher.give_back([g.prompt_id])
             self.m_requeued.inc()
         self.counts[result] += 1
-        self.m_groups.labels(result=result).inc()
+        self._m_result(result).inc()
         if result == "accepted":
             self.buffer.append(g)
             self.seen_groups[g.group_id] = None
             while len(self.seen_groups) > 65536:
                 self.seen_groups.popitem(last=False)
             self.m_buffer.set(len(self.buffer))
-            self._cond.notify_all()
+            if 0 < self._wanted <= len(self.buffer):  # wake the trainer once, when its k are here
+                self._cond.notify_all()
             if self.lc.dump_groups_dir:
                 self._dump(g)
         elif result == "rejected":
@@ -508,8 +531,11 @@ class IngestServer:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
+                    self._wanted = 0
                     return None
+                self._wanted = k
                 self._cond.wait(min(left, 0.5))
+            self._wanted = 0
             groups = [self.buffer.popleft() for _ in range(k)]
             self.in_training.extend(g.prompt_id for g in groups)
             for g in groups:

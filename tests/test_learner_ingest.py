@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 
@@ -174,6 +175,25 @@ def test_dispatcher_order_and_state_round_trip(rows):
     assert sorted(nxt[:5]) == sorted(a[1:])  # buffered + in flight come first
     first_epoch = a[:1] + nxt[:19]
     assert sorted(first_epoch) == list(range(20))  # nothing skipped, nothing repeated in the epoch
+
+
+def test_dispatcher_in_flight_count_follows_every_run(rows):
+    """in_flight is kept as a running count (asked on every work request): it must equal the held
+    prompts summed over runs after any mix of take / returned / release_run / load_state_dict."""
+    rng = random.Random(7)
+    d = Dispatcher(rows, seed=1)
+    runs = [("a", "1"), ("b", "1"), ("a", "2")]
+    for _ in range(400):
+        run, op = rng.choice(runs), rng.random()
+        if op < 0.4:
+            d.take(run, rng.randint(0, 3))
+        elif op < 0.85:  # a group for a prompt this run may or may not hold (a duplicate, a stranger)
+            d.returned(run, rng.choice(d.ids), accepted=rng.random() < 0.8)
+        elif op < 0.97:
+            d.release_run(run)
+        else:
+            d.load_state_dict(json.loads(json.dumps(d.state_dict())))
+        assert d.in_flight() == sum(sum(c.values()) for c in d.held.values())
 
 
 def test_load_qa_jsonl_and_parquet(tmp_path):
