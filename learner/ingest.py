@@ -23,7 +23,8 @@ A group refused because the buffer is full (only an actor that ignores its credi
 is answered learner.buffer_full_delay_s later, from a queue the ingest thread flushes between
 messages: such an actor, one group in flight, then costs the thread one refusal per delay.
 
-The socket lives in its own thread; the trainer only touches the lock-protected buffer.
+The socket lives in its own thread; the trainer only touches the lock-protected buffer. A trainer
+waiting in take_groups(k) is woken once k groups are buffered, not by every group that arrives.
 """
 
 from __future__ import annotations

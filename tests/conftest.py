@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import shutil
 import sys
 import tempfile
 import uuid
@@ -40,9 +41,27 @@ def free_port():
     return free_tcp_port
 
 
+_IPC_DIRS: list[str] = []  # made by ipc_dir() in this test session, removed at its end
+
+
+def ipc_dir() -> str:
+    """A short private folder for ipc:// sockets (a socket path must fit in ~107 bytes, so not under
+    tmp_path); removed when the test session ends."""
+    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    _IPC_DIRS.append(d)
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_ipc_dirs():
+    yield
+    for d in _IPC_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def ipc_path():
-    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    d = ipc_dir()
     return lambda name="sock": f"ipc://{d}/{name}-{uuid.uuid4().hex[:8]}"
 
 

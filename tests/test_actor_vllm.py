@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -147,7 +146,9 @@ def retriever_endpoint(tmp_path_factory, procs_mod):
                               for i, (t, x) in enumerate(CORPUS)))
     subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(base / "index"),
                     "--batch-size", "16"], cwd=ROOT, check=True, timeout=600)
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='scout-ipc-')}/retriever"
+    from tests.conftest import ipc_dir
+
+    endpoint = f"ipc://{ipc_dir()}/retriever"
     mport = free_tcp_port()
     proc = procs_mod.start(["cli.py", "retriever", "--index", str(base / "index"), "--endpoint", endpoint,
                             "--http-port", "0", "--set", f"metrics.retriever_port={mport}"])

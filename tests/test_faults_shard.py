@@ -28,7 +28,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -36,7 +35,7 @@ import uuid
 import pytest
 
 from retriever.client import RetrievalError, RetrieverClient
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 from tests.test_retriever_service import health, metrics_text, start_service, wait_until
 
@@ -135,7 +134,7 @@ def index_dir(tmp_path_factory):
 
 @pytest.fixture
 def service(index_dir, free_port):
-    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    d = ipc_dir()
     procs = Procs()
     try:
         yield start_service(procs, index_dir, lambda n: f"ipc://{d}/{n}-{uuid.uuid4().hex[:8]}", free_port(),

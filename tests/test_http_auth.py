@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -20,7 +19,7 @@ from common.config import ConfigError
 from common.metrics import Metrics, bearer_ok, read_token_file
 from common.transport import free_tcp_port
 from retriever.http_api import open_bind_warning
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 TOKEN = "s3cret-" + uuid.uuid4().hex
@@ -68,7 +67,7 @@ def wait_health(port: int, proc, timeout: float = 240) -> None:
 
 def start(procs: Procs, index_dir: Path, log_path: Path, *extra: str) -> dict:
     http_port, metrics_port = free_tcp_port(), free_tcp_port()
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='scout-ipc-')}/retriever"
+    endpoint = f"ipc://{ipc_dir()}/retriever"
     log = open(log_path, "w")
     proc = procs.start(["cli.py", "retriever", "--index", str(index_dir), "--endpoint", endpoint,
                         "--http-port", str(http_port), "--set", f"metrics.retriever_port={metrics_port}", *extra],

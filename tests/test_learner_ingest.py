@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
 
@@ -12,7 +13,7 @@ import pytest
 import zmq
 
 from common.config import ConfigError, load_config
-from common.wire import decode
+from common.wire import decode, encode
 from common.protocol import (ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, RetrieveRequest, TrajectoryGroup,
                              WorkAssignment, WorkRequest)
 from common.transport import connect, recv, send
@@ -160,6 +161,29 @@ def test_silent_actor_prompts_are_handed_out_again(server, actor):
         time.sleep(0.2)  # the sweep runs every second
     assert server.snapshot()["in_flight"] == 0
     assert [p.prompt_id for p in _work(ask, 2, peer="live", run="r").prompts] == lost
+
+
+def test_trainer_is_woken_once_its_groups_are_there(rows):
+    """take_groups(k) waits on the buffer; an accepted group wakes the trainer only once k are
+    buffered (a wake per group cost the ingest thread a notify and the trainer a stale scan)."""
+    cfg = load_config(None, ["learner.n_samples=2", "learner.groups_per_step=4", "learner.max_staleness=1"])
+    srv = IngestServer(cfg, Dispatcher(rows, seed=0), vocab_size=VOCAB)
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(srv.take_groups(3, 20.0)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while srv._wanted != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    wakes, notify = [], srv._cond.notify_all
+    srv._cond.notify_all = lambda: (wakes.append(len(srv.buffer)), notify())
+    for pid in range(3):
+        env, ack = srv._handle([b"id", *encode(make_group(pid, 0))])
+        assert ack.accepted, ack
+    waiter.join(10)
+    assert wakes == [3] and [g.prompt_id for g in got[0]] == [0, 1, 2]
+    assert srv._wanted == 0  # nobody waits now: a later group wakes no one
+    srv._handle([b"id", *encode(make_group(3, 0))])
+    assert wakes == [3] and len(srv.buffer) == 1
 
 
 def test_dispatcher_order_and_state_round_trip(rows):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from common.config import RetrieverConfig, load_config
 from retriever.bm25 import LocalBm25, build_bm25, idf, make_tokenizer, score_matrix
 from retriever.docstore import CorpusError
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 N_SKEW = 100  # two shards of 50 rows
@@ -156,7 +155,7 @@ def test_served_over_zmq_and_http(cli_index, tmp_path):
 
     rows = make_corpus(200, seed=11)
     names = [r["contents"].split("\n")[0].strip('"') for r in rows]
-    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    d = ipc_dir()
     procs = Procs()
     try:
         svc = start_service(procs, cli_index, lambda n: f"ipc://{d}/{n}-{uuid.uuid4().hex[:8]}", free_tcp_port(),

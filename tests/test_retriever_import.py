@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from retriever.docstore import CorpusError
 from retriever.encoder import PACKAGED, Encoder
 from retriever.importer import FaissImportError, import_faiss
 from retriever.index import LocalIndex, build_index, encoder_for, load_manifest, verify_checksums
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 N = 200
@@ -144,7 +143,7 @@ def test_served_over_http_and_zmq(imported):
     from retriever.client import HttpRetrievalClient, RetrieverClient, SyncRetriever
     from tests.test_retriever_service import post, start_service
 
-    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    d = ipc_dir()
     procs = Procs()
     try:
         svc = start_service(procs, imported, lambda n: f"ipc://{d}/{n}-{uuid.uuid4().hex[:8]}", free_tcp_port(),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from common.config import RetrieverConfig
 from retriever.encoder import Encoder
 from retriever.importer import FaissImportError, import_faiss
 from retriever.index import LocalIndex, load_manifest, verify_checksums
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_import import PICKS, ROWS, N, gone, texts_of
 from tests.test_retriever_index import write_jsonl
 
@@ -224,7 +223,7 @@ def test_ivf_l2_e5_served_over_http(data):
                         "--metric", "l2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "IVF8,Flat, metric l2" in r.stdout and load_manifest(out)["encoder"]["query_prefix"] == "query: "
-    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    d = ipc_dir()
     procs = Procs()
     try:
         svc = start_service(procs, out, lambda n: f"ipc://{d}/{n}-{uuid.uuid4().hex[:8]}", free_tcp_port(),

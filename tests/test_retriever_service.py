@@ -23,7 +23,7 @@ import zmq
 from common.wire import decode, encode
 from common.protocol import ErrorReply, Hello, RetrieveReply, RetrieveRequest
 from retriever.client import HttpRetrievalClient, RetrievalError, RetrieverClient, SyncRetriever
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -115,10 +115,9 @@ def index_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(index_dir, tmp_path_factory):
     from common.transport import free_tcp_port
-    import tempfile
     import uuid
 
-    d = tempfile.mkdtemp(prefix="scout-ipc-")
+    d = ipc_dir()
     procs = Procs()
     try:
         yield start_service(procs, index_dir, lambda n: f"ipc://{d}/{n}-{uuid.uuid4().hex[:8]}", free_tcp_port(),
