@@ -156,6 +156,29 @@ class Dispatcher:
         self.requeue = collections.deque(int(p) for p in state["pending"] if self.knows(int(p)))
 
 
+def dump_group(directory: str, n: int, g: TrajectoryGroup, learner_version: int) -> None:
+    """learner.dump_groups_dir (tests/debugging): accepted group number `n` (acceptance order), its
+    arrays and ids as .npz (plain arrays, no pickle). A failed write is only logged."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / f"{n:06d}.npz", group_id=np.str_(g.group_id), lengths=g.lengths, tokens=g.tokens,
+                 loss_mask=g.loss_mask, logprobs=g.logprobs, versions=g.versions, rewards=g.rewards,
+                 prompt_id=np.int64(g.prompt_id), peer_id=np.str_(g.peer_id), run_id=np.str_(g.run_id),
+                 learner_version=np.int64(learner_version), retrieval_failed=np.asarray(g.retrieval_failed, bool),
+                 num_searches=np.asarray(g.num_searches, np.int64))
+    except OSError as e:
+        log.warning("learner.dump_groups_dir: could not write group %s: %s", g.group_id, e)
+
+
+def send_reply(sock: zmq.Socket, frames: list, what: str) -> None:
+    """Answer on the ROUTER without blocking: a reply to a peer whose queue is full is dropped (logged)."""
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+    except zmq.ZMQError as e:
+        log.warning("reply %s dropped: %s", what, e)
+
+
 # --------------------------------------------------------------------------- server
 class _Peer:
     __slots__ = ("run_id", "last_seen", "version", "info")
@@ -214,14 +237,14 @@ class IngestServer:
         self.m_deferred = m.gauge("scout_learner_deferred_refusals", "'buffer full' answers waiting out "
                                   "learner.buffer_full_delay_s")
         self._m_results: dict[str, object] = {}  # result -> its labelled child (labels() costs ~10 us)
+        self._dumped = 0  # groups written to learner.dump_groups_dir
         self.counts = collections.Counter()  # plain numbers for metrics.jsonl
         self._busy_s = 0.0  # ingest thread seconds spent on messages (learner/main.py logs it per step)
 
     def _m_result(self, result: str):
-        child = self._m_results.get(result)
-        if child is None:
-            child = self._m_results[result] = self.m_groups.labels(result=result)
-        return child
+        if result not in self._m_results:
+            self._m_results[result] = self.m_groups.labels(result=result)
+        return self._m_results[result]
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "IngestServer":
@@ -300,7 +323,7 @@ class IngestServer:
     def _flush_deferred(self, sock: zmq.Socket, now: float) -> None:
         """Send the held-back "buffer full" answers that are due."""
         while self._deferred and self._deferred[0][0] <= now:
-            self._send(sock, self._deferred.popleft()[1], "GroupAck")
+            send_reply(sock, self._deferred.popleft()[1], "GroupAck")
         self.m_deferred.set(len(self._deferred))
 
     def _reply(self, sock: zmq.Socket, frames: list) -> None:
@@ -319,14 +342,7 @@ class IngestServer:
             self._deferred.append((time.monotonic() + delay, [*env, *out]))
             self.m_deferred.set(len(self._deferred))
             return
-        self._send(sock, [*env, *out], reply.TYPE)
-
-    @staticmethod
-    def _send(sock: zmq.Socket, frames: list, what: str) -> None:
-        try:
-            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.warning("reply %s dropped: %s", what, e)
+        send_reply(sock, [*env, *out], reply.TYPE)
 
     # ----------------------------------------------------------------- messages
     def _handle(self, frames: list) -> tuple[list | None, Message | None]:
@@ -469,25 +485,11 @@ class IngestServer:
             if 0 < self._wanted <= len(self.buffer):  # wake the trainer once, when its k are here
                 self._cond.notify_all()
             if self.lc.dump_groups_dir:
-                self._dump(g)
+                self._dumped += 1
+                dump_group(self.lc.dump_groups_dir, self._dumped, g, self.version)
         elif result == "rejected":
             log.warning("group %s from %s rejected: %s", g.group_id, g.peer_id, reason)
         return GroupAck(group_id=g.group_id, accepted=result == "accepted", reason=reason, version=self.version)
-
-    def _dump(self, g: TrajectoryGroup) -> None:
-        """learner.dump_groups_dir (tests/debugging): the accepted group's arrays and ids as .npz
-        (plain arrays, no pickle), numbered in acceptance order. A failed write is only logged."""
-        d = Path(self.lc.dump_groups_dir)
-        self._dumped = getattr(self, "_dumped", 0) + 1
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            np.savez(d / f"{self._dumped:06d}.npz", group_id=np.str_(g.group_id), lengths=g.lengths, tokens=g.tokens,
-                     loss_mask=g.loss_mask, logprobs=g.logprobs, versions=g.versions, rewards=g.rewards,
-                     prompt_id=np.int64(g.prompt_id), peer_id=np.str_(g.peer_id), run_id=np.str_(g.run_id),
-                     learner_version=np.int64(self.version), retrieval_failed=np.asarray(g.retrieval_failed, bool),
-                     num_searches=np.asarray(g.num_searches, np.int64))
-        except OSError as e:
-            log.warning("learner.dump_groups_dir: could not write group %s: %s", g.group_id, e)
 
     def _sweep_dead_peers(self) -> None:
         now = time.monotonic()
