@@ -306,8 +306,6 @@ class IngestServer:
                     if time.monotonic() - last_sweep > 1.0:
                         last_sweep = time.monotonic()
                         self._sweep_dead_peers()
-                except zmq.Again:
-                    continue
                 except Exception:  # the ingest thread must outlive any single bad moment
                     log.exception("ingest loop error (still serving)")
                     time.sleep(0.1)
