@@ -59,7 +59,7 @@ from common.procs import HeapTrim
 from common.wire import Message, ProtocolError, decode
 from common.protocol import ErrorReply, GroupAck, Heartbeat, Hello, HelloAck, WorkAssignment, WorkRequest
 from common.weightsync.messages import SyncAbort
-from common.transport import TransportTimeout, connect, send
+from common.transport import TransportTimeout, connect, send, term_context
 
 log = logging.getLogger("scout.actors.worker")
 
@@ -207,7 +207,7 @@ class ActorWorker:
                 closer()
             except Exception:  # shutting down: keep closing the rest
                 pass
-        self.ctx.term()
+        term_context(self.ctx)
 
     # ------------------------------------------------------------------ main loop
     def _loop(self) -> int:

@@ -49,7 +49,8 @@ def _decode(engine, n: int, tokens: int, prompt: list[int], tag: str, stop: tupl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="a model folder; with --compare it replaces the demo's "
+                    "base model (bench/grow_model.py makes a bigger one that writes the same rollouts)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)

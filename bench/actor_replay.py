@@ -317,13 +317,13 @@ def scout_round(runner, rec, sink, prompts: list, first: int, groups: int, in_fl
 
 
 # --------------------------------------------------------------------------- the comparison
-def demo_config(demo_dir: Path, run_dir: Path, sets: list[str]):
+def demo_config(demo_dir: Path, run_dir: Path, sets: list[str], model: Path | None = None):
     """The demo's run config (DEMO_RECIPE, its prompt template, free ports, ipc paths) on a
-    prepared demo folder, which is only read."""
+    prepared demo folder, which is only read; `model` replaces its base model (bench/grow_model.py)."""
     from common.config import load_config
     from demo.recipe import write_run_config
 
-    paths = {"index": demo_dir / "index", "model": demo_dir / "base-model", "train": demo_dir / "world" / "train.jsonl"}
+    paths = {"index": demo_dir / "index", "model": model or demo_dir / "base-model", "train": demo_dir / "world" / "train.jsonl"}
     for p in paths.values():
         if not p.exists():
             raise SystemExit(f"{p} is missing: --demo-dir must be a prepared demo folder (demo/recipe.py prepare)")
@@ -389,7 +389,8 @@ def compare_bare(args) -> dict:
         os.sched_setaffinity(0, {args.core})
     GC.install()
     run_dir = Path(tempfile.mkdtemp(prefix="scout-actor-compare-"))
-    cfg, config, paths = demo_config(Path(args.demo_dir), run_dir, args.set)
+    cfg, config, paths = demo_config(Path(args.demo_dir), run_dir, args.set,
+                                      Path(args.model) if args.model else None)
     acfg = cfg.actor
     prompts = [Prompt(prompt_id=r["prompt_id"], question=r["question"], golden_answers=r["golden_answers"],
                       data_source=r["data_source"], text=r["text"]) for r in read_qa(paths["train"], "train")]

@@ -186,6 +186,14 @@ def stop_authenticator(ctx: zmq.Context) -> None:
         auth.stop()
 
 
+def term_context(ctx: zmq.Context) -> None:
+    """Stop the context's CURVE authenticator, then terminate it. `ctx.term()` alone waits for
+    every socket to close, the authenticator's ZAP socket included, and that one is closed only
+    by `auth.stop()`: a process that bound with CURVE hung at exit until it was killed."""
+    stop_authenticator(ctx)
+    ctx.term()
+
+
 # --------------------------------------------------------------------------- sockets
 def _apply_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
     sock.setsockopt(zmq.SNDHWM, cfg.hwm)

@@ -506,16 +506,18 @@ class IngestServer:
 
     def end_run(self, grace_s: float) -> int:
         """The learner finished: answer every work request `ended` and wait, at most `grace_s`,
-        until each actor run heard from within peer_timeout_s has been told. Returns how many
-        live runs were never told (they stopped asking, or the grace ran out)."""
+        until each actor heard from within peer_timeout_s has been told. Returns how many live
+        actors were never told (they stopped asking, or the grace ran out). An actor told under
+        one run that comes back under a new one (`--stay`: it waits for the next learner run,
+        saying hello) knows: it is not waited for."""
         with self._cond:
             self.ended = True
         deadline = time.monotonic() + grace_s
         while True:
             with self._cond:
-                live = {(p, peer.run_id) for p, peer in self.peers.items()
-                        if time.monotonic() - peer.last_seen <= self.lc.peer_timeout_s}
-                untold = live - self.told_ended
+                told = {p for p, _ in self.told_ended}
+                untold = {(p, peer.run_id) for p, peer in self.peers.items()
+                          if p not in told and time.monotonic() - peer.last_seen <= self.lc.peer_timeout_s}
             if not untold or time.monotonic() >= deadline or self._stop.is_set():
                 return len(untold)
             time.sleep(0.1)

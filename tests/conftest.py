@@ -89,3 +89,10 @@ def procs():
     p = Procs()
     yield p
     p.stop_all()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """One demo folder for the tests that run the demo's `prepare` (world, index, index-swapped):
+    the first builds them, the others find them cached by the world's digest (~25 s each)."""
+    return tmp_path_factory.mktemp("demo-shared")

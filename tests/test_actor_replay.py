@@ -51,3 +51,32 @@ def test_replay_schedule_groups_turns_by_step_and_skips_empty_ones(engine):
     assert sum(t.new for v in schedule.values() for _, t in v) == 2
     rec.reset()
     assert rec.turns == {} and rec.steps == 0
+
+
+def test_grown_model_computes_the_same_logits(tmp_path):
+    """bench/grow_model.py: the wider, deeper copy the actor bench runs to see the ratio at a larger
+    engine cost writes the demo's rollouts only if its logits are the original's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.grow_model import grow
+    from demo.tinymodel import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "small", hidden=64, heads=2, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every weight, bias and norm off its initial value, so nothing is trivially 0 or 1
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    model.save_pretrained(str(src), safe_serialization=True)
+    cfg = grow(src, tmp_path / "grown", hidden=192, layers=5)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (192, 5, 6)
+    big = AutoModelForCausalLM.from_pretrained(str(tmp_path / "grown")).eval()
+    assert sum(p.numel() for p in big.parameters()) > 10 * sum(p.numel() for p in model.parameters())
+    x = torch.randint(3, model.config.vocab_size, (3, 50), generator=gen)
+    with torch.no_grad():
+        small_logits, big_logits = model.eval()(x).logits, big(x).logits
+    torch.testing.assert_close(big_logits, small_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(big_logits.argmax(-1), small_logits.argmax(-1))
+    with pytest.raises(SystemExit, match="multiple of 64"):
+        grow(src, tmp_path / "bad", hidden=100, layers=5)

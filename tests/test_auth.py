@@ -189,3 +189,21 @@ def test_http_endpoints_are_plain_http_on_loopback_only(world, tmp_path):
         r = subprocess.run([sys.executable, "cli.py", role, "--config", cfg, *extra], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and "allow_external_bind" in r.stdout + r.stderr, (role, extra, r.stderr[-2000:])
+
+
+def test_roles_that_bound_with_curve_stop_promptly(world):
+    """Last in the module: SIGTERM ends the learner and the retriever within seconds. The learner's
+    weight-sync context was terminated with its CURVE authenticator still running, and
+    `ctx.term()` waited for the authenticator's socket: the learner hung until SIGKILL."""
+    import os
+    import signal
+
+    procs = world["roles"].procs
+    for role in ("learner", "retriever"):
+        os.killpg(procs[role].pid, signal.SIGTERM)
+    for role in ("learner", "retriever"):
+        try:
+            rc = procs[role].wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{role} still running 15 s after SIGTERM\n{world['roles'].tail()}") from None
+        assert rc == 0, (role, rc, world["roles"].tail())

@@ -44,21 +44,31 @@ def test_one_seed_reaches_rl_sampling_and_prompt_order(tmp_path):
 
 
 def test_the_cached_index_follows_the_world(tmp_path):
-    """Another --seed builds another world in the same demo folder: its index is rebuilt, never reused."""
+    """Another --seed builds another world in the same demo folder: its index is rebuilt, never
+    reused. A build leaves torch's thread count as it found it (its encoder sets half the cores
+    for the whole process, and the demo's pretraining, which runs after it, ran on one core)."""
+    import torch
+
     from demo.recipe import _cached_index
     from demo.toyworld import build_world
 
     cfg = load_config(None, environ={})
     out = tmp_path / "index"
-    for seed in (0, 1, 1):
-        world = build_world(tmp_path / "world", seed=seed, n_entities=80, heldout_entities=16)
-        digest = json.loads(world.meta.read_text())["digest"]
-        before = (out / "world-digest").read_text() if out.is_dir() else None
-        mtime = (out / "manifest.json").stat().st_mtime_ns if out.is_dir() else None
-        _cached_index(cfg, world.corpus, out, digest)
-        assert (out / "world-digest").read_text() == digest
-        if before == digest:  # same world: the index is kept as it was
-            assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for seed in (0, 1, 1):
+            world = build_world(tmp_path / "world", seed=seed, n_entities=80, heldout_entities=16)
+            digest = json.loads(world.meta.read_text())["digest"]
+            before = (out / "world-digest").read_text() if out.is_dir() else None
+            mtime = (out / "manifest.json").stat().st_mtime_ns if out.is_dir() else None
+            _cached_index(cfg, world.corpus, out, digest)
+            assert (out / "world-digest").read_text() == digest
+            if before == digest:  # same world: the index is kept as it was
+                assert (out / "manifest.json").stat().st_mtime_ns == mtime
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     ids = {json.loads(line)["id"] for line in world.corpus.read_text().splitlines()}
     assert json.loads((out / "manifest.json").read_text())["count"] == len(ids)  # this world's passages
 
@@ -86,13 +96,13 @@ def test_right_search_rate_from_passage_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_demo_raises_the_reward(procs, tmp_path):
+def test_short_demo_raises_the_reward(procs, tmp_path, demo_dir):
     """The demo's own pipeline (world, index, pretraining, retriever, vLLM actor, FSDP learner,
     evals) with fewer learner steps: the reward must rise and held-out EM must improve."""
     run = tmp_path / "run"
     # 40 steps: the reward's takeoff comes anywhere from step ~10 to past step 25 (issue #17: it
     # depends on the actor/learner timing), and 25 steps missed it in 2 of 3 CI runs on 2026-12-06
-    p = procs.start(["cli.py", "demo", "--steps", "40", "--set", f"demo.dir='{tmp_path / 'demo'}'",
+    p = procs.start(["cli.py", "demo", "--steps", "40", "--set", f"demo.dir='{demo_dir}'",
                      "--set", f"run_dir='{run}'", "--set", "demo.eval_limit=100"],
                     stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     rc = p.wait(timeout=1500)
@@ -119,7 +129,7 @@ def test_short_demo_raises_the_reward(procs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path):
+def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path, demo_dir):
     """SIGINT while the learner and the actor run: the demo exits and leaves no process behind."""
     import os
     import signal
@@ -129,7 +139,7 @@ def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path):
 
     model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
     run = tmp_path / "run"
-    p = procs.start(["cli.py", "demo", "--set", f"demo.dir='{tmp_path / 'demo'}'", "--set", f"run_dir='{run}'",
+    p = procs.start(["cli.py", "demo", "--set", f"demo.dir='{demo_dir}'", "--set", f"run_dir='{run}'",
                      "--set", f"demo.base_model='{model}'", "--set", "demo.eval_limit=4", "--steps", "1000"],
                     stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     deadline = time.monotonic() + 600

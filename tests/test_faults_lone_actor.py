@@ -32,7 +32,7 @@ def _wait(pred, timeout: float, what: str, children):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path):
+def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path, demo_dir):
     from bench.soak import worker_pid
     from common.config import load_config
     from demo.children import Children, cfg_port, wait_healthy
@@ -41,7 +41,7 @@ def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path):
 
     model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
     run = tmp_path / "run"
-    cfg = load_config(None, [f"demo.dir='{tmp_path / 'demo'}'", f"run_dir='{run}'", f"demo.base_model='{model}'",
+    cfg = load_config(None, [f"demo.dir='{demo_dir}'", f"run_dir='{run}'", f"demo.base_model='{model}'",
                              "demo.steps=100000", "learner.checkpoint_every=0", "learner.groups_per_step=2",
                              "actor.max_groups_in_flight=4", "actor.max_new_tokens=8"])
     paths = prepare(cfg)

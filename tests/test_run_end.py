@@ -47,6 +47,10 @@ def test_actor_with_stay_waits_for_the_next_learner_run(tmp_path, tiny_model, ip
     actor, alog = _start(procs, tmp_path, "actor", "--workers", "1", "--stay")
     wait(lambda: learner.poll() is not None, 300, "the first learner run to end", [llog, alog])
     assert learner.returncode == 0
+    ended = [line for line in llog.read_text().splitlines() if "run ended: actors told" in line]
+    # the staying actor comes back under a new run id, saying hello: it was told, the learner does
+    # not wait end_grace_s (30 s) for it
+    assert ended and "did not ask" not in ended[0], ended
     wait(lambda: "waiting for a new learner run" in alog.read_text(), 60, "the actor to hear the end", [alog])
     time.sleep(3)
     assert actor.poll() is None, "with --stay the actor outlives the learner's run"

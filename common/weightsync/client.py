@@ -38,7 +38,7 @@ import torch
 import zmq
 
 from common.protocol import ErrorReply, Heartbeat
-from common.transport import TransportTimeout, connect, recv_frames, send
+from common.transport import TransportTimeout, connect, recv_frames, send, term_context
 from common.weightsync.cuda_ipc import gpu_location, ipc_impl
 from common.weightsync.errors import SyncError
 from common.weightsync.messages import (SyncAbort, SyncColocated, SyncDone, SyncJoin, SyncPlan, WeightIpcAck,
@@ -130,7 +130,7 @@ class SyncClient:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
-            self._ctx.term()
+            term_context(self._ctx)
 
 
 def header_dict(header: WeightUpdateHeader | WeightIpcBucket) -> tuple[dict, np.ndarray | None]:

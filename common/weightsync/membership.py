@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from common.protocol import ErrorReply, Heartbeat
-from common.transport import bind, bound_endpoint, split_envelope
+from common.transport import bind, bound_endpoint, split_envelope, term_context
 from common.weightsync.errors import SyncError
 from common.weightsync.messages import SyncAbort, SyncColocated, SyncDone, SyncJoin, WeightIpcAck
 from common.wire import Message, ProtocolError, decode, encode
@@ -92,7 +92,7 @@ class Membership:
             self.sock.close(0)
             self.sock = None
         if self.ctx is not None:
-            self.ctx.term()
+            term_context(self.ctx)
             self.ctx = None
 
     def mark_dirty(self) -> None:
