@@ -59,6 +59,18 @@ def _remove_ipc_dirs():
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_environ():
+    """Each test module starts from the session's environment. An in-process vLLM engine writes
+    ~20 variables into os.environ (LD_PRELOAD of torch's libgomp, LOCAL_WORLD_SIZE, VLLM_*, ...),
+    and every process a later module started inherited them."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def ipc_path():
     d = ipc_dir()
