@@ -55,18 +55,19 @@ def _grow_layer(sd: dict, p: str, h: int, h2: int, i2: int, scale: float) -> dic
     return out
 
 
-def _inert_layer(p: str, q_rows: int, kv_rows: int, h2: int, i2: int, gen) -> dict:
-    """A layer that does real work and adds nothing: its output projections are zero."""
+def _inert_layer(p: str, h2: int, i2: int, gen) -> dict:
+    """A layer that does real work and adds nothing: its output projections are zero (as many
+    heads as width, no grouped-query attention: q, k and v are h2 x h2)."""
     import torch
 
     def rnd(*shape):
         return torch.randn(shape, generator=gen) * 0.02
 
     return {f"{p}input_layernorm.weight": torch.ones(h2), f"{p}post_attention_layernorm.weight": torch.ones(h2),
-            f"{p}self_attn.q_proj.weight": rnd(q_rows, h2), f"{p}self_attn.q_proj.bias": rnd(q_rows),
-            f"{p}self_attn.k_proj.weight": rnd(kv_rows, h2), f"{p}self_attn.k_proj.bias": rnd(kv_rows),
-            f"{p}self_attn.v_proj.weight": rnd(kv_rows, h2), f"{p}self_attn.v_proj.bias": rnd(kv_rows),
-            f"{p}self_attn.o_proj.weight": torch.zeros(h2, q_rows),
+            f"{p}self_attn.q_proj.weight": rnd(h2, h2), f"{p}self_attn.q_proj.bias": rnd(h2),
+            f"{p}self_attn.k_proj.weight": rnd(h2, h2), f"{p}self_attn.k_proj.bias": rnd(h2),
+            f"{p}self_attn.v_proj.weight": rnd(h2, h2), f"{p}self_attn.v_proj.bias": rnd(h2),
+            f"{p}self_attn.o_proj.weight": torch.zeros(h2, h2),
             f"{p}mlp.gate_proj.weight": rnd(i2, h2), f"{p}mlp.up_proj.weight": rnd(i2, h2),
             f"{p}mlp.down_proj.weight": torch.zeros(h2, i2)}
 
@@ -93,7 +94,7 @@ def grow(src: Path, dst: Path, hidden: int, layers: int, seed: int = 0) -> dict:
         out.update(_grow_layer(sd, f"model.layers.{i}.", h, hidden, i2, scale))
     gen = torch.Generator().manual_seed(seed)
     for i in range(n_layers, layers):
-        out.update(_inert_layer(f"model.layers.{i}.", hidden, hidden, hidden, i2, gen))
+        out.update(_inert_layer(f"model.layers.{i}.", hidden, i2, gen))
     if not cfg.get("tie_word_embeddings", False):
         out["lm_head.weight"] = _pad(sd["lm_head.weight"], (cfg["vocab_size"], hidden))
     dst.mkdir(parents=True, exist_ok=True)

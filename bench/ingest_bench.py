@@ -40,7 +40,7 @@ from bench.ingest_sim import SIZES, raw_server  # noqa: E402
 from bench.soak import by_result, rss_mb, scrape, total, tree  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.protocol import GroupAck  # noqa: E402
-from common.transport import free_tcp_port, generate_keys, stop_authenticator  # noqa: E402
+from common.transport import free_tcp_port, generate_keys, term_context  # noqa: E402
 from common.wire import encode  # noqa: E402
 
 SIM = str(ROOT / "bench" / "ingest_sim.py")
@@ -125,8 +125,7 @@ def ingest_server(endpoint: str, curve_dir: str | None, rows: int, vocab: int):
         stop.set()
         srv.stop()
         t.join(5)
-        stop_authenticator(ctx)
-        ctx.term()
+        term_context(ctx)
     return srv, close
 
 

@@ -65,13 +65,7 @@ def _cached_index(cfg: ScoutConfig, corpus: Path, out: Path, world_digest: str) 
     if kind == "bm25":
         build_bm25(cfg.retriever, corpus=corpus, out=out, shards=1)
     else:
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
-            build_index(cfg.retriever, corpus=corpus, out=out, shards=1, factory="Flat", batch_size=256)
-        finally:  # its encoder sets torch to half the cores, for the process: pretraining after it wants them all
-            torch.set_num_threads(threads)
+        build_index(cfg.retriever, corpus=corpus, out=out, shards=1, factory="Flat", batch_size=256)
     stamp.write_text(want)
 
 

@@ -213,7 +213,7 @@ class IngestServer:
         self.endpoint = self.lc.ingest_endpoint
         self.sync_endpoint = sync_endpoint or self.lc.sync_endpoint  # told to actors in HelloAck
         self.ended = False  # the run is over: work requests are answered `ended`, groups refused
-        self.told_ended: set[tuple[str, str]] = set()  # (peer, run) that got an `ended` answer
+        self.told_ended: set[str] = set()  # actors (peer ids) that got an `ended` answer, under any run
         # "buffer full" answers held back: (due, frames), due times in order (one delay for all)
         self._deferred: collections.deque[tuple[float, list]] = collections.deque()
         self._metrics(metrics or Metrics("learner"))
@@ -413,7 +413,7 @@ class IngestServer:
     def _on_work(self, msg: WorkRequest) -> WorkAssignment:
         self._touch(msg.peer_id, msg.run_id, msg.version)
         if self.ended:
-            self.told_ended.add((msg.peer_id, msg.run_id))
+            self.told_ended.add(msg.peer_id)
             return WorkAssignment(prompts=[], version=self.version, min_version=self.min_version(),
                                   n_samples=self.lc.n_samples, retry_after_s=self.lc.retry_after_s, ended=True)
         free = self.cap - self.outstanding()
@@ -515,9 +515,8 @@ class IngestServer:
         deadline = time.monotonic() + grace_s
         while True:
             with self._cond:
-                told = {p for p, _ in self.told_ended}
-                untold = {(p, peer.run_id) for p, peer in self.peers.items()
-                          if p not in told and time.monotonic() - peer.last_seen <= self.lc.peer_timeout_s}
+                untold = [p for p, peer in self.peers.items()
+                          if p not in self.told_ended and time.monotonic() - peer.last_seen <= self.lc.peer_timeout_s]
             if not untold or time.monotonic() >= deadline or self._stop.is_set():
                 return len(untold)
             time.sleep(0.1)

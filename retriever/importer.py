@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from retriever.docstore import CorpusError, write_docstore
-from retriever.encoder import Encoder, resolve_encoder_path
+from retriever.encoder import Encoder, resolve_encoder_path, torch_threads_kept
 from retriever.import_split import (FaissImportError, check_ivf_ids, describe_ivf, hnsw_params, hnsw_shard,
                                     ivf_shard, unwrap_ivf)
 from retriever.index import (MANIFEST, _faiss, _manifest, _settings, _write_json, fill_index, sha256_file,
@@ -162,7 +162,8 @@ def encoder_dim(path: str | None) -> tuple[Path, int]:
     except (OSError, ValueError, AttributeError):
         dim = None
     if not isinstance(dim, int) or dim <= 0:
-        dim = Encoder(path, threads=1).dim
+        with torch_threads_kept():
+            dim = Encoder(path, threads=1).dim
     return enc_path, dim
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from retriever.docstore import DOC_FILES, CorpusError, DocStore, write_docstore
-from retriever.encoder import PACKAGED, Encoder, resolve_encoder_path
+from retriever.encoder import PACKAGED, Encoder, resolve_encoder_path, torch_threads_kept
 
 log = logging.getLogger("scout.retriever.index")
 
@@ -314,13 +314,14 @@ def build_index(rcfg, corpus: str | Path, out: str | Path, shards: int = 1, fact
     store = DocStore(out / "docs")
     n = len(store)
     bounds = shard_bounds(n, shards)
-    enc = encoder or Encoder(rcfg.encoder, pooling=rcfg.pooling, normalize=rcfg.normalize,
-                             max_len=rcfg.max_passage_len, threads=rcfg.encoder_threads)
-    make_faiss_index(enc.dim, factory)  # a bad factory string fails before hours of embedding
-    emb_dir = out / "emb"
-    emb_dir.mkdir(exist_ok=True)
-    emb = Embeddings(emb_dir, n, rcfg.build_chunk_rows, enc.dim)
-    _embed(enc, store, emb, rcfg.passage_prefix, batch_size)
+    with torch_threads_kept():  # the caller's process goes on after the build
+        enc = encoder or Encoder(rcfg.encoder, pooling=rcfg.pooling, normalize=rcfg.normalize,
+                                 max_len=rcfg.max_passage_len, threads=rcfg.encoder_threads)
+        make_faiss_index(enc.dim, factory)  # a bad factory string fails before hours of embedding
+        emb_dir = out / "emb"
+        emb_dir.mkdir(exist_ok=True)
+        emb = Embeddings(emb_dir, n, rcfg.build_chunk_rows, enc.dim)
+        _embed(enc, store, emb, rcfg.passage_prefix, batch_size)
     shard_entries = _write_shards(out, state, emb, bounds, factory, rcfg.train_sample)
     manifest = _manifest(out, settings, enc.dim, n, shard_entries)
     _write_json(out / MANIFEST, manifest)
