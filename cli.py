@@ -198,6 +198,8 @@ def demo(
                                        "initialisation and data, RL sampling and prompt order (demo.seed)."),
     world: Optional[str] = typer.Option(None, "--world", help="single (one search per answer) or multihop "
                                         "(two chained searches: demo.world)."),
+    prepare_only: bool = typer.Option(False, "--prepare-only", help="Build (or find cached) the world, its "
+                                      "indexes and the base model under demo.dir, then exit."),
     config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 ):
     """Embedded default: build the toy world and run the whole system on this machine."""
@@ -205,7 +207,7 @@ def demo(
                                                       "demo.seed": seed, "demo.world": world})
     from demo.run import main
 
-    raise typer.Exit(main(cfg))
+    raise typer.Exit(main(cfg, prepare_only=prepare_only))
 
 
 @app.command("eval")

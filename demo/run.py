@@ -112,7 +112,9 @@ def plot(records: list[dict], before: dict, after: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def main(cfg: ScoutConfig) -> int:
+def main(cfg: ScoutConfig, prepare_only: bool = False) -> int:
+    if prepare_only:
+        return prepare_and_exit(cfg)
     t_start = time.monotonic()
     run_dir = Path(cfg.run_dir if cfg.run_dir != "runs/default" else f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +175,21 @@ def main(cfg: ScoutConfig) -> int:
         return 1
     finally:
         children.stop_all()
+
+
+def prepare_and_exit(cfg: ScoutConfig) -> int:
+    """`demo --prepare-only`: the cached world, indexes and base model, built where missing; no run."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        paths = prepare(cfg)
+    except KeyboardInterrupt:
+        print("demo: interrupted, stopping", flush=True)
+        return 130
+    except RuntimeError as e:
+        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print("demo: prepared " + ", ".join(f"{k} {v}" for k, v in paths.items()), flush=True)
+    return 0
 
 
 def export_final(run_dir: Path) -> Path:

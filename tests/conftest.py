@@ -32,6 +32,60 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # the tests that need the demo's pretrained base model run last: it is built in the
+    # background while the rest of the session runs (pytest_collection_finish)
+    late = [item for item in items if "demo_prepared" in getattr(item, "fixturenames", ())]
+    items[:] = [item for item in items if item not in late] + late
+
+
+class _Background:
+    """`cli.py demo --prepare-only` (world, indexes, ~5 min of pretraining on 2 cores) started
+    when collection ends, at the lowest CPU priority and on one thread (the weights are
+    byte-identical to a 2-thread run's), so it uses the CPU the other tests leave idle."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.dir: Path | None = None
+
+    def start(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="scout-demo-prepared-"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.dir / "prepare.log", "wb") as log:
+            self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "cli.py", "demo", "--prepare-only",
+                                          "--set", f"demo.dir='{self.dir}'"], cwd=ROOT, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float) -> Path:
+        if self.proc is None:  # collection did not see the test that asks (should not happen)
+            self.start()
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        log = (self.dir / "prepare.log").read_text(errors="replace")
+        assert rc == 0, f"demo --prepare-only: exit {rc}\n{log[-4000:]}"
+        return self.dir
+
+    def stop(self) -> None:
+        from common.procs import stop_processes
+
+        if self.proc is not None:
+            stop_processes([self.proc], timeout=10)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_PREPARED = _Background()
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(
+            "demo_prepared" in getattr(item, "fixturenames", ()) for item in session.items):
+        _PREPARED.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _PREPARED.stop()
 
 
 @pytest.fixture
@@ -101,6 +155,13 @@ def procs():
     p = Procs()
     yield p
     p.stop_all()
+
+
+@pytest.fixture(scope="session")
+def demo_prepared() -> Path:
+    """A demo folder with the world, its indexes and the pretrained base model, made in the
+    background since collection ended (_Background)."""
+    return _PREPARED.wait(timeout=800)  # alone, on 2 idle cores: ~8 min
 
 
 @pytest.fixture(scope="session")

@@ -98,10 +98,13 @@ def test_right_search_rate_from_passage_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_demo_raises_the_reward(procs, tmp_path, demo_dir):
+def test_short_demo_raises_the_reward(procs, tmp_path, demo_prepared):
     """The demo's own pipeline (world, index, pretraining, retriever, vLLM actor, FSDP learner,
-    evals) with fewer learner steps: the reward must rise and held-out EM must improve."""
+    evals) with fewer learner steps: the reward must rise and held-out EM must improve. The world,
+    indexes and base model come from `demo --prepare-only`, run in the background meanwhile
+    (conftest: it runs last); the demo must find them all cached."""
     run = tmp_path / "run"
+    demo_dir = demo_prepared
     # 40 steps: the reward's takeoff comes anywhere from step ~10 to past step 25 (issue #17: it
     # depends on the actor/learner timing), and 25 steps missed it in 2 of 3 CI runs on 2026-12-06
     p = procs.start(["cli.py", "demo", "--steps", "40", "--set", f"demo.dir='{demo_dir}'",
@@ -121,6 +124,7 @@ def test_short_demo_raises_the_reward(procs, tmp_path, demo_dir):
     assert summary["em_swapped_after"] > 0  # answers come from the retrieved passages
     assert (run / "demo.png").stat().st_size > 10_000
     assert "held-out EM: before" in log
+    assert "pretrain step" not in log and "embedded" not in log, "the prepared folder was not reused"
     from demo.recipe import DEMO_RECIPE
 
     logged = [line for line in log.splitlines() if "demo resolved config:" in line]
