@@ -28,6 +28,8 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
     from demo.toyworld import build_world
     from demo.pretrain import pretrain_base_model
 
+    if cfg.demo.base_model and not (Path(cfg.demo.base_model) / "config.json").is_file():  # before any build
+        raise RuntimeError(f"demo.base_model {cfg.demo.base_model} is not an HF model folder (no config.json)")
     d = Path(cfg.demo.dir)
     t0 = time.monotonic()
     multi = cfg.demo.world == "multihop"
@@ -41,8 +43,6 @@ def prepare(cfg: ScoutConfig) -> dict[str, Path]:
     overrides = {} if cfg.demo.pretrain_steps is None else {"steps": cfg.demo.pretrain_steps}
     if cfg.demo.base_model:
         model = Path(cfg.demo.base_model)
-        if not (model / "config.json").is_file():
-            raise RuntimeError(f"demo.base_model {model} is not an HF model folder (no config.json)")
     else:
         model = pretrain_base_model(world.dir, d / f"base-model{tag}", seed=cfg.demo.seed, **overrides)
     log.info("world + index %.0f s, base model %.0f s", t1 - t0, time.monotonic() - t1)

@@ -51,9 +51,12 @@ class _Background:
         self.dir = Path(tempfile.mkdtemp(prefix="scout-demo-prepared-"))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.dir / "prepare.log", "wb") as log:
-            self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "cli.py", "demo", "--prepare-only",
-                                          "--set", f"demo.dir='{self.dir}'"], cwd=ROOT, env=env,
+            self.proc = subprocess.Popen([sys.executable, "cli.py", "demo", "--prepare-only", "--set",
+                                          f"demo.dir='{self.dir}'"], cwd=ROOT, env=env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # lowest priority, set while the interpreter is still starting: Linux keeps a nice value per
+        # thread and new threads inherit their creator's (prepare starts no process of its own)
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
     def wait(self, timeout: float) -> Path:
         if self.proc is None:  # collection did not see the test that asks (should not happen)

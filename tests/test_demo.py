@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from common.config import load_config
+from tests.conftest import ROOT
 
 
 def test_recipe_fills_only_what_the_user_left_alone():
@@ -73,6 +75,16 @@ def test_the_cached_index_follows_the_world(tmp_path):
         torch.set_num_threads(threads)
     ids = {json.loads(line)["id"] for line in world.corpus.read_text().splitlines()}
     assert json.loads((out / "manifest.json").read_text())["count"] == len(ids)  # this world's passages
+
+
+def test_prepare_only_refuses_a_base_model_that_is_no_model_folder(tmp_path):
+    """`demo --prepare-only` (and the demo) check demo.base_model before building anything."""
+    r = subprocess.run([sys.executable, "cli.py", "demo", "--prepare-only", "--set", f"demo.dir='{tmp_path / 'd'}'",
+                        "--set", f"demo.base_model='{tmp_path}'"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"demo.base_model {tmp_path} is not an HF model folder" in r.stderr
+    assert not (tmp_path / "d").exists()  # nothing was built
 
 
 def test_right_search_rate_from_passage_ids(tmp_path):
