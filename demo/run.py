@@ -120,13 +120,7 @@ def main(cfg: ScoutConfig, prepare_only: bool = False) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     children = Children(run_dir / "logs")
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    # explicitly: a process started in the background by a non-interactive shell (`cmd &` in a
-    # script, CI) inherits SIGINT ignored, and Python then leaves it ignored
-    signal.signal(signal.SIGINT, on_signal)
+    _interrupt_on_signals()
     try:
         paths = prepare(cfg)
         config = write_run_config(cfg, paths, run_dir)
@@ -177,15 +171,27 @@ def main(cfg: ScoutConfig, prepare_only: bool = False) -> int:
         children.stop_all()
 
 
+def _interrupt_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt: the demo stops what it started and exits 130."""
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    # explicitly: a process started in the background by a non-interactive shell (`cmd &` in a
+    # script, CI) inherits SIGINT ignored, and Python then leaves it ignored
+    signal.signal(signal.SIGINT, on_signal)
+
+
 def prepare_and_exit(cfg: ScoutConfig) -> int:
-    """`demo --prepare-only`: the cached world, indexes and base model, built where missing; no run."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    """`demo --prepare-only`: the cached world, indexes and base model, built where missing; no run.
+    Signals and errors end it as they end the demo (main)."""
+    _interrupt_on_signals()
     try:
         paths = prepare(cfg)
     except KeyboardInterrupt:
         print("demo: interrupted, stopping", flush=True)
         return 130
-    except RuntimeError as e:
+    except (RuntimeError, TimeoutError) as e:
         print(f"demo: error: {e}", file=sys.stderr, flush=True)
         return 1
     print("demo: prepared " + ", ".join(f"{k} {v}" for k, v in paths.items()), flush=True)

@@ -34,8 +34,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
     # the tests that need the demo's pretrained base model run last: it is built in the
     # background while the rest of the session runs (pytest_collection_finish)
-    late = [item for item in items if "demo_prepared" in getattr(item, "fixturenames", ())]
+    late = [item for item in items if _needs_prepared(item)]
     items[:] = [item for item in items if item not in late] + late
+
+
+def _needs_prepared(item) -> bool:
+    return "demo_prepared" in getattr(item, "fixturenames", ())
 
 
 class _Background:
@@ -82,8 +86,7 @@ _PREPARED = _Background()
 
 
 def pytest_collection_finish(session):
-    if not session.config.option.collectonly and any(
-            "demo_prepared" in getattr(item, "fixturenames", ()) for item in session.items):
+    if not session.config.option.collectonly and any(_needs_prepared(item) for item in session.items):
         _PREPARED.start()
 
 
