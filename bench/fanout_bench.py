@@ -2,17 +2,20 @@
 chain (learner.sync_gloo_op "chain") and the point-to-point path ("send"), same run.
 
     python bench/fanout_bench.py [--members 1,2,4,8] [--sizes-mb 50,500] [--reps 3] [--ops chain,send]
-                                 [--nice-downstream 19]
+                                 [--answers later,wait] [--nice-downstream 19]
 
 For each member count N, N member processes (SyncClient + BucketReceiver, as an actor's; this
 script with --role member) join a learner-side WeightSender in this process and stay for every
-cell of that N; the op changes re-form the group. Per cell (op, size, N): one warm-up sync, then
---reps syncs of the fake model (bf16 decoder layers + fp32 norms, bench/weightsync_bench.py).
-Columns, medians over the reps:
+cell of that N; the op changes re-form the group. Per cell (op, answers, size, N): one warm-up
+sync, then --reps syncs of the fake model (bf16 decoder layers + fp32 norms,
+bench/weightsync_bench.py). answers: learner.sync_answers, "wait" (broadcast() returns once every
+member answered SyncDone) or "later" (it returns once the learner's own sends are done; the
+sender's thread collects the answers). Columns, medians over the reps:
 
 - learner send s: WeightSender.broadcast's `transfer_seconds`, until the learner's last send
-  completed (its blocking time on the wire; broadcast() itself then waits for the SyncDone answers);
-- broadcast s: WeightSender.broadcast's wall time (includes waiting for every member's SyncDone);
+  completed (the learner's time on the wire);
+- broadcast s: WeightSender.broadcast's wall time: what the training loop is held. With "wait"
+  it includes waiting for every member's SyncDone; with "later" it ends with the sends;
 - last member s: from the start of broadcast() until the last member has the whole update
   (each member's monotonic clock when follow_sync returned; one clock on one host);
 - learner MB out: bytes of the learner's sends, counted on the works post_segments returned
@@ -24,8 +27,9 @@ Columns, medians over the reps:
   "last member s" is close to it, the members' time is CPU contention (they share the cores),
   not the chain's length.
 
-Printed at the end: `fan-out, 8 members / 1 member: N.NNx (learner-side)` per op, from the medians
-of "learner send s" at the largest size.
+Printed at the end, per op and answers, from the medians at the largest size:
+`fan-out, 8 members / 1 member: N.NNx (learner-side)` on "learner send s", and the same ratio
+of "broadcast s" (the learner held).
 """
 
 from __future__ import annotations
@@ -129,8 +133,8 @@ def wait_done(outs: list[Path], version: int, timeout_s: float = 60.0) -> list[f
     return times
 
 
-def run_cell(sender, counter, model, outs, pids, op: str, reps: int, version: list) -> dict:
-    sender.gloo_op = op
+def run_cell(sender, counter, model, outs, pids, op: str, answers: str, reps: int, version: list) -> dict:
+    sender.gloo_op, sender.answers_later = op, answers == "later"
     rows = []
     for rep in range(reps + 1):  # the first one warms up (and re-forms the group for this op)
         version[0] += 1
@@ -139,6 +143,7 @@ def run_cell(sender, counter, model, outs, pids, op: str, reps: int, version: li
         b0, t0 = counter.bytes, time.monotonic()
         report = sender.broadcast(version[0], model)
         wall = time.monotonic() - t0
+        assert sender.settle(120), "the answers never came"  # first: the file polling below costs CPU
         done = wait_done(outs, version[0])
         assert len(report["ok"]) == len(outs) and report["error"] is None, report
         learner_cpu = proc_cpu(os.getpid()) - mine
@@ -165,9 +170,10 @@ def run_members(args, n: int, models: dict, counter, version: list) -> list[dict
         assert sender.wait_members(n, 120), "members did not join"
         for size, model in models.items():
             for op in args.ops:
-                r = run_cell(sender, counter, model, outs, [p.pid for p in procs], op, args.reps, version)
-                cells.append({"op": op, "size": size, "members": n, **r})
-                print(json.dumps(cells[-1]), flush=True)
+                for answers in args.answers:
+                    r = run_cell(sender, counter, model, outs, [p.pid for p in procs], op, answers, args.reps, version)
+                    cells.append({"op": op, "answers": answers, "size": size, "members": n, **r})
+                    print(json.dumps(cells[-1]), flush=True)
     finally:
         sender.close()
         for p in procs:
@@ -178,19 +184,22 @@ def run_members(args, n: int, models: dict, counter, version: list) -> list[dict
 
 def print_table(cells: list[dict], nbytes: dict) -> None:
     cores = os.cpu_count() or 1
-    print("\n| op | weights | members | learner send s | broadcast s | last member s | learner MB out "
+    print("\n| op | answers | weights | members | learner send s | broadcast s | last member s | learner MB out "
           f"| learner CPU s | CPU s (all processes) | CPU s / {cores} cores |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for c in sorted(cells, key=lambda c: (c["op"] != "chain", c["size"], c["members"])):
-        print(f"| {c['op']} | {nbytes[c['size']] / 1e6:.0f} MB | {c['members']} | {c['send']:.3f} | {c['wall']:.3f} "
-              f"| {c['last']:.3f} | {c['bytes'] / 1e6:.0f} | {c['learner_cpu']:.2f} | {c['cpu']:.2f} | {c['cpu'] / cores:.2f} |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in sorted(cells, key=lambda c: (c["op"] != "chain", c["answers"], c["size"], c["members"])):
+        print(f"| {c['op']} | {c['answers']} | {nbytes[c['size']] / 1e6:.0f} MB | {c['members']} | {c['send']:.3f} "
+              f"| {c['wall']:.3f} | {c['last']:.3f} | {c['bytes'] / 1e6:.0f} | {c['learner_cpu']:.2f} | {c['cpu']:.2f} "
+              f"| {c['cpu'] / cores:.2f} |")
     big = max(c["size"] for c in cells)
     lo, hi = min(c["members"] for c in cells), max(c["members"] for c in cells)
-    for op in dict.fromkeys(c["op"] for c in cells):
-        one = [c for c in cells if c["op"] == op and c["size"] == big and c["members"] == lo]
-        many = [c for c in cells if c["op"] == op and c["size"] == big and c["members"] == hi]
+    for key in dict.fromkeys((c["op"], c["answers"]) for c in cells):
+        one = [c for c in cells if (c["op"], c["answers"]) == key and c["size"] == big and c["members"] == lo]
+        many = [c for c in cells if (c["op"], c["answers"]) == key and c["size"] == big and c["members"] == hi]
         if one and many:
-            print(f"{op}: fan-out, {hi} members / {lo} member: {many[0]['send'] / one[0]['send']:.2f}x (learner-side)")
+            print(f"{key[0]}, answers {key[1]}: fan-out, {hi} members / {lo} member: "
+                  f"{many[0]['send'] / one[0]['send']:.2f}x (learner-side); learner held (broadcast s): "
+                  f"{many[0]['wall'] / one[0]['wall']:.2f}x, {one[0]['wall']:.3f} -> {many[0]['wall']:.3f} s")
 
 
 def leader(args) -> None:
@@ -215,6 +224,7 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="50,500")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ops", default="chain,send")
+    ap.add_argument("--answers", default="later,wait", help="learner.sync_answers to measure: later, wait or both")
     ap.add_argument("--bucket-mb", type=float, default=256.0)
     ap.add_argument("--tmp", default=f"/tmp/fanout-bench-{os.getpid()}")
     ap.add_argument("--role", default="leader", choices=["leader", "member"])
@@ -228,9 +238,11 @@ def main() -> None:
     args.members = [int(x) for x in args.members.split(",")]
     args.sizes = [int(x) for x in args.sizes_mb.split(",")]
     args.ops = args.ops.split(",")
+    args.answers = args.answers.split(",")
     bad = [o for o in args.ops if o not in ("chain", "send", "broadcast")]
+    bad += [a for a in args.answers if a not in ("later", "wait")]
     if bad or min(args.members) < 1 or args.reps < 1 or not 0 <= args.nice_downstream <= 19:
-        raise SystemExit(f"bad --ops/--members/--reps/--nice-downstream: ops {bad}, members {args.members}, "
+        raise SystemExit(f"bad --ops/--answers/--members/--reps/--nice-downstream: {bad}, members {args.members}, "
                          f"reps {args.reps}, nice {args.nice_downstream} (0-19)")
     (leader if args.role == "leader" else member)(args)
 

@@ -189,6 +189,13 @@ class LearnerConfig(Section):
     # per op on the 2-core VM, bench/gloo_ops.py). NCCL always broadcasts (its broadcast already
     # pipelines in a ring)
     sync_gloo_op: Literal["send", "broadcast", "chain"] = "chain"
+    # when the learner goes on after a sync: "wait" = once every member answered SyncDone (loaded
+    # the version) or its time is up; "later" = once its own sends are done, a thread collects the
+    # answers (within the same deadline; the next sync waits for them first, and the step record
+    # is written once its sync_ok is known); "auto" = "later" when max_staleness >= 1, "wait" at
+    # 0 (there the next prompts go only to actors that loaded the version: an early release would
+    # find them still loading and send them away for retry_after_s)
+    sync_answers: Literal["auto", "wait", "later"] = "auto"
     # share buckets through CUDA IPC with actors on the learner's own GPU (same host + GPU UUID);
     # others, and every actor when the weights are not on CUDA, get the broadcast
     colocated_ipc: bool = False

@@ -114,6 +114,10 @@ class Learner:
         self.step, self.version, self.last_ckpt = 0, 0, -1
         self.stop_requested = False
         self.synced: tuple[int, set[tuple[str, str]]] = (-1, set())  # (version, (member, run) that loaded it)
+        # a sync whose answers come later (learner.sync_answers): its report, the runs it was for, and
+        # the step record that waits for its sync_ok
+        self.unsettled: tuple[dict, dict[str, str]] | None = None
+        self.held_rec: dict | None = None
         self.last_sync_t = 0.0
         self.batch_version = 0  # learner version when the current batch was taken
         self.ingest = self.sender = self.metrics = None
@@ -162,6 +166,8 @@ class Learner:
             check_host_bind(self.cfg.metrics.host, self.cfg.transport, "metrics.host")  # loopback unless allowed
             self.metrics.serve(self.cfg.metrics.host, port, health=self._health, token_file=self.cfg.metrics.token_file)
         self.sender = WeightSender(self.lc, self.cfg.transport, metrics=self.metrics)
+        mode = self.lc.sync_answers
+        self.sender.answers_later = mode == "later" or (mode == "auto" and self.lc.max_staleness >= 1)
         self.sender.start()
         self.ingest = IngestServer(self.cfg, dispatcher, self.trainer.vocab_size, version=self.version,
                                    metrics=self.metrics, sync_endpoint=self.sender.endpoint).start()
@@ -234,6 +240,7 @@ class Learner:
         if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
             saved = self._checkpoint()
         log.info("learner done at step %d, version %d", self.step, self.version)
+        self._settle_sync(block=True)
         if self.ingest is not None and self.step >= self.lc.steps:  # finished, not stopped: tell the actors
             untold = self.ingest.end_run(self.lc.end_grace_s)
             log.info("run ended: actors told%s", f" ({untold} live actor runs did not ask within "
@@ -257,7 +264,7 @@ class Learner:
         if self.rank0:
             if self.stop_requested:
                 code = CTRL_STOP
-            elif self._members_need_weights():
+            elif self._settle_sync(block=False) and self._members_need_weights():
                 code = CTRL_SYNC
             else:
                 groups = self.ingest.take_groups(self.lc.groups_per_step, timeout=self.lc.batch_wait_s)
@@ -281,6 +288,7 @@ class Learner:
     # ----------------------------------------------------------------- weights, logs, checkpoints
     def _sync_weights(self) -> dict | None:
         """Every rank gathers full parameters one by one; rank 0 feeds them to the sender."""
+        self._settle_sync(block=True)
         flag = torch.tensor([int(self.rank0 and self.sender is not None and bool(self.sender.members()))])
         dist.broadcast(flag, 0, group=self.d.cpu_group)
         self.last_sync_t = time.monotonic()
@@ -298,11 +306,33 @@ class Learner:
                 report = {"error": str(e), "ok": [], "seconds": time.monotonic() - self.last_sync_t, "bytes": 0}
         for _ in params:  # the gathers are collectives: run them to the end on every rank
             pass
-        if self.rank0:
-            self.synced = (self.version, {(p, runs[p]) for p in report.get("ok", []) if p in runs})
-            log.info("version %d sent to %d/%d members in %.2fs (%s)", self.version, len(report.get("ok", [])),
-                     len(report.get("members", [])), report.get("seconds", 0.0), report.get("error") or "ok")
+        if self.rank0 and report.get("pending"):
+            self.unsettled = (report, runs)
+            log.info("version %d sent in %.2fs; answers from %d/%d members to come", self.version,
+                     report.get("seconds", 0.0), len(report["pending"]), len(report.get("members", [])))
+        elif self.rank0:
+            self._settled(report, runs)
         return report
+
+    def _settled(self, report: dict, runs: dict[str, str]) -> None:
+        self.synced = (report.get("version", self.version), {(p, runs[p]) for p in report.get("ok", []) if p in runs})
+        log.info("version %d sent to %d/%d members in %.2fs (%s)", self.synced[0], len(report.get("ok", [])),
+                 len(report.get("members", [])), report.get("answers_seconds", report.get("seconds", 0.0)),
+                 report.get("error") or "ok")
+
+    def _settle_sync(self, block: bool) -> bool:
+        """Rank 0: once the answers of a sync that returned early are in, note who loaded it and
+        write the step record that waited for them. False: they are still coming (block=False)."""
+        if self.unsettled is None:
+            return True
+        if not self.sender.settle(None if block else 0):
+            return False
+        (report, runs), self.unsettled = self.unsettled, None
+        self._settled(report, runs)
+        if self.held_rec is not None:
+            rec, self.held_rec = self.held_rec, None
+            self._write_rec({**rec, "sync_ok": len(report.get("ok", []))})
+        return True
 
     def _phase_times(self, sync: dict | None) -> dict:
         """This step's timers (see the module docstring), in seconds."""
@@ -321,6 +351,8 @@ class Learner:
         return (int(v.min()), int(v.max())) if v.size else (-1, -1)
 
     def _log_step(self, stats: dict, batch: Batch, groups: list, seconds: float, sync: dict | None) -> None:
+        if self.held_rec is not None:  # a sync of an earlier step (none this step): records stay in step order
+            self._settle_sync(block=True)
         now = time.time()
         stale = [self.batch_version - g.oldest_version() for g in groups]
         tokens = int(batch.lengths.sum())
@@ -363,16 +395,22 @@ class Learner:
         self._last_log_t = now
         for k, v in stats.items():
             self.m_stat.labels(stat=k).set(v)
-        run_dir = Path(self.cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if sync is not None and self.unsettled is not None and self.unsettled[0] is sync:
+            self.held_rec = rec  # sync_ok is known once the answers are in: _settle_sync writes it
+        else:
+            self._write_rec(rec)
         log.info("step %d v%d reward %.3f loss %.4f clip %.3f isw %.3f kl %.4f grad %.3f %.0f tok/s stale %.1f",
                  self.step, self.version, rec["reward_mean"], stats.get("loss", 0.0), stats.get("clip_frac", 0.0),
                  stats.get("is_weight_mean", 0.0), stats.get("behav_kl", 0.0), stats.get("grad_norm", 0.0),
                  rec["tokens_per_s"], rec["staleness_mean"])
         self.status.update(self.step, f"v{self.version}  reward {rec['reward_mean']:.3f}  "
                                       f"{rec['tokens_per_s']:,.0f} tok/s  staleness {rec['staleness_mean']:.1f}")
+
+    def _write_rec(self, rec: dict) -> None:
+        run_dir = Path(self.cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _checkpoint(self) -> bool:
         """Save; a failed save (disk full ...) is logged and counted, and training goes on."""

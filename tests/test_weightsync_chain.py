@@ -163,6 +163,13 @@ def test_chain_delivers_bit_exact_updates(procs, free_port, tmp_path, sender_fac
             assert r["ok"] and r["tensors"] == expected(v), (name, v)
 
 
+def synced(sender, version: int) -> dict:
+    """broadcast `version` and wait for its answers (they come later with answers_later)."""
+    rep = sender.broadcast(version, make_weights(version).items())
+    assert sender.settle(BOUND_S) and not rep["pending"], rep
+    return rep
+
+
 def resync_decision(sender, report: dict, version: int) -> bool:
     """learner/main.py's rule (Learner._members_need_weights) on this sender, right after
     `report`: True when some member has not loaded `version`, so the learner pushes it again."""
@@ -217,16 +224,19 @@ def test_member_killed_mid_chain(procs, free_port, tmp_path, sender_factory, buc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [2, pytest.param(1, marks=pytest.mark.long)])
-def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, rank):
+@pytest.mark.parametrize("rank,later", [(2, False), (2, True), pytest.param(1, False, marks=pytest.mark.long)])
+def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, rank, later):
     """rank 2: mid-chain; rank 1: the only member the learner sends to. The victim is slow at
     bucket 1 (0.75 x the sync timeout) before it freezes at bucket 2, so that those behind it
     start waiting for bucket 2 late in the sync: their own deadline would then keep them until
-    well after the learner has given up on them, were it not for group.end_sync's "abort"."""
+    well after the learner has given up on them, were it not for group.end_sync's "abort".
+    later: the answers are collected by the sender's thread (learner.sync_answers), which must
+    drop the frozen one and free those behind it in the same way and within the same bound."""
     sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004, op="chain", timeout_s=TIMEOUT_S))
+    sender.answers_later = later
     names = ["w", "x", "y", "z"]
     m = start_chain(procs, sender, tmp_path, names, until=3)
-    assert sender.broadcast(1, make_weights(1).items())["ok"] == names
+    assert synced(sender, 1)["ok"] == names
     order = chain_order(sender)
     victim, before, behind = order[rank - 1], order[:rank - 1], order[rank:]
     frozen = m[victim][0]
@@ -234,6 +244,7 @@ def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, ran
     try:
         t0 = time.monotonic()
         rep = sender.broadcast(2, make_weights(2).items())  # the victim is slow, then SIGSTOPs itself
+        assert sender.settle(BOUND_S) and not rep["pending"], rep
         assert time.monotonic() - t0 < BOUND_S
         assert rep["ok"] == before and victim in rep["dropped"], rep
         for x in before:
@@ -245,14 +256,14 @@ def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, ran
             r = wait_result(m[x][1], 2, timeout_s=1)
             assert not r["ok"] and r["tensors"] == {}, r
         assert resync_decision(sender, rep, 2)
-        rep = sender.broadcast(2, make_weights(2).items())
+        rep = synced(sender, 2)
         assert rep["ok"] == sorted(before + behind), rep
         for x in behind:
             assert wait_result(m[x][1], 2, ok=True)["tensors"] == expected(2)
 
         os.kill(frozen.pid, signal.SIGCONT)  # it wakes up past its deadline, fails v2, joins again
         assert wait_member(sender, [victim], 3 * TIMEOUT_S)
-        assert sender.broadcast(3, make_weights(3).items())["ok"] == names
+        assert synced(sender, 3)["ok"] == names
         for x in names:
             assert wait_result(m[x][1], 3)["tensors"] == expected(3)
         # never a partial version 2: failed with nothing recorded, or (when the forwards still
@@ -262,6 +273,41 @@ def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, ran
     finally:
         if frozen.poll() is None:
             os.kill(frozen.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_answers_later_frees_the_learner_before_a_slow_member_has_loaded(procs, free_port, tmp_path, sender_factory):
+    """learner.sync_answers "later": broadcast returns once the learner's own sends are done; the
+    last member of the chain, slow to load (it sleeps STALL_S at the last bucket), answers later,
+    and the sender's thread completes the same report. The member table stays available
+    meanwhile, and the next broadcast waits for those answers before it starts."""
+    stall_s = 3.0
+    sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004, op="chain", timeout_s=20.0))
+    sender.answers_later = True
+    names = ["a", "b", "c"]
+    m = start_chain(procs, sender, tmp_path, names, until=3)
+    rep = sender.broadcast(1, make_weights(1).items())
+    assert sender.settle(30) and rep["ok"] == names and rep["pending"] == [], rep
+    last = chain_order(sender)[-1]
+    n_buckets = rep["buckets"]
+    m[last][2].write_text(f"stall-at 2:{n_buckets - 1}:{stall_s}")
+
+    t0 = time.monotonic()
+    rep = sender.broadcast(2, make_weights(2).items())
+    held = time.monotonic() - t0
+    assert held < stall_s and rep["seconds"] <= held and last in rep["pending"], rep
+    t1 = time.monotonic()
+    assert sender.members() == names  # the collector holds the lock one short slice at a time
+    assert time.monotonic() - t1 < 1.0
+    assert sender.settle(30)
+    assert rep["pending"] == [] and rep["ok"] == names and rep["error"] is None, rep
+    assert rep["answers_seconds"] >= stall_s > rep["seconds"], rep
+    for x in names:
+        assert wait_result(m[x][1], 2)["tensors"] == expected(2)
+    rep = sender.broadcast(3, make_weights(3).items())
+    assert sender.settle(30) and rep["ok"] == names, rep
+    for x in names:
+        assert wait_result(m[x][1], 3)["tensors"] == expected(3)
 
 
 @pytest.mark.slow

@@ -256,17 +256,27 @@ class Membership:
 
     def collect(self, until: float) -> None:
         """Wait for SyncDone from every member; probe the silent ones; drop who is gone or late."""
+        probe_at = [time.monotonic() + PROBE_INTERVAL_S]
+        while self.collect_some(until, probe_at):
+            pass
+        self.end_collect()
+
+    def collect_some(self, until: float, probe_at: list[float], slice_ms: int = 20) -> bool:
+        """One slice (at most `slice_ms`) of collect(): True while answers are still due before
+        `until`. `probe_at` holds the time of the next probe of the silent members."""
+        waiting = [p for p in self.sync.unresolved() if p in self.members]
+        now = time.monotonic()
+        if not waiting or now >= until:
+            return False
+        if now >= probe_at[0]:
+            probe_at[0] = now + PROBE_INTERVAL_S
+            self.probe(waiting)
+        self.drain(int(min(slice_ms, max(1, (until - now) * 1000))))
+        return True
+
+    def end_collect(self) -> None:
+        """The answers are in or their time is up: drop whoever has not answered."""
         s = self.sync
-        next_probe = time.monotonic() + PROBE_INTERVAL_S
-        while True:
-            waiting = [p for p in s.unresolved() if p in self.members]
-            now = time.monotonic()
-            if not waiting or now >= until:
-                break
-            if now >= next_probe:
-                next_probe = now + PROBE_INTERVAL_S
-                self.probe(waiting)
-            self.drain(int(min(20, max(1, (until - now) * 1000))))
         for p in s.unresolved():
             if p in self.members:
                 self.drop(p, "no SyncDone within the timeout")

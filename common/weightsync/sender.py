@@ -48,7 +48,7 @@ from common.weightsync.collective import post_segments, wait_segments
 from common.weightsync.cuda_ipc import IpcSender, gpu_location
 from common.weightsync.errors import SyncError
 from common.weightsync.group import SyncGroup
-from common.weightsync.membership import Member, Membership
+from common.weightsync.membership import PROBE_INTERVAL_S, Member, Membership
 from common.weightsync.messages import WeightUpdateHeader
 from common.weightsync.zmq_path import send_data
 from common.wire import MAX_ARRAY_BYTES
@@ -79,6 +79,10 @@ class WeightSender:
         self.store_port: int | None = None
         self._cpu_bufs: list[torch.Tensor] = []
         self._lock = threading.RLock()  # public methods may be called from several threads
+        # "later": broadcast() returns once the learner's sends are done, and a thread collects the
+        # members' SyncDone answers (settle() waits for it; the next broadcast does so first)
+        self.answers_later = False
+        self._collector: threading.Thread | None = None
         self._metrics(metrics)
         self.membership = Membership(transport_cfg, self.run_id, self._reject,
                                      self._m["dropped"] if self._m else None)
@@ -93,7 +97,8 @@ class WeightSender:
             return
         r = m.role
         self._m = {
-            "seconds": m.histogram(f"scout_{r}_weight_sync_seconds", "wall time of one weight broadcast"),
+            "seconds": m.histogram(f"scout_{r}_weight_sync_seconds", "time one weight sync held the learner "
+                                   "(learner.sync_answers 'later': until its own sends were done)"),
             "bytes": m.counter(f"scout_{r}_weight_sync_bytes_total", "weight bytes broadcast (payload, once per sync)"),
             "members": m.gauge(f"scout_{r}_weight_sync_members", "actor workers in the weight-sync group"),
             "dropped": m.counter(f"scout_{r}_weight_sync_dropped_total", "members dropped (dead, slow or failed)"),
@@ -120,6 +125,7 @@ class WeightSender:
                  self.chunk_bytes / 2**20, self.timeout_s, "on" if self.group.colocated_ipc else "off")
 
     def close(self) -> None:
+        self.settle()
         with self._lock:
             self._close()
 
@@ -156,9 +162,26 @@ class WeightSender:
         """Send `version` to every member. The iterable is consumed exactly once, even without
         members (it may drive collectives on the other training ranks), and all of it is held
         while the sync runs. Returns {version, generation, backend, members, ok, failed, dropped,
-        reasons, bytes, buckets, seconds, transfer_seconds, error}."""
+        reasons, bytes, buckets, seconds, transfer_seconds, answers_seconds, pending, error}.
+
+        With `answers_later`, it returns once the learner's own sends are done (`seconds`: what
+        the caller was held), with the members still to answer in `pending`; a thread collects
+        their answers within the same deadline and then completes this same dict (`pending`
+        empty, `answers_seconds` set). settle() waits for that; the next broadcast does so first."""
+        self.settle()
         with self._lock:
             return self._broadcast(version, named_tensors)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the last sync's answers are in (see broadcast); False if `timeout` ran out.
+        The collector ends by the sync's deadline plus its grace, whatever the members do."""
+        c = self._collector
+        if c is not None:
+            c.join(timeout)
+            if c.is_alive():
+                return False
+            self._collector = None
+        return True
 
     def _broadcast(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
         t0 = time.monotonic()
@@ -171,7 +194,7 @@ class WeightSender:
         ms, group = self.membership, self.group
         ms.drain()
         sync = ms.begin_sync(version)
-        backend, error, t_transfer = "", None, 0.0
+        backend, error, t_transfer, later = "", None, 0.0, False
         try:
             if ms.members:
                 backend = group.choose_backend(device)
@@ -187,33 +210,78 @@ class WeightSender:
                 t_transfer = time.monotonic() - t1
                 # answers get grace_s after the transfer, but never past deadline + grace_s: a transfer
                 # that ran into the deadline (a frozen member) must not add its overshoot to the bound
-                ms.collect(max(deadline, min(time.monotonic(), deadline) + self.grace_s))
+                until = max(deadline, min(time.monotonic(), deadline) + self.grace_s)
+                later = self.answers_later and error is None and bool(sync.unresolved())
+                if later:
+                    report = self._report(buckets, backend, error, time.monotonic() - t0, t_transfer, final=False)
+                    self._collect_later(report, until, t0)
+                    return report
+                ms.collect(until)
                 group.end_sync()  # op "chain": free who still waits behind a failed member
             return self._report(buckets, backend, error, time.monotonic() - t0, t_transfer)
         finally:
-            ms.sync = None
+            if not later:
+                ms.sync = None
+
+    def _collect_later(self, report: dict, until: float, t0: float) -> None:
+        """The answers of the sync in `report`, in a thread that takes the lock one slice at a time
+        (so members() and friends wait at most a slice); then completes `report` in place."""
+        ms, sync = self.membership, self.membership.sync
+
+        def run() -> None:
+            probe_at = [time.monotonic() + PROBE_INTERVAL_S]
+            try:
+                while True:
+                    with self._lock:
+                        if not ms.collect_some(until, probe_at):
+                            ms.end_collect()
+                            self.group.end_sync()
+                            report.update(self._final(report, sync, time.monotonic() - t0))
+                            return
+                    time.sleep(0.001)  # let a waiting caller have the lock
+            except Exception as e:  # never leave the sync open: the next one must be able to start
+                log.exception("weight sync v%d: collecting the answers failed", sync.version)
+                report.update(error=report.get("error") or f"collecting the answers failed: {e}", pending=[])
+            finally:
+                with self._lock:
+                    if ms.sync is sync:
+                        ms.sync = None
+
+        self._collector = threading.Thread(target=run, name=f"sync-answers-v{sync.version}", daemon=True)
+        self._collector.start()
 
     def _report(self, buckets: list[Bucket], backend: str, error: str | None, seconds: float,
-                t_transfer: float) -> dict:
+                t_transfer: float, final: bool = True) -> dict:
+        """The sync's report; final=False: the answers are still to come (see _collect_later)."""
         s = self.membership.sync
         nbytes = sum(b.nbytes for b in buckets)
         report = {
-            "version": s.version, "generation": self.generation, "backend": backend,
-            "members": sorted(s.expect), "ok": sorted(s.ok), "failed": sorted(s.failed),
-            "dropped": sorted(s.dropped), "reasons": {**s.failed, **s.dropped},
-            "bytes": nbytes, "buckets": len(buckets), "seconds": seconds,
-            "transfer_seconds": t_transfer, "error": error,
+            "version": s.version, "generation": self.generation, "backend": backend, "members": sorted(s.expect),
+            "bytes": nbytes, "buckets": len(buckets), "seconds": seconds, "transfer_seconds": t_transfer,
+            "answers_seconds": seconds, "error": error,
         }
         if self._m:
             self._m["seconds"].observe(seconds)
             self._m["bytes"].inc(nbytes)
+        return {**report, **(self._final(report, s, seconds) if final else self._outcome(s))}
+
+    def _outcome(self, s) -> dict:
+        return {"ok": sorted(s.ok), "failed": sorted(s.failed), "dropped": sorted(s.dropped),
+                "reasons": {**s.failed, **s.dropped}, "pending": sorted(s.unresolved())}
+
+    def _final(self, report: dict, s, answers_seconds: float) -> dict:
+        """The outcome once every answer is in (or its time is up): metrics and the log line."""
+        out = {**self._outcome(s), "answers_seconds": answers_seconds}
+        if self._m:
             self._m["members"].set(len(self.membership.members))
             self._m["generation"].set(self.generation)
+        error = report["error"]
         level = logging.INFO if not (s.failed or s.dropped or error) else logging.WARNING
-        log.log(level, "weight sync v%d: %d/%d ok, %.1f MB in %.3fs (%s), dropped %s, failed %s%s", s.version,
-                len(s.ok), len(s.expect), nbytes / 1e6, seconds, backend or "no members", report["dropped"],
-                report["failed"], f", error: {error}" if error else "")
-        return report
+        held = "" if answers_seconds == report["seconds"] else f", the learner held {report['seconds']:.3f}s"
+        log.log(level, "weight sync v%d: %d/%d ok, %.1f MB in %.3fs (%s%s), dropped %s, failed %s%s", s.version,
+                len(s.ok), len(s.expect), report["bytes"] / 1e6, answers_seconds, report["backend"] or "no members",
+                held, out["dropped"], out["failed"], f", error: {error}" if error else "")
+        return out
 
     # ------------------------------------------------------------------ the transfer loop
     def _transfer(self, version: int, buckets: list[Bucket], backend: str, live: list[Member],
