@@ -34,7 +34,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from common.metrics import (BEARER_CHALLENGE, CountingHandler, QuietHTTPServer, bearer_ok,
+from common.metrics import (BEARER_CHALLENGE, SERVE_POLL_S, CountingHandler, QuietHTTPServer, bearer_ok,
                             read_token_file)
 from common.protocol import RetrieveRequest
 from common.transport import check_host_bind, is_loopback
@@ -274,7 +274,7 @@ class BoundedHTTPServer(QuietHTTPServer):
         # could be lost: read what comes for a moment first (service_actions), off this thread's path
         self.refused.append((time.monotonic() + REFUSED_LINGER_S, request))
 
-    def service_actions(self) -> None:  # serve_forever calls it after each accept and every 0.5 s
+    def service_actions(self) -> None:  # serve_forever calls it after each accept and every SERVE_POLL_S
         super().service_actions()
         now, keep = time.monotonic(), []
         for until, sock in self.refused:
@@ -316,7 +316,8 @@ class SearchR1Server(SearchR1Api):
         self.thread: threading.Thread | None = None
 
     def start(self) -> int:
-        self.thread = threading.Thread(target=self.server.serve_forever, name="retriever-http", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S},
+                                       name="retriever-http", daemon=True)
         self.thread.start()
         announce("threading", self.rc, self.token, self.port)
         return self.port

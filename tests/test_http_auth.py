@@ -281,7 +281,7 @@ def test_the_warning_is_logged_at_start(caplog, monkeypatch):
     class Stub:
         rc = type("RC", (), {"http_host": "0.0.0.0", "http_token_file": None})()
         port, token, thread = 1, None, None
-        server = type("S", (), {"serve_forever": staticmethod(lambda: None)})()
+        server = type("S", (), {"serve_forever": staticmethod(lambda **kw: None)})()
 
     with caplog.at_level(logging.WARNING, logger="scout.retriever.http"):
         http_api.SearchR1Server.start(Stub())
