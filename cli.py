@@ -6,7 +6,6 @@ Heavy libraries (torch, vLLM, faiss, transformers) are imported inside the comma
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Optional
 
@@ -266,6 +265,6 @@ if __name__ == "__main__":
     try:
         app()
     finally:
-        # the interpreter's last collections walk every object torch, transformers and vLLM made:
-        # 1.5-2.5 s of a retriever's exit on the 2-core VM; frozen objects are left out of them
-        gc.freeze()
+        from common.procs import skip_final_collections
+
+        skip_final_collections()

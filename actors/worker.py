@@ -580,4 +580,9 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    try:
+        raise SystemExit(_main())
+    finally:
+        from common.procs import skip_final_collections
+
+        skip_final_collections()

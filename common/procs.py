@@ -1,14 +1,23 @@
 """Stopping child processes: everything that starts others (the actor supervisor, the retriever
 service and its shards, the demo, the benches and the tests) ends them the same way. And the
-C heap trim that keeps the long-lived actor worker and learner from creeping up (HeapTrim)."""
+C heap trim that keeps the long-lived actor worker and learner from creeping up (HeapTrim). And
+a faster exit for processes that imported torch (skip_final_collections)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
 import subprocess
 import time
+
+
+def skip_final_collections() -> None:
+    """Call as the process ends: the interpreter's last garbage collections walk every object
+    torch, transformers and vLLM made (1.5-2.5 s of a retriever's exit on the 2-core VM). Frozen
+    objects are left out of them; the memory goes back to the OS with the process anyway."""
+    gc.freeze()
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = 20.0, group: bool = True,

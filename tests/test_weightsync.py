@@ -260,6 +260,32 @@ def test_kill9_mid_sync_then_restart_rejoins(procs, free_port, tmp_path, sender_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("op", ["chain", "send"])
+def test_member_restarted_between_syncs_gets_the_next_one(procs, free_port, tmp_path, sender_factory, op):
+    """An actor restarted between two syncs rejoins under its peer id with a new run id before the
+    learner noticed the old run was gone. The old run is dropped (reported with the next sync),
+    and the new one gets that next sync: it used to count as dropped too, so its transfer was
+    aborted and it waited for the learner's re-send."""
+    sender = sender_factory(sender_cfg(free_port, timeout_s=10.0, chunk_mb=0.004, op=op))
+    old, out_old = start_peer(procs, sender, tmp_path, "actor-a", until=1)
+    _, out_b = start_peer(procs, sender, tmp_path, "actor-b", until=2)
+    assert sender.wait_members(2, 60)
+    assert sender.broadcast(1, make_weights(1).items())["ok"] == ["actor-a", "actor-b"]
+    assert old.wait(30) == 0  # done at version 1; its record stays in the learner's table
+    first = sender.membership.members["actor-a"].run_id
+    _, out_new = start_peer(procs, sender, tmp_path, "actor-a", until=2)
+    end = time.monotonic() + 60
+    while sender.membership.members["actor-a"].run_id == first and time.monotonic() < end:
+        sender.members()  # reads the join
+        time.sleep(0.05)
+    rep = sender.broadcast(2, make_weights(2).items())
+    assert rep["ok"] == ["actor-a", "actor-b"] and rep["error"] is None, rep
+    assert rep["dropped"] == ["actor-a"] and "restarted" in rep["reasons"]["actor-a"], rep  # the old run
+    assert wait_results(out_new, 2)["tensors"] == expected(2)
+    assert wait_results(out_b, 2)["tensors"] == expected(2)
+
+
+@pytest.mark.slow
 def test_slow_member_is_dropped_and_comes_back(procs, free_port, tmp_path, sender_factory):
     timeout_s = 4.0
     sender = sender_factory(sender_cfg(free_port, timeout_s=timeout_s))

@@ -55,6 +55,9 @@ class SyncState:
     ok: set[str] = dataclasses.field(default_factory=set)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    # drops since the last sync, reported with this one; not this sync's business (a member that
+    # restarted under the same peer id is dropped as its old run and expected as its new one)
+    earlier: dict[str, str] = dataclasses.field(default_factory=dict)
     ipc_acked: dict[str, int] = dataclasses.field(default_factory=dict)  # peer -> last bucket released
 
     def unresolved(self) -> list[str]:
@@ -102,7 +105,7 @@ class Membership:
     def begin_sync(self, version: int) -> SyncState:
         """The state of a new sync; the drops since the last one are reported with it."""
         self.sync = SyncState(version, {})
-        self.sync.dropped.update(self.between_drops)
+        self.sync.earlier.update(self.between_drops)
         self.between_drops = {}
         return self.sync
 

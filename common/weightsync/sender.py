@@ -266,8 +266,9 @@ class WeightSender:
         return {**report, **(self._final(report, s, seconds) if final else self._outcome(s))}
 
     def _outcome(self, s) -> dict:
-        return {"ok": sorted(s.ok), "failed": sorted(s.failed), "dropped": sorted(s.dropped),
-                "reasons": {**s.failed, **s.dropped}, "pending": sorted(s.unresolved())}
+        dropped = {**s.earlier, **s.dropped}
+        return {"ok": sorted(s.ok), "failed": sorted(s.failed), "dropped": sorted(dropped),
+                "reasons": {**s.failed, **dropped}, "pending": sorted(s.unresolved())}
 
     def _final(self, report: dict, s, answers_seconds: float) -> dict:
         """The outcome once every answer is in (or its time is up): metrics and the log line."""
@@ -276,7 +277,7 @@ class WeightSender:
             self._m["members"].set(len(self.membership.members))
             self._m["generation"].set(self.generation)
         error = report["error"]
-        level = logging.INFO if not (s.failed or s.dropped or error) else logging.WARNING
+        level = logging.INFO if not (s.failed or out["dropped"] or error) else logging.WARNING
         held = "" if answers_seconds == report["seconds"] else f", the learner held {report['seconds']:.3f}s"
         log.log(level, "weight sync v%d: %d/%d ok, %.1f MB in %.3fs (%s%s), dropped %s, failed %s%s", s.version,
                 len(s.ok), len(s.expect), report["bytes"] / 1e6, answers_seconds, report["backend"] or "no members",
