@@ -133,6 +133,41 @@ def test_learner_sends_each_segment_once_to_rank_1():
                                           for r in per_segment)
 
 
+class TimedWork:
+    """A stand-in for a gloo work (the waiting logic under test is scout's): done at `at`."""
+
+    def __init__(self, at: float):
+        self.at = at
+
+    def wait(self, timeout=None):
+        left = self.at - time.monotonic()
+        if timeout is not None and left > timeout.total_seconds():
+            time.sleep(timeout.total_seconds())
+            raise RuntimeError("Timed out waiting")
+        time.sleep(max(0.0, left))
+        return True
+
+
+def test_a_member_whose_receives_are_done_does_not_wait_for_a_stopped_learners_store():
+    """The abort check reads the learner's TCPStore, which does not answer while the learner is
+    stopped. A member whose receives complete meanwhile goes on at once; an abort the store does
+    report still ends the wait."""
+    from common.weightsync.collective import wait_p2p
+    from common.weightsync.errors import SyncAborted
+
+    def frozen_store() -> bool:
+        time.sleep(5.0)
+        return False
+
+    t0 = time.monotonic()
+    wait_p2p([TimedWork(t0 + 0.2), TimedWork(t0 + 0.3)], t0 + 10.0, frozen_store)
+    assert time.monotonic() - t0 < 1.0
+    t0 = time.monotonic()
+    with pytest.raises(SyncAborted):
+        wait_p2p([TimedWork(t0 + 60.0)], t0 + 10.0, lambda: time.monotonic() > t0 + 0.2)
+    assert time.monotonic() - t0 < 1.0
+
+
 def test_chain_is_gloo_only_nccl_keeps_its_broadcast():
     """NCCL's broadcast already pipelines (a ring): an NCCL group broadcasts whatever the setting;
     both paths share one plan (members, ranks, segments), only SyncPlan.op differs."""

@@ -154,8 +154,11 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
     SyncError on failure or timeout. Unlike a broadcast's, a timed wait on a send or receive that
     expires closes every connection of the group (gloo's UnboundBuffer), so wait_work's short
     slices cannot be used: without should_abort the ops are waited on here with what is left of
-    the deadline; with it, a helper thread waits while this one checks the abort flag every
-    ABORT_CHECK_S (the caller then closes the group, which ends the helper's wait).
+    the deadline; with it, a helper thread waits, another asks should_abort() every ABORT_CHECK_S,
+    and this one returns as soon as either is done (after an abort the caller closes the group,
+    which ends the helper's wait). should_abort() reads the learner's store: it blocks while the
+    learner is stopped (SIGSTOP, a stalled VM), and a member whose receives are complete must not
+    wait for that (with learner.sync_answers "later" the learner may stop right after its sends).
     on_done(i) runs (on the waiting thread) as soon as works[i] is done, in order: the chain
     forwards a segment there while the next one is still arriving."""
     def wait_all() -> None:
@@ -172,7 +175,8 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
 
     if should_abort is None:
         return wait_all()
-    done, errors = threading.Event(), []
+    done, aborted, over, wake = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    errors: list[SyncError] = []
 
     def run() -> None:
         try:
@@ -181,15 +185,28 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
             errors.append(e)
         finally:
             done.set()
+            wake.set()
+
+    def watch() -> None:
+        while not over.wait(ABORT_CHECK_S):
+            if should_abort():
+                aborted.set()
+                wake.set()
+                return
 
     threading.Thread(target=run, name="weightsync-recv", daemon=True).start()
-    while not done.wait(ABORT_CHECK_S):
-        if time.monotonic() >= deadline:
-            raise SyncError("point-to-point transfer timed out")
-        if should_abort():
-            raise SyncAborted("the learner aborted this transfer")
-    if errors:
-        raise errors[0]
+    threading.Thread(target=watch, name="weightsync-abort", daemon=True).start()
+    try:
+        while not wake.wait(max(0.0, min(ABORT_CHECK_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise SyncError("point-to-point transfer timed out")
+    finally:
+        over.set()
+    if done.is_set():
+        if errors:
+            raise errors[0]
+        return
+    raise SyncAborted("the learner aborted this transfer")
 
 
 # --------------------------------------------------------------------------- learner side
