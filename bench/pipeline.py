@@ -267,7 +267,7 @@ def profile_table(r: dict) -> str:
     rows = [("learner: waiting for groups", lp["wait_s"]), ("learner: assemble batch", lp["assemble_s"]),
             ("learner: forward", lp["forward_s"]), ("learner: backward + loss + clip", lp["backward_s"]),
             ("learner: optimizer", lp["optimizer_s"]), ("learner: weight gather", lp["gather_s"]),
-            ("learner: broadcast (until actors loaded)", lp["broadcast_s"]),
+            ("learner: broadcast (what the sync held it)", lp["broadcast_s"]),
             ("learner ingest thread (decode, checks; overlaps)", lp["ingest_s"]),
             ("actor: generation (engine steps)", ap["engine"]),
             ("actor: rollout logic (turns, rewards)", ap["rollout"]),
