@@ -22,10 +22,13 @@ to the actor workers that joined.
        colocated members: the bucket's CUDA IPC handle, released per bucket (cuda_ipc.py)
      3 ◀──────────────────────── SyncDone(version, ok, seconds)   after the last bucket is loaded
        no answer in time / dead (probe fails) → dropped; the group re-forms at the next sync
+       (answers_later, learner.sync_answers "later": broadcast returns after step 2 and a thread
+        collects these answers; settle() and the next broadcast wait for it)
 
 Failure handling: every wait has a deadline. A sync's transfers end by `sync_timeout_s` after
 it started, and answers are collected for a short grace after that, so `broadcast` returns
-within about 1.25 × sync_timeout_s whatever the members do. A member whose socket is gone
+within about 1.25 × sync_timeout_s whatever the members do (with answers_later, that bound holds
+for the answers' thread, and a broadcast also waits for what is left of the previous one's). A member whose socket is gone
 (ROUTER_MANDATORY send fails), that does not arrive at the rendezvous, or that does not answer
 in time is dropped and told so (SyncAbort rejoin=True; a SyncClient then joins again by
 itself). When a collective fails the learner sets "abort" in the generation's store prefix
