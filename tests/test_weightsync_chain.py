@@ -139,6 +139,9 @@ class TimedWork:
     def __init__(self, at: float):
         self.at = at
 
+    def is_completed(self) -> bool:
+        return time.monotonic() >= self.at
+
     def wait(self, timeout=None):
         left = self.at - time.monotonic()
         if timeout is not None and left > timeout.total_seconds():
@@ -151,8 +154,9 @@ class TimedWork:
 def test_a_member_whose_receives_are_done_does_not_wait_for_a_stopped_learners_store():
     """The abort check reads the learner's TCPStore, which does not answer while the learner is
     stopped. A member whose receives complete meanwhile goes on at once; an abort the store does
-    report still ends the wait."""
-    from common.weightsync.collective import wait_p2p
+    report still ends the wait. Both waits: point-to-point (chain, send) and a collective's
+    (gloo broadcast; NCCL polls)."""
+    from common.weightsync.collective import wait_p2p, wait_work
     from common.weightsync.errors import SyncAborted
 
     def frozen_store() -> bool:
@@ -166,6 +170,14 @@ def test_a_member_whose_receives_are_done_does_not_wait_for_a_stopped_learners_s
     with pytest.raises(SyncAborted):
         wait_p2p([TimedWork(t0 + 60.0)], t0 + 10.0, lambda: time.monotonic() > t0 + 0.2)
     assert time.monotonic() - t0 < 1.0
+    for poll in (False, True):
+        t0 = time.monotonic()
+        wait_work(TimedWork(t0 + 0.3), t0 + 10.0, frozen_store, poll=poll)
+        assert time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        with pytest.raises(SyncAborted):
+            wait_work(TimedWork(t0 + 60.0), t0 + 10.0, lambda: time.monotonic() > t0 + 0.2, poll=poll)
+        assert time.monotonic() - t0 < 1.0
 
 
 def test_chain_is_gloo_only_nccl_keeps_its_broadcast():

@@ -110,21 +110,49 @@ def _failed(e: BaseException) -> SyncError:
     return SyncError(f"collective failed: {first_line(e)}")
 
 
+def watch_abort(should_abort: Callable[[], bool], wake: threading.Event | None = None
+                ) -> tuple[threading.Event, threading.Event]:
+    """A thread that asks should_abort() every ABORT_CHECK_S until the returned `over` is set;
+    `aborted` (and `wake`) are set when it answers True. should_abort() reads the learner's
+    store, which blocks while the learner is stopped (SIGSTOP, a stalled VM): a member whose
+    transfer is done must not wait for that (with learner.sync_answers "later" the learner may
+    stop right after its sends), so the waits below never call it themselves."""
+    aborted, over = threading.Event(), threading.Event()
+
+    def run() -> None:
+        while not over.wait(ABORT_CHECK_S):
+            if should_abort():
+                aborted.set()
+                if wake is not None:
+                    wake.set()
+                return
+
+    threading.Thread(target=run, name="weightsync-abort", daemon=True).start()
+    return aborted, over
+
+
 def wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | None = None,
-               poll: bool = False) -> None:
-    """Wait for a collective until `deadline` (monotonic); raise SyncError on failure or timeout.
+              poll: bool = False) -> None:
+    """Wait for a collective until `deadline` (monotonic); raise SyncError on failure or timeout,
+    SyncAborted once should_abort() says so (asked by watch_abort's thread).
     poll=True (NCCL, whose wait() only orders streams): spin on is_completed() instead."""
-    next_check = time.monotonic() + ABORT_CHECK_S
+    aborted, over = watch_abort(should_abort) if should_abort is not None else (threading.Event(), None)
+    try:
+        _wait_work(work, deadline, aborted, poll)
+    finally:
+        if over is not None:
+            over.set()
+
+
+def _wait_work(work: Any, deadline: float, aborted: threading.Event, poll: bool) -> None:
     while poll:
         if work.is_completed():
             work.wait()  # raises if it failed
             return
         if time.monotonic() >= deadline:
             raise SyncError("collective timed out")
-        if should_abort is not None and time.monotonic() >= next_check:
-            next_check = time.monotonic() + ABORT_CHECK_S
-            if should_abort():
-                raise SyncAborted("the learner aborted this transfer")
+        if aborted.is_set():
+            raise SyncAborted("the learner aborted this transfer")
         time.sleep(0.0005)
     while True:
         left = deadline - time.monotonic()
@@ -142,10 +170,8 @@ def wait_work(work: Any, deadline: float, should_abort: Callable[[], bool] | Non
                     raise _failed(e2) from None
             if "timed out" not in str(e).lower():
                 raise _failed(e) from None
-        if should_abort is not None and time.monotonic() >= next_check:
-            next_check = time.monotonic() + ABORT_CHECK_S
-            if should_abort():
-                raise SyncAborted("the learner aborted this transfer")
+        if aborted.is_set():
+            raise SyncAborted("the learner aborted this transfer")
 
 
 def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | None = None,
@@ -154,11 +180,9 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
     SyncError on failure or timeout. Unlike a broadcast's, a timed wait on a send or receive that
     expires closes every connection of the group (gloo's UnboundBuffer), so wait_work's short
     slices cannot be used: without should_abort the ops are waited on here with what is left of
-    the deadline; with it, a helper thread waits, another asks should_abort() every ABORT_CHECK_S,
-    and this one returns as soon as either is done (after an abort the caller closes the group,
-    which ends the helper's wait). should_abort() reads the learner's store: it blocks while the
-    learner is stopped (SIGSTOP, a stalled VM), and a member whose receives are complete must not
-    wait for that (with learner.sync_answers "later" the learner may stop right after its sends).
+    the deadline; with it, a helper thread waits, watch_abort's thread asks should_abort(), and
+    this one returns as soon as either is done (after an abort the caller closes the group,
+    which ends the helper's wait).
     on_done(i) runs (on the waiting thread) as soon as works[i] is done, in order: the chain
     forwards a segment there while the next one is still arriving."""
     def wait_all() -> None:
@@ -175,7 +199,7 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
 
     if should_abort is None:
         return wait_all()
-    done, aborted, over, wake = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    done, wake = threading.Event(), threading.Event()
     errors: list[SyncError] = []
 
     def run() -> None:
@@ -187,15 +211,8 @@ def wait_p2p(works: list, deadline: float, should_abort: Callable[[], bool] | No
             done.set()
             wake.set()
 
-    def watch() -> None:
-        while not over.wait(ABORT_CHECK_S):
-            if should_abort():
-                aborted.set()
-                wake.set()
-                return
-
     threading.Thread(target=run, name="weightsync-recv", daemon=True).start()
-    threading.Thread(target=watch, name="weightsync-abort", daemon=True).start()
+    _, over = watch_abort(should_abort, wake)
     try:
         while not wake.wait(max(0.0, min(ABORT_CHECK_S, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
