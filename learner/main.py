@@ -395,7 +395,7 @@ class Learner:
         self._last_log_t = now
         for k, v in stats.items():
             self.m_stat.labels(stat=k).set(v)
-        if sync is not None and self.unsettled is not None and self.unsettled[0] is sync:
+        if self.unsettled is not None and self.unsettled[0] is sync:
             self.held_rec = rec  # sync_ok is known once the answers are in: _settle_sync writes it
         else:
             self._write_rec(rec)

@@ -261,7 +261,7 @@ class WeightSender:
         report = {
             "version": s.version, "generation": self.generation, "backend": backend, "members": sorted(s.expect),
             "bytes": nbytes, "buckets": len(buckets), "seconds": seconds, "transfer_seconds": t_transfer,
-            "answers_seconds": seconds, "error": error,
+            "error": error,
         }
         if self._m:
             self._m["seconds"].observe(seconds)
