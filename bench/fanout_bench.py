@@ -2,34 +2,43 @@
 chain (learner.sync_gloo_op "chain") and the point-to-point path ("send"), same run.
 
     python bench/fanout_bench.py [--members 1,2,4,8] [--sizes-mb 50,500] [--reps 3] [--ops chain,send]
-                                 [--answers later,wait] [--nice-downstream 19]
+                                 [--answers sends-later,later,wait] [--step-s 0.5] [--nice-downstream 19]
 
 For each member count N, N member processes (SyncClient + BucketReceiver, as an actor's; this
 script with --role member) join a learner-side WeightSender in this process and stay for every
 cell of that N; the op changes re-form the group. Per cell (op, answers, size, N): one warm-up
 sync, then --reps syncs of the fake model (bf16 decoder layers + fp32 norms,
-bench/weightsync_bench.py). answers: learner.sync_answers, "wait" (broadcast() returns once every
-member answered SyncDone) or "later" (it returns once the learner's own sends are done; the
-sender's thread collects the answers). Columns, medians over the reps:
+bench/weightsync_bench.py). answers: when broadcast() returns (learner.sync_answers and
+learner.sync_sends): "wait" = once every member answered SyncDone; "later" = once the learner's
+own sends are done, and the sender's thread collects the answers; "sends-later" = once the
+sender holds the tensors, and its thread also runs the sends. --step-s S: after each broadcast
+returns, the learner runs a fixed CPU job that takes about S seconds on an idle box (one thread
+of matmuls: a stand-in for the next training step on a CPU learner), then waits for the sync's
+end. Columns, medians over the reps:
 
 - learner send s: WeightSender.broadcast's `transfer_seconds`, until the learner's last send
   completed (the learner's time on the wire);
 - broadcast s: WeightSender.broadcast's wall time: what the training loop is held. With "wait"
-  it includes waiting for every member's SyncDone; with "later" it ends with the sends;
+  it includes waiting for every member's SyncDone; with "later" it ends with the sends; with
+  "sends-later" it ends once the sender holds the tensors;
+- step s (with --step-s): the stand-in step's wall time, run right after broadcast returned, so
+  beside whatever the sync still does (on a shared box its CPU slows the step); step s alone is
+  printed once, measured before the members start;
 - last member s: from the start of broadcast() until the last member has the whole update
   (each member's monotonic clock when follow_sync returned; one clock on one host);
 - learner MB out: bytes of the learner's sends, counted on the works post_segments returned
   (segments x sizes x destinations), per sync;
 - learner CPU s: user + system of the learner process alone, per sync (what the learner pays,
-  with little of the other processes' contention in it);
+  with little of the other processes' contention in it; the stand-in step's own CPU time is
+  taken out, here and in the next column);
 - CPU s: user + system of the learner and all members (/proc/<pid>/stat, all threads), per sync;
   and CPU s / cores: the time those CPU seconds need at the least on this host's cores. When
   "last member s" is close to it, the members' time is CPU contention (they share the cores),
   not the chain's length.
 
-Printed at the end, per op and answers, from the medians at the largest size:
-`fan-out, 8 members / 1 member: N.NNx (learner-side)` on "learner send s", and the same ratio
-of "broadcast s" (the learner held).
+Printed at the end, per op and answers, from the medians at the largest size: the ratio
+8 members / 1 member of "learner send s" (the learner's time on the wire), of "broadcast s" (the
+learner held), and with --step-s of "broadcast s + step s" (held plus the next step).
 """
 
 from __future__ import annotations
@@ -133,8 +142,29 @@ def wait_done(outs: list[Path], version: int, timeout_s: float = 60.0) -> list[f
     return times
 
 
-def run_cell(sender, counter, model, outs, pids, op: str, answers: str, reps: int, version: list) -> dict:
-    sender.gloo_op, sender.answers_later = op, answers == "later"
+ANSWERS = ("sends-later", "later", "wait")
+
+
+def step_job(iters: int) -> float:
+    """The stand-in training step: `iters` single-thread 256x256 matmuls; returns its wall time."""
+    a = torch.ones(256, 256)
+    t0 = time.monotonic()
+    for _ in range(iters):
+        a = (a @ a).mul_(1.0 / 256)
+    return time.monotonic() - t0
+
+
+def calibrate_step(seconds: float) -> int:
+    """The iterations that take about `seconds` here, now (call it while the box is idle)."""
+    step_job(20)
+    per = min(step_job(200) for _ in range(3)) / 200
+    return max(1, round(seconds / per))
+
+
+def run_cell(sender, counter, model, outs, pids, op: str, answers: str, reps: int, version: list,
+             step_iters: int = 0) -> dict:
+    sender.gloo_op = op
+    sender.answers_later, sender.sends_later = answers != "wait", answers == "sends-later"
     rows = []
     for rep in range(reps + 1):  # the first one warms up (and re-forms the group for this op)
         version[0] += 1
@@ -143,13 +173,16 @@ def run_cell(sender, counter, model, outs, pids, op: str, answers: str, reps: in
         b0, t0 = counter.bytes, time.monotonic()
         report = sender.broadcast(version[0], model)
         wall = time.monotonic() - t0
+        c0 = time.thread_time()
+        step = step_job(step_iters) if step_iters else 0.0
+        step_cpu = time.thread_time() - c0  # taken out of the CPU columns below: they are the sync's
         assert sender.settle(120), "the answers never came"  # first: the file polling below costs CPU
         done = wait_done(outs, version[0])
         assert len(report["ok"]) == len(outs) and report["error"] is None, report
-        learner_cpu = proc_cpu(os.getpid()) - mine
+        learner_cpu = proc_cpu(os.getpid()) - mine - step_cpu
         cpu = sum(proc_cpu(p) for p in pids) + learner_cpu + mine - pids_cpu
         if rep:
-            rows.append({"send": report["transfer_seconds"], "wall": wall, "last": max(done) - t0,
+            rows.append({"send": report["transfer_seconds"], "wall": wall, "step": step, "last": max(done) - t0,
                          "bytes": counter.bytes - b0, "learner_cpu": learner_cpu, "cpu": cpu})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -171,7 +204,8 @@ def run_members(args, n: int, models: dict, counter, version: list) -> list[dict
         for size, model in models.items():
             for op in args.ops:
                 for answers in args.answers:
-                    r = run_cell(sender, counter, model, outs, [p.pid for p in procs], op, answers, args.reps, version)
+                    r = run_cell(sender, counter, model, outs, [p.pid for p in procs], op, answers, args.reps, version,
+                                 args.step_iters)
                     cells.append({"op": op, "answers": answers, "size": size, "members": n, **r})
                     print(json.dumps(cells[-1]), flush=True)
     finally:
@@ -182,24 +216,31 @@ def run_members(args, n: int, models: dict, counter, version: list) -> list[dict
     return cells
 
 
-def print_table(cells: list[dict], nbytes: dict) -> None:
+def print_table(cells: list[dict], nbytes: dict, step_alone: float | None) -> None:
     cores = os.cpu_count() or 1
-    print("\n| op | answers | weights | members | learner send s | broadcast s | last member s | learner MB out "
-          f"| learner CPU s | CPU s (all processes) | CPU s / {cores} cores |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for c in sorted(cells, key=lambda c: (c["op"] != "chain", c["answers"], c["size"], c["members"])):
+    if step_alone is not None:
+        print(f"\nstep s alone (the stand-in step before the members started): {step_alone:.3f}")
+    print("\n| op | answers | weights | members | learner send s | broadcast s | step s | last member s "
+          f"| learner MB out | learner CPU s | CPU s (all processes) | CPU s / {cores} cores |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in sorted(cells, key=lambda c: (c["op"] != "chain", ANSWERS.index(c["answers"]), c["size"], c["members"])):
         print(f"| {c['op']} | {c['answers']} | {nbytes[c['size']] / 1e6:.0f} MB | {c['members']} | {c['send']:.3f} "
-              f"| {c['wall']:.3f} | {c['last']:.3f} | {c['bytes'] / 1e6:.0f} | {c['learner_cpu']:.2f} | {c['cpu']:.2f} "
-              f"| {c['cpu'] / cores:.2f} |")
+              f"| {c['wall']:.4f} | {c['step']:.3f} | {c['last']:.3f} | {c['bytes'] / 1e6:.0f} | {c['learner_cpu']:.2f} "
+              f"| {c['cpu']:.2f} | {c['cpu'] / cores:.2f} |")
     big = max(c["size"] for c in cells)
     lo, hi = min(c["members"] for c in cells), max(c["members"] for c in cells)
     for key in dict.fromkeys((c["op"], c["answers"]) for c in cells):
         one = [c for c in cells if (c["op"], c["answers"]) == key and c["size"] == big and c["members"] == lo]
         many = [c for c in cells if (c["op"], c["answers"]) == key and c["size"] == big and c["members"] == hi]
         if one and many:
-            print(f"{key[0]}, answers {key[1]}: fan-out, {hi} members / {lo} member: "
-                  f"{many[0]['send'] / one[0]['send']:.2f}x (learner-side); learner held (broadcast s): "
-                  f"{many[0]['wall'] / one[0]['wall']:.2f}x, {one[0]['wall']:.3f} -> {many[0]['wall']:.3f} s")
+            a, b = one[0], many[0]
+            line = (f"{key[0]}, answers {key[1]}: {hi} members / {lo} member: learner held (broadcast s) "
+                    f"{b['wall'] / a['wall']:.2f}x, {a['wall']:.4f} -> {b['wall']:.4f} s; on the wire (learner send s) "
+                    f"{b['send'] / a['send']:.2f}x")
+            if step_alone is not None:
+                line += (f"; held + step {(b['wall'] + b['step']) / (a['wall'] + a['step']):.2f}x, "
+                         f"{a['wall'] + a['step']:.3f} -> {b['wall'] + b['step']:.3f} s")
+            print(line)
 
 
 def leader(args) -> None:
@@ -210,12 +251,14 @@ def leader(args) -> None:
     sender_mod.post_segments = counter
     os.makedirs(args.tmp, exist_ok=True)
     cells, version = [], [0]
+    args.step_iters = calibrate_step(args.step_s) if args.step_s else 0
+    step_alone = statistics.median(step_job(args.step_iters) for _ in range(3)) if args.step_s else None
     try:
         for n in args.members:
             cells += run_members(args, n, models, counter, version)
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
-    print_table(cells, nbytes)
+    print_table(cells, nbytes, step_alone)
 
 
 def main() -> None:
@@ -224,7 +267,11 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="50,500")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ops", default="chain,send")
-    ap.add_argument("--answers", default="later,wait", help="learner.sync_answers to measure: later, wait or both")
+    ap.add_argument("--answers", default=",".join(ANSWERS),
+                    help="when broadcast returns: sends-later (learner.sync_sends later), later "
+                         "(learner.sync_answers later, sends wait), wait (both wait); one or more")
+    ap.add_argument("--step-s", type=float, default=0.0,
+                    help="after each broadcast, a stand-in training step of about this many CPU seconds")
     ap.add_argument("--bucket-mb", type=float, default=256.0)
     ap.add_argument("--tmp", default=f"/tmp/fanout-bench-{os.getpid()}")
     ap.add_argument("--role", default="leader", choices=["leader", "member"])
@@ -240,7 +287,8 @@ def main() -> None:
     args.ops = args.ops.split(",")
     args.answers = args.answers.split(",")
     bad = [o for o in args.ops if o not in ("chain", "send", "broadcast")]
-    bad += [a for a in args.answers if a not in ("later", "wait")]
+    bad += [a for a in args.answers if a not in ANSWERS]
+    bad += [f"--step-s {args.step_s}"] if not 0 <= args.step_s <= 60 else []
     if bad or min(args.members) < 1 or args.reps < 1 or not 0 <= args.nice_downstream <= 19:
         raise SystemExit(f"bad --ops/--answers/--members/--reps/--nice-downstream: {bad}, members {args.members}, "
                          f"reps {args.reps}, nice {args.nice_downstream} (0-19)")

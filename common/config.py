@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "SCOUT_"
 
@@ -196,6 +196,15 @@ class LearnerConfig(Section):
     # 0 (there the next prompts go only to actors that loaded the version: an early release would
     # find them still loading and send them away for retry_after_s)
     sync_answers: Literal["auto", "wait", "later"] = "auto"
+    # when the learner's sends happen: "wait" = broadcast() sends, then returns (see sync_answers);
+    # "later" = broadcast() returns once it holds the gathered weights (a snapshot the training
+    # step does not touch), and the sender's thread sends them and collects the answers while the
+    # learner trains on: the training loop is held for the gather only, whatever the number of
+    # actors. It keeps the gathered copy alive into the next step (one model in sync dtype, on the
+    # learner's host) and its transfer shares that host's CPU with the step. CPU weights only (a
+    # learner on CUDA sends as "wait"). Needs the answers later too; "auto" = "later" when
+    # sync_answers resolves to "later"
+    sync_sends: Literal["auto", "wait", "later"] = "auto"
     # share buckets through CUDA IPC with actors on the learner's own GPU (same host + GPU UUID);
     # others, and every actor when the weights are not on CUDA, get the broadcast
     colocated_ipc: bool = False
@@ -217,6 +226,19 @@ class LearnerConfig(Section):
     sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = model config dtype
     cpu_threads: int = Field(0, ge=0)  # torch threads per rank on CPU; 0 = torch's default (shared CPUs: 1)
     dump_groups_dir: str | None = None  # tests/debugging: every accepted group as <dir>/<seq>.npz
+
+    def sync_later(self) -> tuple[bool, bool]:
+        """(answers later, sends later): sync_answers and sync_sends with "auto" resolved."""
+        answers = self.sync_answers == "later" or (self.sync_answers == "auto" and self.max_staleness >= 1)
+        return answers, answers and self.sync_sends != "wait"
+
+    @model_validator(mode="after")
+    def _sends_later_need_answers_later(self) -> "LearnerConfig":
+        if self.sync_sends == "later" and not self.sync_later()[0]:
+            raise ValueError("sync_sends = 'later' needs the answers later too: sync_answers = 'later', or 'auto' "
+                             f"with max_staleness >= 1 (sync_answers = {self.sync_answers!r}, "
+                             f"max_staleness = {self.max_staleness})")
+        return self
 
 
 class DemoConfig(Section):

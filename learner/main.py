@@ -166,8 +166,7 @@ class Learner:
             check_host_bind(self.cfg.metrics.host, self.cfg.transport, "metrics.host")  # loopback unless allowed
             self.metrics.serve(self.cfg.metrics.host, port, health=self._health, token_file=self.cfg.metrics.token_file)
         self.sender = WeightSender(self.lc, self.cfg.transport, metrics=self.metrics)
-        mode = self.lc.sync_answers
-        self.sender.answers_later = mode == "later" or (mode == "auto" and self.lc.max_staleness >= 1)
+        self.sender.answers_later, self.sender.sends_later = self.lc.sync_later()
         self.sender.start()
         self.ingest = IngestServer(self.cfg, dispatcher, self.trainer.vocab_size, version=self.version,
                                    metrics=self.metrics, sync_endpoint=self.sender.endpoint).start()
@@ -295,7 +294,8 @@ class Learner:
         if not int(flag):
             self.synced = (self.version, set())
             return None
-        params = self.timer.timed("gather", self.trainer.full_parameters())
+        owned = self.rank0 and self.sender.sends_later  # the sender's thread sends them while we train on
+        params = self.timer.timed("gather", self.trainer.full_parameters(owned=owned))
         runs = self.sender.member_runs() if self.rank0 else {}  # the incarnations this sync is for
         report = None
         if self.rank0:
@@ -308,7 +308,8 @@ class Learner:
             pass
         if self.rank0 and report.get("pending"):
             self.unsettled = (report, runs)
-            log.info("version %d sent in %.2fs; answers from %d/%d members to come", self.version,
+            log.info("version %d %s in %.2fs; answers from %d/%d members to come", self.version,
+                     "handed to the sender" if self.sender.sends_later and not report.get("backend") else "sent",
                      report.get("seconds", 0.0), len(report["pending"]), len(report.get("members", [])))
         elif self.rank0:
             self._settled(report, runs)

@@ -397,11 +397,16 @@ class Trainer:
         return finalize_stats(total)
 
     # ----------------------------------------------------------------- weights out
-    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_parameters(self, owned: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor in sync dtype), one parameter at a time. Every rank must run
-        this to the end: each DTensor.full_tensor() is an all-gather over the training group."""
+        this to the end: each DTensor.full_tensor() is an all-gather over the training group.
+        owned: never the parameter's own memory (a copy where the tensor would be it), so the
+        tensors stay as they are while the next steps train (learner.sync_sends "later")."""
         from torch.distributed.tensor import DTensor
 
         for name, p in self.model.named_parameters():
-            t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-            yield name, t.detach().to(self.sync_dtype)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            t = (p.full_tensor() if isinstance(p, DTensor) else p.detach()).detach().to(self.sync_dtype)
+            if owned and t.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
+                t = t.clone()
+            yield name, t

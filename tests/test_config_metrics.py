@@ -211,3 +211,12 @@ def test_status_line_renders_on_a_terminal_and_is_silent_off_one(capsys):
     on.close()
     err = capsys.readouterr().err
     assert "learner" in err and "7/10" in err and "reward 0.25" in err
+
+
+def test_sends_later_need_the_answers_later():
+    assert load_config(None, [], environ={}).learner.sync_later() == (True, True)  # max_staleness 4: both later
+    assert load_config(None, ["learner.max_staleness=0"], environ={}).learner.sync_later() == (False, False)
+    got = load_config(None, ["learner.sync_sends='wait'"], environ={}).learner.sync_later()
+    assert got == (True, False)
+    with pytest.raises(ConfigError, match=r"learner: .*sync_sends = 'later' needs the answers later too"):
+        load_config(None, ["learner.max_staleness=0", "learner.sync_sends='later'"], environ={})

@@ -268,3 +268,24 @@ def test_resume_after_kill_9_continues_at_the_checkpoint(tiny, procs, ipc_path, 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     start = load_file(f"{tiny}/model.safetensors")
     assert not torch.equal(model.model.embed_tokens.weight.detach(), start["model.embed_tokens.weight"])
+
+
+def test_owned_full_parameters_stay_as_they_were_while_training_goes_on(tiny, one_rank):
+    """learner.sync_sends "later" sends the gathered tensors while the next steps train: with
+    owned=True none of them is a parameter's own memory. The plain gather shows why it matters:
+    on one rank in the model's dtype it hands out the parameters themselves, which a step changes."""
+    from common.config import load_config
+    from learner.trainer import Trainer, assemble
+
+    lc = load_config(None, [f"learner.model='{tiny}'", "learner.n_samples=2", "learner.lr=1e-2",
+                            "learner.micro_batch_tokens=32", "learner.sync_dtype='float32'"]).learner
+    t = Trainer(lc, one_rank)
+    plain, owned = dict(t.full_parameters()), dict(t.full_parameters(owned=True))
+    before = {k: v.clone() for k, v in owned.items()}
+    ptrs = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr()
+            for p in t.model.parameters()}
+    assert not {v.untyped_storage().data_ptr() for v in owned.values()} & ptrs
+    assert {v.untyped_storage().data_ptr() for v in plain.values()} & ptrs  # the premise: plain aliases here
+    t.train_step(assemble([group_for(k, 0, t.vocab_size) for k in range(2)], True))
+    assert all(torch.equal(owned[k], before[k]) for k in owned)
+    assert any(not torch.equal(plain[k], before[k]) for k in plain)

@@ -271,16 +271,17 @@ def test_member_killed_mid_chain(procs, free_port, tmp_path, sender_factory, buc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank,later", [(2, False), (2, True), pytest.param(1, False, marks=pytest.mark.long)])
+@pytest.mark.parametrize("rank,later", [(2, ""), (2, "answers"), (1, "sends"), pytest.param(1, "", marks=pytest.mark.long)])
 def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, rank, later):
     """rank 2: mid-chain; rank 1: the only member the learner sends to. The victim is slow at
     bucket 1 (0.75 x the sync timeout) before it freezes at bucket 2, so that those behind it
     start waiting for bucket 2 late in the sync: their own deadline would then keep them until
     well after the learner has given up on them, were it not for group.end_sync's "abort".
-    later: the answers are collected by the sender's thread (learner.sync_answers), which must
-    drop the frozen one and free those behind it in the same way and within the same bound."""
+    later "answers": the answers are collected by the sender's thread (learner.sync_answers), which
+    must drop the frozen one and free those behind it in the same way and within the same bound;
+    "sends": that thread runs the sends too (learner.sync_sends), and broadcast returns at once."""
     sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004, op="chain", timeout_s=TIMEOUT_S))
-    sender.answers_later = later
+    sender.answers_later, sender.sends_later = bool(later), later == "sends"
     names = ["w", "x", "y", "z"]
     m = start_chain(procs, sender, tmp_path, names, until=3)
     assert synced(sender, 1)["ok"] == names
@@ -291,6 +292,7 @@ def test_member_frozen_mid_chain(procs, free_port, tmp_path, sender_factory, ran
     try:
         t0 = time.monotonic()
         rep = sender.broadcast(2, make_weights(2).items())  # the victim is slow, then SIGSTOPs itself
+        assert later != "sends" or time.monotonic() - t0 < 1.0, rep
         assert sender.settle(BOUND_S) and not rep["pending"], rep
         assert time.monotonic() - t0 < BOUND_S
         assert rep["ok"] == before and victim in rep["dropped"], rep
@@ -353,6 +355,44 @@ def test_answers_later_frees_the_learner_before_a_slow_member_has_loaded(procs, 
         assert wait_result(m[x][1], 2)["tensors"] == expected(2)
     rep = sender.broadcast(3, make_weights(3).items())
     assert sender.settle(30) and rep["ok"] == names, rep
+    for x in names:
+        assert wait_result(m[x][1], 3)["tensors"] == expected(3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sends_later", [True, False])
+def test_sends_later_free_the_learner_before_rank_1_has_received(procs, free_port, tmp_path, sender_factory,
+                                                                   sends_later):
+    """learner.sync_sends "later": broadcast returns once it holds the tensors, and the sender's
+    thread runs the transfer. Rank 1 stalls STALL_S before it receives the first bucket, which
+    holds up the learner's own sends (gloo sends wait for the receiver's buffer). With sends
+    later the caller is not held by that; with sends "wait" (the control case) it is. Either
+    way every member gets the version bit-exact, and the next one after it."""
+    stall_s = 3.0
+    sender = sender_factory(sender_cfg(free_port, chunk_mb=0.004, op="chain", timeout_s=20.0))
+    sender.answers_later, sender.sends_later = True, sends_later
+    names = ["a", "b", "c"]
+    m = start_chain(procs, sender, tmp_path, names, until=3)
+    synced(sender, 1)
+    first = chain_order(sender)[0]
+    m[first][2].write_text(f"stall-at 2:0:{stall_s}")
+
+    t0 = time.monotonic()
+    rep = sender.broadcast(2, make_weights(2).items())
+    held = time.monotonic() - t0
+    if sends_later:
+        assert held < 1.0 and rep["pending"] == names and rep["transfer_seconds"] == 0.0, (held, rep)
+    else:
+        assert held >= stall_s and rep["transfer_seconds"] >= stall_s, (held, rep)
+    assert sender.settle(30)
+    assert rep["pending"] == [] and rep["ok"] == names and rep["error"] is None, rep
+    assert rep["transfer_seconds"] >= stall_s and rep["answers_seconds"] >= stall_s, rep
+    assert rep["seconds"] <= held and (rep["seconds"] < 1.0) == sends_later, rep
+    assert rep["backend"] == "gloo" and rep["generation"] == sender.generation, rep
+    for x in names:
+        assert wait_result(m[x][1], 2)["tensors"] == expected(2)
+    rep = synced(sender, 3)
+    assert rep["ok"] == names, rep
     for x in names:
         assert wait_result(m[x][1], 3)["tensors"] == expected(3)
 

@@ -23,12 +23,15 @@ to the actor workers that joined.
      3 ◀──────────────────────── SyncDone(version, ok, seconds)   after the last bucket is loaded
        no answer in time / dead (probe fails) → dropped; the group re-forms at the next sync
        (answers_later, learner.sync_answers "later": broadcast returns after step 2 and a thread
-        collects these answers; settle() and the next broadcast wait for it)
+        collects these answers; settle() and the next broadcast wait for it. sends_later,
+        learner.sync_sends "later": it returns before step 1, once it holds the tensors, and that
+        thread runs steps 1-3)
 
 Failure handling: every wait has a deadline. A sync's transfers end by `sync_timeout_s` after
 it started, and answers are collected for a short grace after that, so `broadcast` returns
-within about 1.25 × sync_timeout_s whatever the members do (with answers_later, that bound holds
-for the answers' thread, and a broadcast also waits for what is left of the previous one's). A member whose socket is gone
+within about 1.25 × sync_timeout_s whatever the members do (with answers_later or sends_later,
+that bound holds for the sender's thread, and a broadcast also waits for what is left of the
+previous one's). A member whose socket is gone
 (ROUTER_MANDATORY send fails), that does not arrive at the rendezvous, or that does not answer
 in time is dropped and told so (SyncAbort rejoin=True; a SyncClient then joins again by
 itself). When a collective fails the learner sets "abort" in the generation's store prefix
@@ -85,6 +88,9 @@ class WeightSender:
         # "later": broadcast() returns once the learner's sends are done, and a thread collects the
         # members' SyncDone answers (settle() waits for it; the next broadcast does so first)
         self.answers_later = False
+        # "later" sends (learner.sync_sends; with answers_later, CPU tensors only): broadcast() returns
+        # once it holds the tensors, and the same thread also sends them
+        self.sends_later = False
         self._collector: threading.Thread | None = None
         self._metrics(metrics)
         self.membership = Membership(transport_cfg, self.run_id, self._reject,
@@ -101,7 +107,8 @@ class WeightSender:
         r = m.role
         self._m = {
             "seconds": m.histogram(f"scout_{r}_weight_sync_seconds", "time one weight sync held the learner "
-                                   "(learner.sync_answers 'later': until its own sends were done)"),
+                                   "(learner.sync_answers 'later': until its own sends were done; sync_sends "
+                                   "'later': until the sender held the weights)"),
             "bytes": m.counter(f"scout_{r}_weight_sync_bytes_total", "weight bytes broadcast (payload, once per sync)"),
             "members": m.gauge(f"scout_{r}_weight_sync_members", "actor workers in the weight-sync group"),
             "dropped": m.counter(f"scout_{r}_weight_sync_dropped_total", "members dropped (dead, slow or failed)"),
@@ -170,10 +177,28 @@ class WeightSender:
         With `answers_later`, it returns once the learner's own sends are done (`seconds`: what
         the caller was held), with the members still to answer in `pending`; a thread collects
         their answers within the same deadline and then completes this same dict (`pending`
-        empty, `answers_seconds` set). settle() waits for that; the next broadcast does so first."""
+        empty, `answers_seconds` set). With `sends_later` as well (CPU tensors, members present),
+        it returns once it holds the tensors, and that thread also runs the sends: the caller
+        must leave the tensors unchanged until settle(). settle() waits for the thread; the next
+        broadcast does so first."""
         self.settle()
         with self._lock:
-            return self._broadcast(version, named_tensors)
+            t0 = time.monotonic()
+            tensors = [(n, t) for n, t in named_tensors]
+            buckets = plan_buckets(tensors, self.bucket_bytes, self.first_bucket_bytes)
+            if not buckets:
+                raise SyncError("broadcast needs at least one tensor")
+            self.membership.drain()
+            if self.sends_later and self.answers_later and self.membership.members \
+                    and tensors[0][1].device.type == "cpu":
+                report = self._handed_over(version, buckets, time.monotonic() - t0)
+                self._start_thread(f"sync-v{version}", lambda: self._sync_behind(report, version, buckets, t0))
+                return report
+            report, until = self._sync(version, buckets, t0)
+            if until is not None:
+                sync = self.membership.sync
+                self._start_thread(f"sync-answers-v{version}", lambda: self._collect(report, until, t0, sync))
+            return report
 
     def settle(self, timeout: float | None = None) -> bool:
         """Wait until the last sync's answers are in (see broadcast); False if `timeout` ran out.
@@ -186,22 +211,20 @@ class WeightSender:
             self._collector = None
         return True
 
-    def _broadcast(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
-        t0 = time.monotonic()
+    def _sync(self, version: int, buckets: list[Bucket], t0: float,
+              seconds: float | None = None) -> tuple[dict, float | None]:
+        """Steps 1 and 2 of the diagram, and the answers unless they come later. Returns (report,
+        until): `until` is None when the report is final, else the answers' deadline (the sync
+        stays open; _collect completes the report and closes it). `seconds`: what the caller was
+        held, when it was not held by this (sends_later)."""
         deadline = t0 + self.timeout_s
-        tensors = [(n, t) for n, t in named_tensors]
-        buckets = plan_buckets(tensors, self.bucket_bytes, self.first_bucket_bytes)
-        if not buckets:
-            raise SyncError("broadcast needs at least one tensor")
-        device = tensors[0][1].device
         ms, group = self.membership, self.group
-        ms.drain()
         sync = ms.begin_sync(version)
-        backend, error, t_transfer, later = "", None, 0.0, False
+        backend, error, t_transfer, until = "", None, 0.0, None
         try:
             if ms.members:
-                backend = group.choose_backend(device)
-                where = gpu_location(device) if group.colocated_ipc else None
+                backend = group.choose_backend(buckets[0].items[0][1].device)
+                where = gpu_location(buckets[0].items[0][1].device) if group.colocated_ipc else None
                 if where != group.ipc_where:
                     group.ipc_where, ms.dirty = where, True
                 if group.stale(backend, self.gloo_op):
@@ -213,49 +236,73 @@ class WeightSender:
                 t_transfer = time.monotonic() - t1
                 # answers get grace_s after the transfer, but never past deadline + grace_s: a transfer
                 # that ran into the deadline (a frozen member) must not add its overshoot to the bound
-                until = max(deadline, min(time.monotonic(), deadline) + self.grace_s)
-                later = self.answers_later and error is None and bool(sync.unresolved())
-                if later:
-                    report = self._report(buckets, backend, error, time.monotonic() - t0, t_transfer, final=False)
-                    self._collect_later(report, until, t0)
-                    return report
-                ms.collect(until)
+                grace_until = max(deadline, min(time.monotonic(), deadline) + self.grace_s)
+                if self.answers_later and error is None and sync.unresolved():
+                    held = time.monotonic() - t0 if seconds is None else seconds
+                    report = self._report(buckets, backend, error, held, t_transfer, final=False)
+                    until = grace_until
+                    return report, until
+                ms.collect(grace_until)
                 group.end_sync()  # op "chain": free who still waits behind a failed member
-            return self._report(buckets, backend, error, time.monotonic() - t0, t_transfer)
+            held = time.monotonic() - t0 if seconds is None else seconds
+            return self._report(buckets, backend, error, held, t_transfer, answers=time.monotonic() - t0), None
         finally:
-            if not later:
+            if until is None:
                 ms.sync = None
 
-    def _collect_later(self, report: dict, until: float, t0: float) -> None:
-        """The answers of the sync in `report`, in a thread that takes the lock one slice at a time
-        (so members() and friends wait at most a slice); then completes `report` in place."""
-        ms, sync = self.membership, self.membership.sync
+    def _handed_over(self, version: int, buckets: list[Bucket], seconds: float) -> dict:
+        """The report broadcast returns with sends_later: every member still to be sent to."""
+        members = sorted(self.membership.members)
+        return {"version": version, "generation": self.generation, "backend": "", "members": members,
+                "bytes": sum(b.nbytes for b in buckets), "buckets": len(buckets), "seconds": seconds,
+                "transfer_seconds": 0.0, "error": None, "ok": [], "failed": [], "dropped": [], "reasons": {},
+                "pending": members}
 
-        def run() -> None:
-            probe_at = [time.monotonic() + PROBE_INTERVAL_S]
-            try:
-                while True:
-                    with self._lock:
-                        if not ms.collect_some(until, probe_at):
-                            ms.end_collect()
-                            self.group.end_sync()
-                            report.update(self._final(report, sync, time.monotonic() - t0))
-                            return
-                    time.sleep(0.001)  # let a waiting caller have the lock
-            except Exception as e:  # never leave the sync open: the next one must be able to start
-                log.exception("weight sync v%d: collecting the answers failed", sync.version)
-                report.update(error=report.get("error") or f"collecting the answers failed: {e}", pending=[])
-            finally:
-                with self._lock:
-                    if ms.sync is sync:
-                        ms.sync = None
+    def _sync_behind(self, report: dict, version: int, buckets: list[Bucket], t0: float) -> None:
+        """sends_later: the whole sync in the sender's thread; completes `report` in place."""
+        try:
+            with self._lock:
+                done, until = self._sync(version, buckets, t0, seconds=report["seconds"])
+                sync = self.membership.sync
+            if until is None:
+                report.update(done)
+                return
+            self._collect(done, until, t0, sync)
+            report.update(done)
+        except Exception as e:  # a failed sync never stops training, nor the next sync
+            log.exception("weight sync v%d failed in the sender's thread", version)
+            report.update(error=report.get("error") or f"the sync failed in the sender's thread: {e}", pending=[])
 
-        self._collector = threading.Thread(target=run, name=f"sync-answers-v{sync.version}", daemon=True)
+    def _start_thread(self, name: str, run) -> None:
+        self._collector = threading.Thread(target=run, name=name, daemon=True)
         self._collector.start()
 
+    def _collect(self, report: dict, until: float, t0: float, sync) -> None:
+        """The answers of the open sync `sync`, taking the lock one slice at a time (so members()
+        and friends wait at most a slice); then completes `report` in place and closes the sync."""
+        ms = self.membership
+        probe_at = [time.monotonic() + PROBE_INTERVAL_S]
+        try:
+            while True:
+                with self._lock:
+                    if not ms.collect_some(until, probe_at):
+                        ms.end_collect()
+                        self.group.end_sync()
+                        report.update(self._final(report, sync, time.monotonic() - t0))
+                        return
+                time.sleep(0.001)  # let a waiting caller have the lock
+        except Exception as e:  # never leave the sync open: the next one must be able to start
+            log.exception("weight sync v%d: collecting the answers failed", sync.version)
+            report.update(error=report.get("error") or f"collecting the answers failed: {e}", pending=[])
+        finally:
+            with self._lock:
+                if ms.sync is sync:
+                    ms.sync = None
+
     def _report(self, buckets: list[Bucket], backend: str, error: str | None, seconds: float,
-                t_transfer: float, final: bool = True) -> dict:
-        """The sync's report; final=False: the answers are still to come (see _collect_later)."""
+                t_transfer: float, final: bool = True, answers: float | None = None) -> dict:
+        """The sync's report; final=False: the answers are still to come (see _collect).
+        `answers`: the time until they were in (default `seconds`)."""
         s = self.membership.sync
         nbytes = sum(b.nbytes for b in buckets)
         report = {
@@ -266,7 +313,8 @@ class WeightSender:
         if self._m:
             self._m["seconds"].observe(seconds)
             self._m["bytes"].inc(nbytes)
-        return {**report, **(self._final(report, s, seconds) if final else self._outcome(s))}
+        return {**report, **(self._final(report, s, seconds if answers is None else answers) if final
+                             else self._outcome(s))}
 
     def _outcome(self, s) -> dict:
         dropped = {**s.earlier, **s.dropped}
