@@ -2,7 +2,8 @@
 chain (learner.sync_gloo_op "chain") and the point-to-point path ("send"), same run.
 
     python bench/fanout_bench.py [--members 1,2,4,8] [--sizes-mb 50,500] [--reps 3] [--ops chain,send]
-                                 [--answers sends-later,later,wait] [--step-s 0.5] [--nice-downstream 19]
+                                 [--answers sends-later,later,wait] [--step-s 0.5] [--gather-copy]
+                                 [--nice-downstream 19]
 
 For each member count N, N member processes (SyncClient + BucketReceiver, as an actor's; this
 script with --role member) join a learner-side WeightSender in this process and stay for every
@@ -14,7 +15,9 @@ own sends are done, and the sender's thread collects the answers; "sends-later" 
 sender holds the tensors, and its thread also runs the sends. --step-s S: after each broadcast
 returns, the learner runs a fixed CPU job that takes about S seconds on an idle box (one thread
 of matmuls: a stand-in for the next training step on a CPU learner), then waits for the sync's
-end. Columns, medians over the reps:
+end. --gather-copy: broadcast gets a fresh copy of each tensor, made as it consumes them (as the
+learner's gather on one rank hands them over), so "broadcast s" includes that copy. Columns,
+medians over the reps:
 
 - learner send s: WeightSender.broadcast's `transfer_seconds`, until the learner's last send
   completed (the learner's time on the wire);
@@ -161,8 +164,14 @@ def calibrate_step(seconds: float) -> int:
     return max(1, round(seconds / per))
 
 
+def gathered(model: list, copy: bool):
+    """The tensors as broadcast consumes them; copy: each a fresh copy, made as it is consumed (what
+    Trainer.full_parameters(owned=True) hands over on one rank, so the copy is part of the hold)."""
+    return ((n, t.clone()) for n, t in model) if copy else model
+
+
 def run_cell(sender, counter, model, outs, pids, op: str, answers: str, reps: int, version: list,
-             step_iters: int = 0) -> dict:
+             step_iters: int = 0, copy: bool = False) -> dict:
     sender.gloo_op = op
     sender.answers_later, sender.sends_later = answers != "wait", answers == "sends-later"
     rows = []
@@ -171,7 +180,7 @@ def run_cell(sender, counter, model, outs, pids, op: str, answers: str, reps: in
         mine = proc_cpu(os.getpid())
         pids_cpu = sum(proc_cpu(p) for p in pids) + mine
         b0, t0 = counter.bytes, time.monotonic()
-        report = sender.broadcast(version[0], model)
+        report = sender.broadcast(version[0], gathered(model, copy))
         wall = time.monotonic() - t0
         c0 = time.thread_time()
         step = step_job(step_iters) if step_iters else 0.0
@@ -205,7 +214,7 @@ def run_members(args, n: int, models: dict, counter, version: list) -> list[dict
             for op in args.ops:
                 for answers in args.answers:
                     r = run_cell(sender, counter, model, outs, [p.pid for p in procs], op, answers, args.reps, version,
-                                 args.step_iters)
+                                 args.step_iters, args.gather_copy)
                     cells.append({"op": op, "answers": answers, "size": size, "members": n, **r})
                     print(json.dumps(cells[-1]), flush=True)
     finally:
@@ -270,6 +279,9 @@ def main() -> None:
     ap.add_argument("--answers", default=",".join(ANSWERS),
                     help="when broadcast returns: sends-later (learner.sync_sends later), later "
                          "(learner.sync_answers later, sends wait), wait (both wait); one or more")
+    ap.add_argument("--gather-copy", action="store_true",
+                    help="hand broadcast a fresh copy of every tensor, made as it is consumed (the learner's gather "
+                         "on one rank), instead of the same tensors every time")
     ap.add_argument("--step-s", type=float, default=0.0,
                     help="after each broadcast, a stand-in training step of about this many CPU seconds")
     ap.add_argument("--bucket-mb", type=float, default=256.0)

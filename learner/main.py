@@ -15,7 +15,9 @@
 Per-step timers in metrics.jsonl (rank 0): wait_s (since the previous step ended, until the batch
 was there: the learner's idle time), assemble_s, train_s (of which forward_s and optimizer_s, by
 module / optimizer hooks), gather_s (full parameters from the shards), broadcast_s (the rest of
-the weight sync), ingest_s (the ingest thread's time on groups since the previous step).
+the time the weight sync held the loop: nearly nothing with learner.sync_sends "later", where the
+sender's thread sends while the next steps train), ingest_s (the ingest thread's time on groups
+since the previous step).
 With max_staleness = 0 the credits make this loop synchronous (see learner/ingest.py): every
 trained token's version equals batch_version (token_version_min/max in metrics.jsonl).
 """
