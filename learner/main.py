@@ -17,7 +17,8 @@ was there: the learner's idle time), assemble_s, train_s (of which forward_s and
 module / optimizer hooks), gather_s (full parameters from the shards), broadcast_s (the rest of
 the time the weight sync held the loop: nearly nothing with learner.sync_sends "later", where the
 sender's thread sends while the next steps train), ingest_s (the ingest thread's time on groups
-since the previous step).
+since the previous step). sync_s is what the sync held the loop (gather included), sync_done_s
+the whole sync, until every member answered or its time was up.
 With max_staleness = 0 the credits make this loop synchronous (see learner/ingest.py): every
 trained token's version equals batch_version (token_version_min/max in metrics.jsonl).
 """
@@ -334,7 +335,8 @@ class Learner:
         self._settled(report, runs)
         if self.held_rec is not None:
             rec, self.held_rec = self.held_rec, None
-            self._write_rec({**rec, "sync_ok": len(report.get("ok", []))})
+            done = report.get("answers_seconds", report.get("seconds", 0.0))
+            self._write_rec({**rec, "sync_ok": len(report.get("ok", [])), "sync_done_s": done})
         return True
 
     def _phase_times(self, sync: dict | None) -> dict:
@@ -376,6 +378,7 @@ class Learner:
             "latency_mean_s": float(np.mean([now - g.created_at for g in groups if g.created_at > 0] or [0.0])),
             "sync_s": (sync or {}).get("seconds", 0.0), "sync_bytes": (sync or {}).get("bytes", 0),
             "sync_ok": len((sync or {}).get("ok", [])),
+            "sync_done_s": (sync or {}).get("answers_seconds", (sync or {}).get("seconds", 0.0)),
             "batch_version": self.batch_version, "token_version_min": vmin, "token_version_max": vmax,
             **self._phase_times(sync),
             **behaviour_rates(groups),

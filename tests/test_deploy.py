@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -280,7 +279,8 @@ REQUIRED_SERIES = {
     "dropped groups": ["scout_learner_groups_dropped_stale_total"],
     "reward": ["scout_actor_reward_bucket"],
     "search rate": ["scout_actor_searches_total"],
-    "weight-sync duration": ["scout_learner_weight_sync_seconds_bucket"],
+    "weight-sync duration": ["scout_learner_weight_sync_done_seconds_bucket"],
+    "what the weight sync held the learner": ["scout_learner_weight_sync_seconds_bucket"],
     "retriever QPS": ["scout_retriever_queries_total"],
     "retriever latency": ["scout_retriever_request_seconds_bucket"],
     "queue depths": ["scout_learner_buffer_groups"],

@@ -320,7 +320,7 @@ def test_worker_killed_during_sync_learner_keeps_training(stack):
     # That sync ends without the dead member, within the learner's bound (about 1.25 × sync_timeout_s).
     rec = wait_until(lambda: [s for s in step_lines(run_dir) if s["step"] == stuck], 4 * SYNC_TIMEOUT_S,
                      "the step whose sync lost its member", [stack["learner"]], stack["logs"])[0]
-    assert rec["sync_ok"] == 0 and rec["sync_s"] <= 1.5 * SYNC_TIMEOUT_S + 5, rec
+    assert rec["sync_ok"] == 0 and rec["sync_s"] <= rec["sync_done_s"] <= 1.5 * SYNC_TIMEOUT_S + 5, rec
     # The supervisor starts a new worker process with a fresh run_id.
     new = wait_until(lambda: (h := get_json(worker_url)) and h["pid"] != pid and h["run_id"] != old["run_id"] and h,
                      300, "the restarted worker", [stack["learner"], stack["actor"]], stack["logs"])
@@ -336,5 +336,5 @@ def test_worker_killed_during_sync_learner_keeps_training(stack):
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
     assert any(s["sync_ok"] == 1 for s in steps if s["step"] > stuck), "the new worker receives weights again"
     assert stack["learner"].poll() is None and "dropped" in stack["learner_log"].read_text()
-    print(f"\nkilled worker pid {pid} in the sync of step {stuck} ({rec['sync_s']:.1f}s, sync_ok 0); "
+    print(f"\nkilled worker pid {pid} in the sync of step {stuck} ({rec['sync_done_s']:.1f}s, sync_ok 0); "
           f"new worker pid {new['pid']}; learner at step {steps[-1]['step']}")

@@ -86,6 +86,7 @@ def test_two_rank_learner_trains_and_broadcasts_each_version(tiny, procs, ipc_pa
     steps = _steps(tmp_path / "run")
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["version"] for r in steps] == [0, 1, 1, 2]
     assert [r["sync_ok"] for r in steps] == [0, 1, 0, 1] and steps[1]["sync_bytes"] > 0
+    assert all(r["sync_done_s"] >= r["sync_s"] > 0 for r in steps if r["sync_ok"]), steps
     assert member.versions == [0, 1, 2]
     # what the member holds is exactly what the 2-rank learner ended with (its final checkpoint)
     final = dict(load_checkpoint_params(tmp_path / "ckpt" / "step-00000004", tiny))

@@ -109,6 +109,8 @@ class WeightSender:
             "seconds": m.histogram(f"scout_{r}_weight_sync_seconds", "time one weight sync held the learner "
                                    "(learner.sync_answers 'later': until its own sends were done; sync_sends "
                                    "'later': until the sender held the weights)"),
+            "done": m.histogram(f"scout_{r}_weight_sync_done_seconds", "one weight sync from its start until every "
+                                "member answered or its time was up (the whole sync, whatever held the learner)"),
             "bytes": m.counter(f"scout_{r}_weight_sync_bytes_total", "weight bytes broadcast (payload, once per sync)"),
             "members": m.gauge(f"scout_{r}_weight_sync_members", "actor workers in the weight-sync group"),
             "dropped": m.counter(f"scout_{r}_weight_sync_dropped_total", "members dropped (dead, slow or failed)"),
@@ -325,6 +327,7 @@ class WeightSender:
         """The outcome once every answer is in (or its time is up): metrics and the log line."""
         out = {**self._outcome(s), "answers_seconds": answers_seconds}
         if self._m:
+            self._m["done"].observe(answers_seconds)
             self._m["members"].set(len(self.membership.members))
             self._m["generation"].set(self.generation)
         error = report["error"]
