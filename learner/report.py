@@ -204,7 +204,8 @@ def summary_text(run: RunLog) -> str:
         f"the rest waiting for groups",
         f"step time: median {_fmt(_quantile(run.column('step_s'), 0.5))} s, p90 "
         f"{_fmt(_quantile(run.column('step_s'), 0.9))} s; weight sync median "
-        f"{_fmt(_quantile(run.column('sync_s'), 0.5))} s, "
+        f"{_fmt(_quantile(run.column('sync_s'), 0.5))} s held the learner, "
+        f"{_fmt(_quantile(run.column('sync_done_s'), 0.5))} s from start to last answer, "
         f"{sum(_finite(run.column('sync_bytes'))) / 2**20:,.1f} MiB sent",
     ]
     lines += _behaviour_lines(run)
@@ -256,7 +257,7 @@ def _plot_specs(run: RunLog) -> list[tuple]:
          ("groups dropped (total)", [("dropped_stale_total", "dropped as stale (cumulative)")])),
         ("latency.png", "Latency and step time", "seconds",
          [("latency_mean_s", "end-to-end sample latency (mean)"), ("step_s", "learner step"),
-          ("sync_s", "weight sync")], None),
+          ("sync_s", "weight sync (held the learner)"), ("sync_done_s", "weight sync (start to last answer)")], None),
         ("loss.png", "Objective", "value",
          [("loss", "loss"), ("clip_frac", "clip fraction"), ("behav_kl", "behaviour KL"),
           ("is_weight_mean", "IS weight (mean)")], None),
