@@ -90,6 +90,11 @@ class PhaseTimer:
         return out
 
 
+def _sync_done_s(report: dict) -> float:
+    """A sync report's whole time, until the last answer (a failed sync's report has only `seconds`)."""
+    return report.get("answers_seconds", report.get("seconds", 0.0))
+
+
 def _broadcast_str(d: Dist, text: str | None) -> str:
     data = (text or "").encode()
     n = torch.tensor([len(data)], dtype=torch.int64)
@@ -321,7 +326,7 @@ class Learner:
     def _settled(self, report: dict, runs: dict[str, str]) -> None:
         self.synced = (report.get("version", self.version), {(p, runs[p]) for p in report.get("ok", []) if p in runs})
         log.info("version %d sent to %d/%d members in %.2fs (%s)", self.synced[0], len(report.get("ok", [])),
-                 len(report.get("members", [])), report.get("answers_seconds", report.get("seconds", 0.0)),
+                 len(report.get("members", [])), _sync_done_s(report),
                  report.get("error") or "ok")
 
     def _settle_sync(self, block: bool) -> bool:
@@ -335,8 +340,7 @@ class Learner:
         self._settled(report, runs)
         if self.held_rec is not None:
             rec, self.held_rec = self.held_rec, None
-            done = report.get("answers_seconds", report.get("seconds", 0.0))
-            self._write_rec({**rec, "sync_ok": len(report.get("ok", [])), "sync_done_s": done})
+            self._write_rec({**rec, "sync_ok": len(report.get("ok", [])), "sync_done_s": _sync_done_s(report)})
         return True
 
     def _phase_times(self, sync: dict | None) -> dict:
@@ -378,7 +382,7 @@ class Learner:
             "latency_mean_s": float(np.mean([now - g.created_at for g in groups if g.created_at > 0] or [0.0])),
             "sync_s": (sync or {}).get("seconds", 0.0), "sync_bytes": (sync or {}).get("bytes", 0),
             "sync_ok": len((sync or {}).get("ok", [])),
-            "sync_done_s": (sync or {}).get("answers_seconds", (sync or {}).get("seconds", 0.0)),
+            "sync_done_s": _sync_done_s(sync or {}),
             "batch_version": self.batch_version, "token_version_min": vmin, "token_version_max": vmax,
             **self._phase_times(sync),
             **behaviour_rates(groups),

@@ -266,10 +266,8 @@ class WeightSender:
             with self._lock:
                 done, until = self._sync(version, buckets, t0, seconds=report["seconds"])
                 sync = self.membership.sync
-            if until is None:
-                report.update(done)
-                return
-            self._collect(done, until, t0, sync)
+            if until is not None:
+                self._collect(done, until, t0, sync)
             report.update(done)
         except Exception as e:  # a failed sync never stops training, nor the next sync
             log.exception("weight sync v%d failed in the sender's thread", version)
