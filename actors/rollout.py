@@ -236,7 +236,7 @@ class RolloutRunner:
         t.tokens += out.token_ids
         t.mask += [1] * n
         t.logprobs += out.logprobs
-        t.versions += [out.version] * n
+        t.versions += [out.version] * n if out.versions is None else out.versions
         self.stats.tokens += n
         if out.finished:
             del self.running[out.req_id]

@@ -77,7 +77,8 @@ def main() -> int:
         return _compare(args)
     import torch
 
-    from actors.engine import TransformersEngine, VllmEngine
+    from actors.engine import TransformersEngine
+    from actors.engine_vllm import VllmEngine
     from demo.tinymodel import build_tiny_model
 
     model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp(prefix="scout-bench-")) / "tiny"))

@@ -1,5 +1,5 @@
 """Cost of one vLLM decode step against the number of running sequences, through scout's engine
-interface (`actors.engine.VllmEngine`: per-token bookkeeping and stop-string checks included).
+interface (`actors.engine_vllm.VllmEngine`: per-token bookkeeping and stop-string checks included).
 
     python bench/engine_steps.py --model <HF folder> [--core 1] [--batches 1,16,64,128,256]
 
@@ -35,7 +35,8 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import numpy as np
 
-    from actors.engine import SamplingSpec, VllmEngine
+    from actors.engine import SamplingSpec
+    from actors.engine_vllm import VllmEngine
     from actors.rollout import STOPS
 
     engine = VllmEngine(args.model, max_model_len=1024, dtype="float32", seed=0)

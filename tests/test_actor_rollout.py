@@ -97,6 +97,22 @@ def test_search_read_answer_and_reward(engine):
     assert msg.behaviour == [1 | 2 | 4] and msg.bad_searches == [0]
 
 
+def test_a_turn_handed_over_whole_keeps_each_tokens_version(engine):
+    """A per-turn output (vLLM's whole turn, an update in the middle of it) carries one version per
+    token: the trajectory and the group sent keep them, token by token."""
+    runner = make_runner(engine)
+    g, (t,) = start(runner, answers=("mirabel",))
+    ids = runner.tok("<think> so </think> <answer> mirabel </answer>", add_special_tokens=False)["input_ids"]
+    k = len(ids) // 2
+    versions = [5] * k + [6] * (len(ids) - k)
+    runner.engine.abort(t.req_id)
+    runner._on_output(StepOutput(t.req_id, list(ids), [-0.5] * len(ids), 6, True, "stop", "</answer>",
+                                 versions=versions, final=True))
+    assert t.done and t.versions[t.prompt_len:] == versions
+    msg = decode(encode(g.to_message("actor-x-0", "run")), expect=TrajectoryGroup)
+    assert msg.versions[msg.loss_mask.astype(bool)].tolist() == versions
+
+
 class ListSearcher:
     """A searcher that always finds the same passages (the runner's side of retrieval only)."""
 

@@ -197,7 +197,7 @@ def model_dir(tmp_path_factory, searcher, acfg):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from actors.engine import VllmEngine
+    from actors.engine_vllm import VllmEngine
 
     e = VllmEngine(model_dir, max_model_len=1024, dtype="float32", seed=0)
     yield e
@@ -221,7 +221,7 @@ def sender(tmp_path_factory, procs_mod, model_dir, engine):
     d = tmp_path_factory.mktemp("sync")
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     proc = procs_mod.start([str(Path(__file__)), "--endpoint", endpoint, "--store-port", str(free_tcp_port()),
-                            "--model", str(model_dir), "--dir", str(d), "--versions", "3"])
+                            "--model", str(model_dir), "--dir", str(d), "--versions", "4"])
     _wait(lambda: (d / "sender-ready").exists(), 120, "weight sender ready", proc)
     client = SyncClient(endpoint, "actor-test-0", uuid.uuid4().hex, TransportConfig(), transports=("gloo",))
     client.join(engine.version)
@@ -426,32 +426,43 @@ def test_behaviour_logprobs_match_transformers(engine, ref, searcher, acfg, send
         assert np.concatenate([deltas(ref, t, 1.0) for t in g.samples]).mean() > 1e-2
 
 
-def test_trajectory_spans_weight_update(engine, ref, sender):
+@pytest.mark.parametrize("per_turn", [True, False], ids=["per-turn", "per-step"])
+def test_trajectory_spans_weight_update(engine, ref, sender, per_turn):
     """A request keeps running across an update: early tokens carry version 1 and match the v1
-    weights, later tokens carry version 2 and match the v2 weights."""
+    weights, later tokens carry version 2 and match the v2 weights. Per turn, vLLM hands over the
+    whole turn at its end and its own weight-version labels split it; per step, each step's
+    tokens carry the engine's version at that step."""
     from actors.engine import SamplingSpec
     from actors.rollout import build_prompt_ids
 
-    if engine.version < 1:
+    base = engine.version
+    if base < 1:
         apply_update(sender, engine, 1)
+        base = 1
     prompt = build_prompt_ids(engine.tokenizer, QUESTION)
-    engine.add("span", prompt, SamplingSpec(max_tokens=24, temperature=1.0, ignore_eos=True))
-    tokens, logprobs, versions = [], [], []
-    steps = 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += out.token_ids
-            logprobs += out.logprobs
-            versions += [out.version] * len(out.token_ids)
-        steps += 1
-        if steps == 8:
-            apply_update(sender, engine, 2)  # between two steps; the request stays in the engine
+    engine.per_turn = per_turn
+    try:
+        engine.add("span", prompt, SamplingSpec(max_tokens=24, temperature=1.0, ignore_eos=True))
+        tokens, logprobs, versions, outputs = [], [], [], 0
+        steps = 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.token_ids
+                logprobs += out.logprobs
+                versions += [out.version] * len(out.token_ids) if out.versions is None else out.versions
+                outputs += 1
+            steps += 1
+            if steps == 8:
+                apply_update(sender, engine, base + 1)  # between two steps; the request stays in the engine
+    finally:
+        engine.per_turn = True
     assert len(tokens) == 24, "the request outlives the update"
-    k = versions.index(2)
-    assert set(versions[:k]) == {1} and set(versions[k:]) == {2} and k == 8
-    load_ref(ref, sender, 1)
+    assert outputs == (1 if per_turn else 24), "per turn: one output for the whole turn"
+    k = versions.index(base + 1)
+    assert set(versions[:k]) == {base} and set(versions[k:]) == {base + 1} and k == 8
+    load_ref(ref, sender, base)
     v1 = np.asarray(ref.score(prompt + tokens, len(prompt)))
-    load_ref(ref, sender, 2)
+    load_ref(ref, sender, base + 1)
     v2 = np.asarray(ref.score(prompt + tokens, len(prompt)))
     lp = np.asarray(logprobs)
     print(f"\nspanning: v1 part max |delta| {np.abs(lp[:k] - v1[:k]).max():.3e}, "
@@ -504,7 +515,8 @@ def test_update_without_recompute_keeps_running_kv_and_forgets_prefixes(engine, 
         keep = _sched_request(sched, "keep")
         assert cache_hit_tokens(keep) >= sched.block_size, "control: its prompt blocks are in the prefix cache"
         computed = keep.num_computed_tokens
-        apply_update(sender, engine, 3)
+        new = engine.version + 1
+        apply_update(sender, engine, new)
         assert keep in sched.running and keep.num_computed_tokens == computed, "the running request was re-prefilled"
         assert cache_hit_tokens(keep) == 0, "a prefix computed under the old weights can still be reused"
         engine.add("probe-after", prompt, greedy)
@@ -513,7 +525,7 @@ def test_update_without_recompute_keeps_running_kv_and_forgets_prefixes(engine, 
     finally:
         engine.recompute_kv = True
     assert len(tokens["keep"]) == 24, "the request in flight ran to its end"
-    load_ref(ref, sender, 3)
+    load_ref(ref, sender, new)
     probe = np.asarray(ref.score(prompt + tokens["probe-after"], len(prompt)))
     d = np.abs(np.asarray(logprobs["probe-after"]) - probe)
     print(f"\nafter an update without recompute: new request max |delta| vs new weights {d.max():.3e}")
