@@ -188,7 +188,8 @@ def summarize(res: dict, warmup: int, final: int) -> dict:
     learner["backward_s"] = _mean([s["train_s"] - s["forward_s"] - s["optimizer_s"] for s in win])
     learner.update(step_period_s=wall / len(win), busy_s=_mean([s["step_s"] for s in win]),
                    train_s=_mean([s["train_s"] for s in win]),
-                   sync_s=_mean([s["sync_s"] for s in win]), ingest_s=_mean([s.get("ingest_s", 0.0) for s in win]))
+                   sync_s=_mean([s["sync_s"] for s in win]), ingest_s=_mean([s.get("ingest_s", 0.0) for s in win]),
+                   sync_done_s=_mean([s.get("sync_done_s", s["sync_s"]) for s in win]))  # from its start to the last answer
     actor = {k: (b.get(k, 0.0) - a.get(k, 0.0)) / len(win) for k in ACTOR_PHASES}
     search = "scout_actor_search_seconds_total"
     actor["retrieval_s"] = (b.get(search, 0.0) - a.get(search, 0.0)) / len(win)
@@ -268,6 +269,7 @@ def profile_table(r: dict) -> str:
             ("learner: forward", lp["forward_s"]), ("learner: backward + loss + clip", lp["backward_s"]),
             ("learner: optimizer", lp["optimizer_s"]), ("learner: weight gather", lp["gather_s"]),
             ("learner: broadcast (what the sync held it)", lp["broadcast_s"]),
+            ("learner: the whole sync, gather to last answer (overlaps)", lp.get("sync_done_s", lp["sync_s"])),
             ("learner ingest thread (decode, checks; overlaps)", lp["ingest_s"]),
             ("actor: generation (engine steps)", ap["engine"]),
             ("actor: rollout logic (turns, rewards)", ap["rollout"]),
