@@ -137,6 +137,10 @@ class VllmEngine(Engine):
         if reason == "eos":  # vLLM's "stop": one of our stop tokens (its id), else an EOS
             stop = self.single_token_stops(req.spec.stop).get(c.stop_reason) if type(c.stop_reason) is int else None
             reason = "stop" if stop else "eos"
+        eos = () if req.spec.ignore_eos else self.eos_ids.intersection(toks)
+        k = min(toks.index(e) for e in eos) + 1 if eos else 0
+        if k and (k < len(toks) or reason == "length"):  # an EOS of ours vLLM did not end on: as per step
+            toks, lps, versions, reason, stop = toks[:k], lps[:k], versions[:k], "eos", None
         same = bool(versions) and versions[0] == versions[-1]
         return StepOutput(req.req_id, toks, lps, versions[0] if same else self.version, True, reason, stop,
                           versions=None if same or not versions else versions, final=True)

@@ -387,6 +387,26 @@ def test_single_token_stop_is_ended_by_vllm(engine, monkeypatch):
     assert tok.decode(tokens3).endswith(multi) and tokens3 == tokens[:len(tokens3)]
 
 
+def test_per_turn_output_is_cut_where_the_per_step_check_cuts(engine, monkeypatch):
+    """A per-turn output is the turn the per-step path makes, cut included: with an EOS id that
+    only scout knows (here `<search>`, made one for the test), vLLM runs on past it, and the
+    whole turn it hands over is cut at that token ("eos"), as the per-step check cuts and aborts."""
+    from actors.rollout import STOPS
+
+    assert engine.version == 0, "runs on the taught weights (before the update tests)"
+    tok = engine.tokenizer
+    search = tok.convert_tokens_to_ids("<search>")
+    monkeypatch.setattr(engine, "eos_ids", engine.eos_ids | {search})
+    turns = {}
+    for per_turn in (True, False):
+        monkeypatch.setattr(engine, "per_turn", per_turn)
+        turns[per_turn] = _greedy_turn(engine, STOPS)
+    (tokens, logprobs, last, _), (tokens2, logprobs2, last2, aborted2) = turns[True], turns[False]
+    assert tokens[-1] == search and (last.finish_reason, last.stop_string, last.final) == ("eos", None, True)
+    assert tokens2 == tokens and (last2.finish_reason, aborted2) == ("eos", ["turn"])
+    assert np.abs(np.asarray(logprobs2) - np.asarray(logprobs)).max() < 1e-5
+
+
 def test_weight_update_from_sender_process_is_live(engine, ref, searcher, acfg, sender):
     """Version 1 arrives in buckets over gloo from a real WeightSender process; afterwards the
     engine's logprobs match the new weights (and no longer the old ones)."""
