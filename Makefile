@@ -14,11 +14,13 @@ setup: $(STAMP)
 
 $(STAMP): $(REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r $(REQ)
+	@# pip compiles every installed file on one core; compileall below uses both (~20 s less here)
+	$(PY) -m pip install --disable-pip-version-check -q --no-compile -r $(REQ)
 	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@# scikit-learn comes with the packaged encoder's sentence-transformers, which scout never imports;
 	@# transformers imports it at start when present (~1-2 s of every role's start-up)
 	@$(PY) -m pip uninstall -y -q scikit-learn 2>/dev/null || true
+	@$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null || true
 	@command -v promtool >/dev/null || $(MAKE) --no-print-directory prometheus
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)

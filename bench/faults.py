@@ -95,9 +95,19 @@ def build_index(base: Path, passages: int = 40) -> Path:
              for i in range(1, passages)]
     corpus = base / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(base / "index"),
-                    "--batch-size", "64"], cwd=ROOT, check=True, timeout=600, capture_output=True)
-    return base / "index"
+    return build_index_here(corpus, base / "index")
+
+
+def build_index_here(corpus: Path, out: Path, *, shards: int = 1, factory: str = "Flat", batch_size: int = 64) -> Path:
+    """A dense index of a small corpus, built in this process: what `cli.py index build` does with
+    the default config, without a new interpreter importing torch and transformers again (~8 s on
+    the 2-core VM). The tests' worlds use it; the command itself is tested in test_retriever_index."""
+    from common.config import load_config
+    from retriever.index import build_index
+
+    build_index(load_config(None, environ={}).retriever, corpus=corpus, out=out, shards=shards, factory=factory,
+                batch_size=batch_size)
+    return out
 
 
 # --------------------------------------------------------------------------- processes

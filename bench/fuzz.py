@@ -69,8 +69,9 @@ SYL = ["ka", "lo", "mi", "ra", "zu", "ten", "bor", "vel", "qui", "dan", "sho", "
 
 # =========================================================================== the world and its roles
 def build_world(base: Path, actor: bool, curve_dir: str | None = None) -> dict:
-    """Corpus + index (real CLI), tiny model, QA file, ports and one TOML config for every role
+    """Corpus + index (built here, as `cli.py index build` builds it), tiny model, QA file, ports and one TOML config for every role
     (`curve_dir`: CurveZMQ on every ZeroMQ socket, as tests/test_auth.py runs it)."""
+    from bench.faults import build_index_here
     from demo.tinymodel import build_tiny_model
 
     rng = random.Random(5)
@@ -79,8 +80,7 @@ def build_world(base: Path, actor: bool, curve_dir: str | None = None) -> dict:
             name = "".join(rng.choice(SYL) for _ in range(3)).capitalize() + str(i)
             text = f"{name} has the capital {rng.choice(SYL)}{rng.choice(SYL)} and the river {rng.choice(SYL)}."
             f.write(json.dumps({"id": str(i), "contents": f'"{name}"\n{text}'}) + "\n")
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(base / "corpus.jsonl"), "--out",
-                    str(base / "index"), "--batch-size", "64"], cwd=ROOT, check=True, timeout=600, capture_output=True)
+    build_index_here(base / "corpus.jsonl", base / "index")
     model = build_tiny_model(base / "tiny", layers=2, hidden=64)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     qa = base / "qa.jsonl"
@@ -926,9 +926,9 @@ def start_world(base: Path, actor: bool, curve_dir: str | None = None) -> tuple[
 
 def _start_roles(roles: Roles, ports: dict, actor: bool) -> None:
     roles.start("retriever")
+    roles.start("learner")  # needs no retriever: both start at once
     health = f"http://127.0.0.1:{ports['retriever_metrics']}/health"
     wait_for(lambda: json.loads(get(health)[1])["status"] == "ok", 300, "retriever ready", roles)
-    roles.start("learner")
     wait_for(lambda: get(f"http://127.0.0.1:{ports['learner_metrics']}/health")[0] == 200, 300, "learner ready", roles)
     if actor:
         roles.start("actor", "--workers", "1")

@@ -7,7 +7,8 @@
          ▲             ▲                          │               multi-node deployment)
          │             └──── weights (gloo) ──────┘
     eval(before) on held-out questions ... live progress from <run>/metrics.jsonl ...
-    learner ends ─▶ export final checkpoint ─▶ eval(after) ─▶ plot PNG + summary.json
+    learner ends ─▶ export final checkpoint ─▶ eval(after) ┐ at once ─▶ plot PNG + summary.json
+                                         eval(after, swapped corpus) ┘
 
 Ctrl-C (or SIGTERM) stops every child process group and exits.
 """
@@ -41,16 +42,22 @@ def start_swapped_retriever(children: Children, config: Path, paths: dict[str, P
     return endpoint, port
 
 
-def run_eval(children: Children, config: Path, model: Path, data: Path, run_dir: Path, tag: str,
-             extra: list[str] = ()) -> dict:
+def start_eval(children: Children, config: Path, model: Path, data: Path, run_dir: Path, tag: str,
+               extra: list[str] = ()) -> tuple[str, Path, Path]:
+    """`cli.py eval` as a child process: (its name, its output folder, the QA file)."""
     out_dir = run_dir / f"eval-{tag}"
     sets = [a for x in [f"run_dir='{out_dir}'", *extra] for a in ("--set", x)]
-    p = children.start(f"eval-{tag}", ["cli.py", "eval", "--model", str(model), "--data", str(data),
-                                       "--config", str(config), *sets])
-    rc = p.wait()
-    children.procs.pop(f"eval-{tag}", None)
+    children.start(f"eval-{tag}", ["cli.py", "eval", "--model", str(model), "--data", str(data),
+                                   "--config", str(config), *sets])
+    return f"eval-{tag}", out_dir, data
+
+
+def finish_eval(children: Children, started: tuple[str, Path, Path]) -> dict:
+    name, out_dir, data = started
+    rc = children.procs[name].wait()
+    children.procs.pop(name, None)
     if rc != 0:
-        raise RuntimeError(f"eval {tag} failed (code {rc}); see {children.log_dir / ('eval-' + tag + '.log')}")
+        raise RuntimeError(f"{name} failed (code {rc}); see {children.log_dir / (name + '.log')}")
     return json.loads((out_dir / "eval" / f"{data.stem}.json").read_text())
 
 
@@ -129,15 +136,25 @@ def main(cfg: ScoutConfig, prepare_only: bool = False) -> int:
         print(f"demo: run dir {run_dir}, config {config}", flush=True)
         children.start("retriever", ["cli.py", "retriever", "--config", str(config)])
         swapped = None if cfg.demo.no_search else start_swapped_retriever(children, config, paths)
+        # the eval starts while the retriever loads: its own start-up (imports, engine) takes longer,
+        # and its retriever client waits for a late retriever (deadlines and retries)
+        started = start_eval(children, config, paths["model"], paths["heldout"], run_dir, "before")
         wait_healthy(cfg_port(config, "retriever_port"), "retriever", children, "retriever")
-        before = run_eval(children, config, paths["model"], paths["heldout"], run_dir, "before")
+        before = finish_eval(children, started)
         print(f"held-out EM before RL: {before['em']:.3f} (search rate {before['search_rate']:.2f})", flush=True)
         children.start("learner", ["cli.py", "learner", "--config", str(config)])
         children.start("actor", ["cli.py", "actor", "--config", str(config)])
         records = follow_progress(children, run_dir, demo_steps(cfg))
         children.stop("actor")
         final = export_final(run_dir)
-        after = run_eval(children, config, final, paths["heldout"], run_dir, "after")
+        # both evals of the final model at once: the learner and the actor are gone, and most of an
+        # eval's time is its process starting (imports, engine), on one core
+        runs = {"after": start_eval(children, config, final, paths["heldout"], run_dir, "after")}
+        if swapped is not None:  # the same held-out questions over passages whose values were swapped
+            wait_healthy(swapped[1], "retriever-swapped", children, "retriever-swapped")
+            runs["swapped"] = start_eval(children, config, final, paths["heldout_swapped"], run_dir, "after-swapped",
+                                         extra=[f"actor.retriever_endpoint='{swapped[0]}'"])
+        after = finish_eval(children, runs["after"])
         summary = {"em_before": before["em"], "em_after": after["em"], "search_rate_before": before["search_rate"],
                    "search_rate_after": after["search_rate"], "right_search_before": before.get("right_search_rate"),
                    "right_search_after": after.get("right_search_rate"),
@@ -145,10 +162,8 @@ def main(cfg: ScoutConfig, prepare_only: bool = False) -> int:
                    "searches_per_question_after": after.get("searches_per_question"), "steps": len(records),
                    "no_search": cfg.demo.no_search, "world": cfg.demo.world,
                    "max_turns": run_cfg.actor.max_turns}
-        if swapped is not None:  # the same held-out questions over passages whose values were swapped
-            wait_healthy(swapped[1], "retriever-swapped", children, "retriever-swapped")
-            sw = run_eval(children, config, final, paths["heldout_swapped"], run_dir, "after-swapped",
-                          extra=[f"actor.retriever_endpoint='{swapped[0]}'"])
+        if swapped is not None:
+            sw = finish_eval(children, runs["swapped"])
             children.stop("retriever-swapped")
             summary.update(em_swapped_after=sw["em"], right_search_swapped_after=sw.get("right_search_rate"))
             print(f"held-out EM on swapped passages after RL: {sw['em']:.3f} (gold = the swapped value)", flush=True)

@@ -101,6 +101,14 @@ def free_port():
     return free_tcp_port
 
 
+def build_test_index(corpus: Path, out: Path, **kw) -> Path:
+    """A test's index, built in the test process (bench/faults.py: build_index_here); the command
+    `cli.py index build` is tested on its own (test_retriever_index)."""
+    from bench.faults import build_index_here
+
+    return build_index_here(corpus, out, **kw)
+
+
 _IPC_DIRS: list[str] = []  # made by ipc_dir() in this test session, removed at its end
 
 
@@ -168,10 +176,3 @@ def demo_prepared() -> Path:
     """A demo folder with the world, its indexes and the pretrained base model, made in the
     background since collection ended (_Background)."""
     return _PREPARED.wait(timeout=800)  # alone, on 2 idle cores: ~8 min
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    """One demo folder for the tests that run the demo's `prepare` (world, index, index-swapped):
-    the first builds them, the others find them cached by the world's digest (~25 s each)."""
-    return tmp_path_factory.mktemp("demo-shared")

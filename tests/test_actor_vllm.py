@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
@@ -144,9 +143,9 @@ def retriever_endpoint(tmp_path_factory, procs_mod):
     corpus = base / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n"
                               for i, (t, x) in enumerate(CORPUS)))
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(base / "index"),
-                    "--batch-size", "16"], cwd=ROOT, check=True, timeout=600)
-    from tests.conftest import ipc_dir
+    from tests.conftest import build_test_index, ipc_dir
+
+    build_test_index(corpus, base / "index", batch_size=16)
 
     endpoint = f"ipc://{ipc_dir()}/retriever"
     mport = free_tcp_port()

@@ -147,8 +147,9 @@ def test_short_demo_raises_the_reward(procs, tmp_path, demo_prepared):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path, demo_dir):
-    """SIGINT while the learner and the actor run: the demo exits and leaves no process behind."""
+def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path, demo_prepared):
+    """SIGINT while the learner and the actor run: the demo exits and leaves no process behind.
+    The world and indexes come from the prepared folder (only read); the model is a tiny one."""
     import signal
     import time
 
@@ -156,7 +157,7 @@ def test_ctrl_c_stops_every_process_of_the_demo(procs, tmp_path, demo_dir):
 
     model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
     run = tmp_path / "run"
-    p = procs.start(["cli.py", "demo", "--set", f"demo.dir='{demo_dir}'", "--set", f"run_dir='{run}'",
+    p = procs.start(["cli.py", "demo", "--set", f"demo.dir='{demo_prepared}'", "--set", f"run_dir='{run}'",
                      "--set", f"demo.base_model='{model}'", "--set", "demo.eval_limit=4", "--steps", "1000"],
                     stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     deadline = time.monotonic() + 600

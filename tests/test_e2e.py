@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +38,7 @@ import numpy as np
 import pytest
 
 from learner.report import step_lines
-from tests.conftest import ROOT, Procs
+from tests.conftest import Procs, build_test_index
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +124,7 @@ def write_config(base: Path, ports: dict) -> Path:
     from tests.test_retriever_index import make_corpus, write_jsonl
 
     corpus = write_jsonl(base / "corpus.jsonl", make_corpus(30, seed=3))
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out",
-                    str(base / "index"), "--batch-size", "64"], cwd=ROOT, check=True, timeout=600, capture_output=True)
+    build_test_index(corpus, base / "index")
     model = teach_answer(build_tiny_model(base / "tiny", texts=script_texts([f"<answer> {ANSWER} </answer>"]),
                                           layers=2, hidden=64))
     (base / "model-path").write_text(str(model))

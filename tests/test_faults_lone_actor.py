@@ -32,7 +32,7 @@ def _wait(pred, timeout: float, what: str, children):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path, demo_dir):
+def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path, demo_prepared):
     from bench.soak import worker_pid
     from common.config import load_config
     from demo.children import Children, cfg_port, wait_healthy
@@ -41,7 +41,7 @@ def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path, demo_dir):
 
     model = build_tiny_model(tmp_path / "model", layers=1, hidden=64, heads=2)
     run = tmp_path / "run"
-    cfg = load_config(None, [f"demo.dir='{demo_dir}'", f"run_dir='{run}'", f"demo.base_model='{model}'",
+    cfg = load_config(None, [f"demo.dir='{demo_prepared}'", f"run_dir='{run}'", f"demo.base_model='{model}'",
                              "demo.steps=100000", "learner.checkpoint_every=0", "learner.groups_per_step=2",
                              "actor.max_groups_in_flight=4", "actor.max_new_tokens=8"])
     paths = prepare(cfg)
@@ -50,8 +50,8 @@ def test_lone_actor_killed_comes_back_and_training_resumes(tmp_path, demo_dir):
     children = Children(run / "logs")
     try:
         children.start("retriever", ["cli.py", "retriever", "--config", str(config)])
+        children.start("learner", ["cli.py", "learner", "--config", str(config)])  # needs no retriever
         wait_healthy(cfg_port(config, "retriever_port"), "retriever", children, "retriever")
-        children.start("learner", ["cli.py", "learner", "--config", str(config)])
         children.start("actor", ["cli.py", "actor", "--config", str(config)])
         _wait(lambda: _steps(run) >= 3, 600, "3 learner steps", children)
         victim = worker_pid(children.procs["actor"].pid)

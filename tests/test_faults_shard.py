@@ -35,7 +35,7 @@ import uuid
 import pytest
 
 from retriever.client import RetrievalError, RetrieverClient
-from tests.conftest import ROOT, Procs, ipc_dir
+from tests.conftest import Procs, build_test_index, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 from tests.test_retriever_service import health, metrics_text, start_service, wait_until
 
@@ -127,9 +127,7 @@ def index_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("frozen-shard")
     corpus = write_jsonl(base / "corpus.jsonl", ROWS)
     out = base / "index"
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(out),
-                    "--shards", "2", "--factory", "Flat", "--batch-size", "64"], cwd=ROOT, check=True, timeout=600)
-    return out
+    return build_test_index(corpus, out, shards=2)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from common.config import ConfigError
 from common.metrics import Metrics, bearer_ok, read_token_file
 from common.transport import free_tcp_port
 from retriever.http_api import open_bind_warning
-from tests.conftest import ROOT, Procs, ipc_dir
+from tests.conftest import ROOT, Procs, build_test_index, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 TOKEN = "s3cret-" + uuid.uuid4().hex
@@ -90,9 +90,7 @@ def base(tmp_path_factory) -> Path:
 def index_dir(base):
     corpus = write_jsonl(base / "corpus.jsonl", ROWS)
     out = base / "index"
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(out),
-                    "--shards", "1", "--factory", "Flat", "--batch-size", "64"], cwd=ROOT, check=True, timeout=600)
-    return out
+    return build_test_index(corpus, out)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Procs
+from tests.conftest import Procs, build_test_index
 from tests.test_http_auth import ROWS, call, start
 from tests.test_retriever_index import write_jsonl
 
@@ -31,10 +29,7 @@ HEAD = (f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r
 def index_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("slow")
     out = base / "index"
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(write_jsonl(base / "c.jsonl", ROWS)),
-                    "--out", str(out), "--shards", "1", "--factory", "Flat", "--batch-size", "64"],
-                   cwd=ROOT, check=True, timeout=600)
-    return out
+    return build_test_index(write_jsonl(base / "c.jsonl", ROWS), out)
 
 
 # uvicorn is the alternative server (retriever.http_server): its run is `long`, kept out of CI time

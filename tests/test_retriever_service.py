@@ -23,7 +23,7 @@ import zmq
 from common.wire import decode, encode
 from common.protocol import ErrorReply, Hello, RetrieveReply, RetrieveRequest
 from retriever.client import HttpRetrievalClient, RetrievalError, RetrieverClient, SyncRetriever
-from tests.conftest import ROOT, Procs, ipc_dir
+from tests.conftest import Procs, build_test_index, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -107,9 +107,7 @@ def index_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("svc")
     corpus = write_jsonl(base / "corpus.jsonl", ROWS)
     out = base / "index"
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(out),
-                    "--shards", "2", "--factory", "Flat", "--batch-size", "64"], cwd=ROOT, check=True, timeout=600)
-    return out
+    return build_test_index(corpus, out, shards=2)
 
 
 @pytest.fixture(scope="module")
@@ -450,8 +448,7 @@ def test_gpu_shards_match_the_cpu_search(index_dir, local, procs, ipc_path, free
 
     hnsw = tmp_path / "hnsw"
     corpus = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
-    subprocess.run([sys.executable, "cli.py", "index", "build", "--corpus", str(corpus), "--out", str(hnsw),
-                    "--shards", "2", "--factory", "HNSW32", "--batch-size", "64"], cwd=ROOT, check=True, timeout=600)
+    build_test_index(corpus, hnsw, shards=2, factory="HNSW32")
     svc = start_service(procs, hnsw, ipc_path, free_port(), free_port(), gpus="0")
     h = health(svc)
     assert [s["device"] for s in h["shards"]] == ["cpu", "cpu"] and all(s["deaths"] == 0 for s in h["shards"])
