@@ -120,7 +120,7 @@ def test_short_demo_raises_the_reward(procs, tmp_path, demo_prepared):
     # 40 steps: the reward's takeoff comes anywhere from step ~10 to past step 25 (issue #17: it
     # depends on the actor/learner timing), and 25 steps missed it in 2 of 3 CI runs on 2026-12-06
     p = procs.start(["cli.py", "demo", "--steps", "40", "--set", f"demo.dir='{demo_dir}'",
-                     "--set", f"run_dir='{run}'", "--set", "demo.eval_limit=100"],
+                     "--set", f"run_dir='{run}'", "--set", "demo.eval_limit=50"],
                     stdout=open(tmp_path / "demo.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     rc = p.wait(timeout=1500)
     log = (tmp_path / "demo.log").read_text(errors="replace")

@@ -24,6 +24,7 @@ def keys(obj) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~27 s, a check of a bench script: out of CI's 30 minutes since 2026-12-07
 def test_dry_run_without_cuda(tmp_path):
     import torch
 
