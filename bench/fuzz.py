@@ -69,8 +69,9 @@ SYL = ["ka", "lo", "mi", "ra", "zu", "ten", "bor", "vel", "qui", "dan", "sho", "
 
 # =========================================================================== the world and its roles
 def build_world(base: Path, actor: bool, curve_dir: str | None = None) -> dict:
-    """Corpus + index (built here, as `cli.py index build` builds it), tiny model, QA file, ports and one TOML config for every role
-    (`curve_dir`: CurveZMQ on every ZeroMQ socket, as tests/test_auth.py runs it)."""
+    """Corpus + index (built in this process, as `cli.py index build` builds it), tiny model, QA
+    file, ports and one TOML config for every role (`curve_dir`: CurveZMQ on every ZeroMQ socket,
+    as tests/test_auth.py runs it)."""
     from bench.faults import build_index_here
     from demo.tinymodel import build_tiny_model
 

@@ -6,9 +6,9 @@
     retriever ◀── actor worker(s) ──groups──▶ learner            (separate processes, as in a
          ▲             ▲                          │               multi-node deployment)
          │             └──── weights (gloo) ──────┘
-    eval(before) on held-out questions ... live progress from <run>/metrics.jsonl ...
-    learner ends ─▶ export final checkpoint ─▶ eval(after) ┐ at once ─▶ plot PNG + summary.json
-                                         eval(after, swapped corpus) ┘
+    eval(before) on held-out questions (starts beside the retriever) ... live progress from <run>/metrics.jsonl ...
+    learner ends ─▶ export final checkpoint ─┬▶ eval(after)                  ─┬▶ plot PNG + summary.json
+                                             └▶ eval(after, swapped corpus)  ─┘   (both at once)
 
 Ctrl-C (or SIGTERM) stops every child process group and exits.
 """
