@@ -313,6 +313,9 @@ def test_worker_killed_during_sync_learner_keeps_training(stack):
     ports, run_dir = stack["ports"], stack["run_dir"]
     sup_url = f"http://127.0.0.1:{ports['actor_metrics']}/health"
     worker_url = f"http://127.0.0.1:{ports['actor_metrics'] + 1}/health"
+    # run alone (`make test-long` leaves out the tests before it), the stack may still be starting
+    wait_until(lambda: step_lines(run_dir) and get_json(worker_url)["pid"], 420, "a learner step and a live worker",
+               stack["procs"], stack["logs"])
     pid = int(get_json(sup_url)["workers"][0]["pid"])
     old = get_json(worker_url)
     assert old["pid"] == pid
