@@ -101,14 +101,6 @@ def free_port():
     return free_tcp_port
 
 
-def build_test_index(corpus: Path, out: Path, **kw) -> Path:
-    """A test's index, built in the test process (bench/faults.py: build_index_here); the command
-    `cli.py index build` is tested on its own (test_retriever_index)."""
-    from bench.faults import build_index_here
-
-    return build_index_here(corpus, out, **kw)
-
-
 _IPC_DIRS: list[str] = []  # made by ipc_dir() in this test session, removed at its end
 
 

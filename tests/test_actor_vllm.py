@@ -143,9 +143,10 @@ def retriever_endpoint(tmp_path_factory, procs_mod):
     corpus = base / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) + "\n"
                               for i, (t, x) in enumerate(CORPUS)))
-    from tests.conftest import build_test_index, ipc_dir
+    from bench.faults import build_index_here
+    from tests.conftest import ipc_dir
 
-    build_test_index(corpus, base / "index", batch_size=16)
+    build_index_here(corpus, base / "index", batch_size=16)
 
     endpoint = f"ipc://{ipc_dir()}/retriever"
     mport = free_tcp_port()

@@ -31,7 +31,8 @@ import pytest
 import yaml
 
 from learner.report import step_lines
-from tests.conftest import ROOT, Procs, build_test_index
+from bench.faults import build_index_here
+from tests.conftest import ROOT, Procs
 from tests.test_deploy import PROM_CONFIG, dashboard_queries, grafana_to_promql, load_dashboard
 
 pytestmark = [pytest.mark.slow,
@@ -123,7 +124,7 @@ def stack(tmp_path_factory):
     ports = {n: free_tcp_port() for n in names}
     ports["ACTOR_METRICS_PORT"] = free_tcp_port(count=2)  # the supervisor's and worker 0's
     ports["ACTOR_METRICS_PORT_W0"] = ports["ACTOR_METRICS_PORT"] + 1
-    build_test_index(write_jsonl(base / "corpus.jsonl", make_corpus(40, seed=5)), base / "index")
+    build_index_here(write_jsonl(base / "corpus.jsonl", make_corpus(40, seed=5)), base / "index")
     cfg = base / "scout.toml"
     cfg.write_text(f'run_dir = "{base / "run"}"\n')
     procs = Procs()

@@ -38,7 +38,8 @@ import numpy as np
 import pytest
 
 from learner.report import step_lines
-from tests.conftest import Procs, build_test_index
+from bench.faults import build_index_here
+from tests.conftest import Procs
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +125,7 @@ def write_config(base: Path, ports: dict) -> Path:
     from tests.test_retriever_index import make_corpus, write_jsonl
 
     corpus = write_jsonl(base / "corpus.jsonl", make_corpus(30, seed=3))
-    build_test_index(corpus, base / "index")
+    build_index_here(corpus, base / "index")
     model = teach_answer(build_tiny_model(base / "tiny", texts=script_texts([f"<answer> {ANSWER} </answer>"]),
                                           layers=2, hidden=64))
     (base / "model-path").write_text(str(model))

@@ -35,7 +35,8 @@ import uuid
 import pytest
 
 from retriever.client import RetrievalError, RetrieverClient
-from tests.conftest import Procs, build_test_index, ipc_dir
+from bench.faults import build_index_here
+from tests.conftest import Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 from tests.test_retriever_service import health, metrics_text, start_service, wait_until
 
@@ -127,7 +128,7 @@ def index_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("frozen-shard")
     corpus = write_jsonl(base / "corpus.jsonl", ROWS)
     out = base / "index"
-    return build_test_index(corpus, out, shards=2)
+    return build_index_here(corpus, out, shards=2)
 
 
 @pytest.fixture

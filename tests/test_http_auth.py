@@ -19,7 +19,8 @@ from common.config import ConfigError
 from common.metrics import Metrics, bearer_ok, read_token_file
 from common.transport import free_tcp_port
 from retriever.http_api import open_bind_warning
-from tests.conftest import ROOT, Procs, build_test_index, ipc_dir
+from bench.faults import build_index_here
+from tests.conftest import ROOT, Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 TOKEN = "s3cret-" + uuid.uuid4().hex
@@ -90,7 +91,7 @@ def base(tmp_path_factory) -> Path:
 def index_dir(base):
     corpus = write_jsonl(base / "corpus.jsonl", ROWS)
     out = base / "index"
-    return build_test_index(corpus, out)
+    return build_index_here(corpus, out)
 
 
 @pytest.fixture(scope="module")

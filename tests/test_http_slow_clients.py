@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Procs, build_test_index
+from bench.faults import build_index_here
+from tests.conftest import Procs
 from tests.test_http_auth import ROWS, call, start
 from tests.test_retriever_index import write_jsonl
 
@@ -29,7 +30,7 @@ HEAD = (f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r
 def index_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("slow")
     out = base / "index"
-    return build_test_index(write_jsonl(base / "c.jsonl", ROWS), out)
+    return build_index_here(write_jsonl(base / "c.jsonl", ROWS), out)
 
 
 # uvicorn is the alternative server (retriever.http_server): its run is `long`, kept out of CI time

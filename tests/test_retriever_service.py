@@ -23,7 +23,8 @@ import zmq
 from common.wire import decode, encode
 from common.protocol import ErrorReply, Hello, RetrieveReply, RetrieveRequest
 from retriever.client import HttpRetrievalClient, RetrievalError, RetrieverClient, SyncRetriever
-from tests.conftest import Procs, build_test_index, ipc_dir
+from bench.faults import build_index_here
+from tests.conftest import Procs, ipc_dir
 from tests.test_retriever_index import make_corpus, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def index_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("svc")
     corpus = write_jsonl(base / "corpus.jsonl", ROWS)
     out = base / "index"
-    return build_test_index(corpus, out, shards=2)
+    return build_index_here(corpus, out, shards=2)
 
 
 @pytest.fixture(scope="module")
@@ -448,7 +449,7 @@ def test_gpu_shards_match_the_cpu_search(index_dir, local, procs, ipc_path, free
 
     hnsw = tmp_path / "hnsw"
     corpus = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
-    build_test_index(corpus, hnsw, shards=2, factory="HNSW32")
+    build_index_here(corpus, hnsw, shards=2, factory="HNSW32")
     svc = start_service(procs, hnsw, ipc_path, free_port(), free_port(), gpus="0")
     h = health(svc)
     assert [s["device"] for s in h["shards"]] == ["cpu", "cpu"] and all(s["deaths"] == 0 for s in h["shards"])
