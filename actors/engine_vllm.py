@@ -19,7 +19,10 @@ once (`FINAL_ONLY`) instead of every step, and scout's per-step, per-request wor
 object, the stop check, the list appends of the rollout) is paid once a turn. The policy
 version of each token comes from vLLM's own weight-version labels: `finish_update` sets the
 label that every later step's tokens carry, and the finished turn reports its spans. Requests
-with a stop string of several tokens keep per-step outputs and scout's window check.
+with a stop string of several tokens keep per-step outputs and scout's window check: handing such
+a stop to vLLM as text (`stop=`) needs `detokenize=True`, and then vLLM decodes every step of
+the request (its output text and each sampled token's logprob entry). That measured slower than
+the window check (docs/BENCHMARKS.md, "Stops spelled in several tokens").
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ the same batch at every step, so the engine's own work is the same on both sides
 time between steps differs: scout's turn handling, searches the engine had to wait for, sending.
 
     python bench/actor_bench.py --compare bare --demo-dir <prepared demo folder> --groups 96 \
-        --in-flight 32 --warmup 1 --repeat 6 [--engine-leg] [--json out.json]
+        --in-flight 32 --warmup 1 --repeat 6 [--engine-leg] [--stops-as-text] [--json out.json]
 """
 
 from __future__ import annotations
@@ -400,6 +400,8 @@ def compare_bare(args) -> dict:
     searcher = runner = engine = None
     try:
         engine = make_engine(acfg)
+        if getattr(args, "stops_as_text", False):  # as a tokenizer that spells each stop in several tokens
+            engine.single_token_stops = lambda stops: {}
         rec = RecordingEngine(engine)
         searcher = make_searcher(cfg)
         runner = RolloutRunner(rec, searcher, acfg)
@@ -415,6 +417,7 @@ def compare_bare(args) -> dict:
     measured = [r for r in rows if not r["warmup"]]
     phases = {k: round(sum(r["phases_s"][k] for r in measured) / len(measured), 3) for k in PHASES}
     return {"compare": "bare", "model": str(paths["model"]), "groups": args.groups, "in_flight": args.in_flight,
+            "stops": "text" if getattr(args, "stops_as_text", False) else "token ids where one token",
             "n_samples": acfg.n_samples, "max_turns": acfg.max_turns, "max_new_tokens": acfg.max_new_tokens,
             "temperature": acfg.temperature, "top_p": acfg.top_p, "core": args.core,
             "ratio": _summary([r["ratio"] for r in measured]),
