@@ -136,6 +136,8 @@ def test_short_demo_raises_the_reward(procs, tmp_path, demo_prepared):
     assert summary["em_swapped_after"] > 0  # answers come from the retrieved passages
     assert (run / "demo.png").stat().st_size > 10_000
     assert "held-out EM: before" in log
+    for f in [tmp_path / "demo.log", *sorted((run / "logs").glob("*.log"))]:  # the terminal and every role's log
+        assert "nanobind: leaked" not in f.read_text(errors="replace"), f"{f.name}: exit report (Makefile removes triton)"
     assert "pretrain step" not in log and "embedded" not in log, "the prepared folder was not reused"
     from demo.recipe import DEMO_RECIPE
 
