@@ -10,7 +10,8 @@
              every sync_every steps: version += 1; sync_weights()  (all ranks gather, rank 0 sends)
              ingest.release(version)            credits of the trained groups come back
              log_step()                         Prometheus + <run_dir>/metrics.jsonl
-             every checkpoint_every steps: save_checkpoint()
+             every checkpoint_every steps: save_checkpoint(), after the step's record is written
+                                        (it waits for its sync's answers, bounded by the deadline)
 
 Per-step timers in metrics.jsonl (rank 0): wait_s (since the previous step ended, until the batch
 was there: the learner's idle time), assemble_s, train_s (of which forward_s and optimizer_s, by
@@ -240,14 +241,15 @@ class Learner:
             if self.rank0:
                 self._log_step(stats, batch, groups, time.monotonic() - t0, sync)
             if self.lc.checkpoint_dir and self.lc.checkpoint_every and self.step % self.lc.checkpoint_every == 0:
+                self._settle_sync(block=True)  # the step's record is written before a checkpoint holds it
                 self._checkpoint()
             self._trim_heap()
             self.idle_since = time.monotonic()
         saved = True
+        self._settle_sync(block=True)  # before the final checkpoint, as in the loop
         if self.lc.checkpoint_dir and self.step != self.last_ckpt and self.step > 0:
             saved = self._checkpoint()
         log.info("learner done at step %d, version %d", self.step, self.version)
-        self._settle_sync(block=True)
         if self.ingest is not None and self.step >= self.lc.steps:  # finished, not stopped: tell the actors
             untold = self.ingest.end_run(self.lc.end_grace_s)
             log.info("run ended: actors told%s", f" ({untold} live actor runs did not ask within "
