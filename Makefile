@@ -16,10 +16,10 @@ $(STAMP): $(REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip compiles every installed file on one core; compileall below uses both (~20 s less here)
 	$(PY) -m pip install --disable-pip-version-check -q --no-compile -r $(REQ)
-	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
-	@# triton (xgrammar's GPU kernels) has no use on CPU; present, every process of the demo (and the
-	@# demo itself) printed a "nanobind: leaked ..." report of ~27 lines as it exited
-	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q triton 2>/dev/null || true; fi
+	@# on CPU: torchvision, torchaudio and torchcodec break `import transformers` against the CPU torch;
+	@# triton (xgrammar's GPU kernels) has no use there, and present, every process of the demo (and
+	@# the demo itself) printed a "nanobind: leaked ..." report of ~27 lines as it exited
+	@if [ "$(EXTRA)" = "cpu" ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true; fi
 	@# scikit-learn comes with the packaged encoder's sentence-transformers, which scout never imports;
 	@# transformers imports it at start when present (~1-2 s of every role's start-up)
 	@$(PY) -m pip uninstall -y -q scikit-learn 2>/dev/null || true

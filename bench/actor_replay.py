@@ -400,7 +400,7 @@ def compare_bare(args) -> dict:
     searcher = runner = engine = None
     try:
         engine = make_engine(acfg)
-        if getattr(args, "stops_as_text", False):  # as a tokenizer that spells each stop in several tokens
+        if args.stops_as_text:  # as a tokenizer that spells each stop in several tokens
             engine.single_token_stops = lambda stops: {}
         rec = RecordingEngine(engine)
         searcher = make_searcher(cfg)
@@ -417,7 +417,7 @@ def compare_bare(args) -> dict:
     measured = [r for r in rows if not r["warmup"]]
     phases = {k: round(sum(r["phases_s"][k] for r in measured) / len(measured), 3) for k in PHASES}
     return {"compare": "bare", "model": str(paths["model"]), "groups": args.groups, "in_flight": args.in_flight,
-            "stops": "text" if getattr(args, "stops_as_text", False) else "token ids where one token",
+            "stops": "text" if args.stops_as_text else "token ids where one token",
             "n_samples": acfg.n_samples, "max_turns": acfg.max_turns, "max_new_tokens": acfg.max_new_tokens,
             "temperature": acfg.temperature, "top_p": acfg.top_p, "core": args.core,
             "ratio": _summary([r["ratio"] for r in measured]),

@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.faults import build_index, get_json  # noqa: E402
+from bench.faults import build_index, default_start, get_json  # noqa: E402
 from common.transport import free_tcp_port  # noqa: E402
 
 
 def start_retriever(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "cli.py", "retriever", "--config", str(config)], cwd=ROOT,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """`cli.py retriever` in its own session (router and shard end together by killpg)."""
+    return default_start(["cli.py", "retriever", "--config", str(config)],
+                         stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300.0) -> float:
