@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 
 import pytest
 import torch
