@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="--compare: config override section.key=value")
     ap.add_argument("--stops-as-text", action="store_true", help="--compare: treat the rollout's stops as if the "
                     "tokenizer spelled them in several tokens (as Qwen2.5's spells </search>): no stop token ids")
+    ap.add_argument("--bare-searches", action="store_true", help="--compare: a diagnostic leg, bare vLLM again "
+                    "with scout's searches made beside it (does searching slow vLLM's step?)")
     ap.add_argument("--json", default=None, help="--compare: also write the figures here")
     args = ap.parse_args()
     if min(args.repeat, args.groups, args.in_flight) < 1 or args.warmup < 0:

@@ -11,6 +11,10 @@
     CPU seconds of this process (a shared machine's neighbours inflate wall time, much less CPU
     time); the prefix cache is reset before each side. --engine-leg adds C: the same replay through
     scout's engine interface alone (SamplingSpec, per-step outputs, per-token bookkeeping).
+    --bare-searches adds D, a diagnostic: B again, with the searches A made sent to the retriever
+    before the same steps (from a pool of two threads, answers unread). Is vLLM's step slower inside
+    scout's loop because of the search threads beside it? Both B and D report the main thread's
+    CPU inside vLLM's step (`bare_step_cpu_s`, `bare_searching_step_cpu_s`).
     A's phases (the worker's: engine, rollout, send, search_wait) come in wall and in CPU seconds,
     vLLM's own step and add_request timed inside them; `gc` is time in Python's collector.
 
@@ -22,11 +26,12 @@ the same batch at every step, so the engine's own work is the same on both sides
 time between steps differs: scout's turn handling, searches the engine had to wait for, sending.
 
     python bench/actor_bench.py --compare bare --demo-dir <prepared demo folder> --groups 96 \
-        --in-flight 32 --warmup 1 --repeat 6 [--engine-leg] [--stops-as-text] [--json out.json]
+        --in-flight 32 --warmup 1 --repeat 6 [--engine-leg] [--bare-searches] [--stops-as-text] [--json out.json]
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -149,19 +154,27 @@ def replay_schedule(turns: dict[str, Turn]) -> dict[int, list[tuple[str, Turn]]]
     return dict(by_step)
 
 
-def replay_bare(core, turns: dict[str, Turn], temperature: float, top_p: float, tag: str) -> dict:
+def replay_bare(core, turns: dict[str, Turn], temperature: float, top_p: float, tag: str,
+                searcher=None, searches: list | None = None) -> dict:
     """Bare vLLM (`LLMEngine.add_request` / `step`, nothing around it) on the recorded turns, each
-    added before the same step as in the recording. Returns wall seconds, tokens, steps."""
+    added before the same step as in the recording. Returns wall seconds, tokens, steps. With
+    `searcher`, the recorded `searches` are also made before their steps, from two threads."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    schedule = replay_schedule(turns)
+    schedule, by_step = replay_schedule(turns), defaultdict(list)
+    for step, queries, topk in searches or ():
+        by_step[step].append((queries, topk))
+    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="search") if searcher else None
+    futures = []
     last = max(schedule, default=-1)
     core.reset_prefix_cache()
     produced = steps = k = 0
-    add_cpu = 0.0  # of which vLLM's add_request
+    add_cpu = step_cpu = 0.0  # of which vLLM's add_request; the main thread's CPU inside step()
     t0, cpu0, gc0 = time.perf_counter(), time.process_time(), GC.total
     while k <= last or core.has_unfinished_requests():
+        if pool is not None:
+            futures += [pool.submit(searcher.search, q, topk) for q, topk in by_step.get(k, ())]
         for rid, t in schedule.get(k, ()):  # sampling params made here: a caller of vLLM makes them too
             params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=t.new, ignore_eos=True,
                                     logprobs=0, detokenize=False, skip_special_tokens=False,
@@ -170,13 +183,35 @@ def replay_bare(core, turns: dict[str, Turn], temperature: float, top_p: float, 
             core.add_request(f"{tag}/{rid}", {"prompt_token_ids": t.prompt}, params)
             add_cpu += time.thread_time() - c0
         if core.has_unfinished_requests():
-            for o in core.step():
+            c0 = time.thread_time()
+            outs = core.step()
+            step_cpu += time.thread_time() - c0
+            for o in outs:
                 if o.finished:
                     produced += len(o.outputs[0].token_ids)
             steps += 1
         k += 1
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "tokens": produced,
-            "steps": steps, "add_cpu_s": add_cpu, "gc_s": GC.total - gc0}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    if pool is not None:
+        concurrent.futures.wait(futures)
+        pool.shutdown()
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": produced, "steps": steps, "add_cpu_s": add_cpu,
+            "step_cpu_s": step_cpu, "gc_s": GC.total - gc0, "searches": sum(len(f.result()) for f in futures)}
+
+
+class RecordingSearcher:
+    """The rollout's searcher, recording each batch and the engine step it was made at."""
+
+    def __init__(self, searcher, rec: RecordingEngine):
+        self.inner, self.rec = searcher, rec
+        self.calls: list[tuple[int, list[str], int]] = []  # (engine steps done, queries, topk)
+
+    def search(self, queries: list[str], topk: int):
+        self.calls.append((self.rec.steps, list(queries), topk))
+        return self.inner.search(queries, topk)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def replay_engine(rec, turns: dict[str, Turn], temperature: float, top_p: float, tag: str) -> dict:
@@ -274,6 +309,8 @@ def scout_round(runner, rec, sink, prompts: list, first: int, groups: int, in_fl
     started = sent = acked = 0
     run_id = uuid.uuid4().hex
     rec.reset()
+    if isinstance(runner.searcher, RecordingSearcher):
+        runner.searcher.calls = []
     rec.core.reset_prefix_cache()
     timed0 = (rec.timed.step_s, rec.timed.step_cpu_s, rec.timed.add_cpu_s, rec.step_cpu_s)
     cpu0, gc0, (t0, main0) = time.process_time(), GC.total, wall_cpu()
@@ -358,7 +395,9 @@ def rounds(runner, rec, sink, prompts, args, acfg) -> list[dict]:
         a = scout_round(runner, rec, sink, prompts, r * args.groups, args.groups, args.in_flight, acfg.n_samples)
         b = replay_bare(rec.core, rec.turns, acfg.temperature, acfg.top_p, f"bare{r}")
         c = replay_engine(rec, rec.turns, acfg.temperature, acfg.top_p, f"eng{r}") if args.engine_leg else None
-        for leg, x in (("bare vLLM", b), ("the engine interface", c or b)):
+        d = replay_bare(rec.core, rec.turns, acfg.temperature, acfg.top_p, f"bares{r}", runner.searcher,
+                        runner.searcher.calls) if args.bare_searches else None
+        for leg, x in (("bare vLLM", b), ("the engine interface", c or b), ("bare vLLM with searches", d or b)):
             if x["tokens"] != a["tokens"]:
                 raise RuntimeError(f"round {r}: {leg} made {x['tokens']} tokens, the rollout loop {a['tokens']}")
         row = {"round": r, "warmup": r < args.warmup, "tokens": a["tokens"], "turns": a["turns"],
@@ -366,7 +405,10 @@ def rounds(runner, rec, sink, prompts, args, acfg) -> list[dict]:
                "bare_s": round(b["wall_s"], 3), "ratio": round(b["wall_s"] / a["wall_s"], 3),
                "scout_cpu_s": round(a["cpu_s"], 3), "bare_cpu_s": round(b["cpu_s"], 3),
                "cpu_ratio": round(b["cpu_s"] / a["cpu_s"], 3), "bare_add_cpu_s": round(b["add_cpu_s"], 3),
-               "bare_gc_s": round(b["gc_s"], 3),
+               "bare_gc_s": round(b["gc_s"], 3), "bare_step_cpu_s": round(b["step_cpu_s"], 3),
+               **({"bare_searching_s": round(d["wall_s"], 3), "bare_searching_cpu_s": round(d["cpu_s"], 3),
+                   "bare_searching_step_cpu_s": round(d["step_cpu_s"], 3), "bare_searches": d["searches"]}
+                  if d else {}),
                "phases_s": {k: round(v, 3) for k, v in a["phases_s"].items()},
                **({"engine_s": round(c["wall_s"], 3), "engine_cpu_s": round(c["cpu_s"], 3),
                    "engine_vllm_step_s": round(c["vllm_step_s"], 3)} if c else {}),
@@ -404,6 +446,8 @@ def compare_bare(args) -> dict:
             engine.single_token_stops = lambda stops: {}
         rec = RecordingEngine(engine)
         searcher = make_searcher(cfg)
+        if args.bare_searches:
+            searcher = RecordingSearcher(searcher, rec)
         runner = RolloutRunner(rec, searcher, acfg)
         rows = rounds(runner, rec, sink, prompts, args, acfg)
     finally:
