@@ -196,7 +196,8 @@ def replay_bare(core, turns: dict[str, Turn], temperature: float, top_p: float, 
         concurrent.futures.wait(futures)
         pool.shutdown()
     return {"wall_s": wall, "cpu_s": cpu, "tokens": produced, "steps": steps, "add_cpu_s": add_cpu,
-            "step_cpu_s": step_cpu, "gc_s": GC.total - gc0, "searches": sum(len(f.result()) for f in futures)}
+            "step_cpu_s": step_cpu, "gc_s": GC.total - gc0,
+            "searches": sum(len(f.result()) for f in futures if f.exception() is None)}  # answered ones
 
 
 class RecordingSearcher:
