@@ -465,6 +465,6 @@ def make_engine(acfg, version: int = 0) -> Engine:
         return VllmEngine(acfg.model, max_model_len=acfg.max_total_tokens, seed=acfg.seed, dtype=acfg.dtype,
                           kv_cache_gib=acfg.kv_cache_gib, gpu_memory_utilization=acfg.gpu_memory_utilization,
                           recompute_kv=acfg.recompute_kv_on_update, per_turn_outputs=acfg.per_turn_outputs,
-                          version=version)
+                          cpu_gemm_buckets=acfg.cpu_gemm_buckets, version=version)
     return TransformersEngine(acfg.model, seed=acfg.seed, dtype=acfg.dtype,
                               recompute_kv=acfg.recompute_kv_on_update, version=version)

@@ -46,7 +46,8 @@ class VllmEngine(Engine):
 
     def __init__(self, model_path, *, max_model_len: int, seed: int = 0, dtype: str = "auto",
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.85,
-                 recompute_kv: bool = True, per_turn_outputs: bool = True, version: int = 0):
+                 recompute_kv: bool = True, per_turn_outputs: bool = True, cpu_gemm_buckets: bool = True,
+                 version: int = 0):
         super().__init__(model_path, version)
         self.recompute_kv = recompute_kv
         self.per_turn = per_turn_outputs
@@ -65,6 +66,10 @@ class VllmEngine(Engine):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["enforce_eager"] = True
+            if cpu_gemm_buckets:  # before the model loads: its layers take the wrapped entry points
+                from actors.vllm_cpu_gemm import install
+
+                install()
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.core = self.llm.llm_engine

