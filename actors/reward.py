@@ -20,18 +20,15 @@ from dataclasses import dataclass
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-_TAGS = ("think", "search", "answer")
+_DROP_PUNCT = str.maketrans("", "", string.punctuation)
+_TAG_RE = re.compile(r"<(/?)(think|search|answer)>")
 
 KINDS = ("em", "f1", "substring")
 
 
 def normalize_answer(text: str) -> str:
     """SQuAD-style normalisation: lowercase, strip punctuation and articles, collapse spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES_RE.sub(" ", text)
-    return " ".join(text.split())
+    return " ".join(_ARTICLES_RE.sub(" ", text.lower().translate(_DROP_PUNCT)).split())
 
 
 def extract_answer(text: str) -> str | None:
@@ -41,16 +38,20 @@ def extract_answer(text: str) -> str | None:
 
 
 def exact_match(prediction: str, golds: list[str]) -> float:
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
+    return float(normalize_answer(prediction) in [normalize_answer(g) for g in golds])
+
+
+def _substring(pred: str, golds_n: list[str]) -> float:
+    return float(any(g and g in pred for g in golds_n))
 
 
 def substring_match(prediction: str, golds: list[str]) -> float:
-    pred = normalize_answer(prediction)
-    return float(any((g_n := normalize_answer(g)) and g_n in pred for g in golds))
+    return _substring(normalize_answer(prediction), [normalize_answer(g) for g in golds])
 
 
 def _f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    if pred_tokens == gold_tokens:  # the common case once a policy answers right
+        return 1.0 if pred_tokens else 0.0
     common = Counter(pred_tokens) & Counter(gold_tokens)
     same = sum(common.values())
     if same == 0:
@@ -60,9 +61,13 @@ def _f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _best_f1(pred: str, golds_n: list[str]) -> float:
+    tokens = pred.split()
+    return max((_f1(tokens, g.split()) for g in golds_n), default=0.0)
+
+
 def f1_score(prediction: str, golds: list[str]) -> float:
-    pred = normalize_answer(prediction).split()
-    return max((_f1(pred, normalize_answer(g).split()) for g in golds), default=0.0)
+    return _best_f1(normalize_answer(prediction), [normalize_answer(g) for g in golds])
 
 
 def format_ok(text: str) -> bool:
@@ -71,7 +76,7 @@ def format_ok(text: str) -> bool:
     if not stripped.endswith("</answer>"):
         return False
     open_tag: str | None = None
-    for m in re.finditer(r"<(/?)(think|search|answer)>", stripped):
+    for m in _TAG_RE.finditer(stripped):
         closing, name = m.group(1) == "/", m.group(2)
         if not closing:
             if open_tag is not None:
@@ -105,7 +110,8 @@ def compute_reward(response: str, golds: list[str], kind: str = "em", format_wei
     if answer is None or not golds:
         em = f1 = score = 0.0
     else:
-        em, f1 = exact_match(answer, golds), f1_score(answer, golds)
-        score = {"em": em, "f1": f1, "substring": substring_match(answer, golds) if kind == "substring" else 0.0}[kind]
+        pred, golds_n = normalize_answer(answer), [normalize_answer(g) for g in golds]
+        em, f1 = float(pred in golds_n), _best_f1(pred, golds_n)
+        score = em if kind == "em" else f1 if kind == "f1" else _substring(pred, golds_n)
     reward = (1.0 - format_weight) * score + format_weight * float(fmt)
     return RewardResult(reward=reward, correct=em == 1.0, answer=answer, em=em, f1=f1, format_ok=fmt)

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from actors.behaviour import behaviour_bits, passages_hit
 from actors.engine import Engine, SamplingSpec, StepOutput
 from actors.reward import RewardResult, compute_reward
+from actors.tokentext import TextCodec
 from common.protocol import Passage, Prompt, TrajectoryGroup
 from retriever.client import RetrievalError, format_passages
 
@@ -59,16 +61,21 @@ class Searcher(Protocol):
     def search(self, queries: list[str], topk: int) -> list[list[Passage]]: ...
 
 
-def build_prompt_ids(tokenizer, question: str, template: str | None = None, text: str = "") -> list[int]:
+def build_prompt_ids(tokenizer, question: str, template: str | None = None, text: str = "",
+                     codec: TextCodec | None = None) -> list[int]:
     """Our instruction + question (or `actor.prompt_template`, a format string with {question}),
     or `text` verbatim when the data brought its own prompt (Prompt.text); through the chat
-    template when the tokenizer has one."""
+    template when the tokenizer has one. `codec`: the caller's TextCodec of this tokenizer (the
+    same ids, cheaper per call)."""
+    def encode(t: str, special: bool) -> list[int]:
+        return codec.encode(t, special) if codec else list(tokenizer(t, add_special_tokens=special)["input_ids"])
+
     text = text or (template or INSTRUCTION).format(question=question.strip())
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode(rendered, False)
+    return encode(text, True)
 
 
 @dataclass
@@ -129,7 +136,7 @@ class GroupState:
 
     def to_message(self, peer_id: str, run_id: str) -> TrajectoryGroup:
         s = self.samples
-        cat = lambda attr, dt: np.asarray([x for t in s for x in getattr(t, attr)], dtype=dt)  # noqa: E731
+        cat = lambda attr, dt: np.fromiter(itertools.chain.from_iterable(getattr(t, attr) for t in s), dt)  # noqa: E731
         return TrajectoryGroup(
             group_id=self.group_id, peer_id=peer_id, run_id=run_id, prompt_id=self.prompt.prompt_id,
             num_searches=[t.num_searches for t in s], retrieval_failed=[t.retrieval_failed for t in s],
@@ -160,6 +167,7 @@ class RolloutRunner:
                  search_threads: int = 2, on_finished: Callable[[Trajectory], None] | None = None):
         self.engine, self.searcher, self.cfg = engine, searcher, acfg
         self.tok = engine.tokenizer
+        self.text = TextCodec(self.tok)
         self.spec = SamplingSpec(max_tokens=acfg.max_new_tokens, temperature=0.0 if greedy else acfg.temperature,
                                  top_p=1.0 if greedy else acfg.top_p, stop=STOPS)
         self.groups: dict[str, GroupState] = {}
@@ -172,11 +180,14 @@ class RolloutRunner:
         self.on_finished = on_finished
         self._eos = engine.eos_ids
         self._obs_cache: collections.OrderedDict[str, list[int]] = collections.OrderedDict()  # text -> ids, LRU
+        self._completed: list[GroupState] = []  # groups whose last sample finished since the last poll
 
     # ------------------------------------------------------------------ groups
     def start_group(self, prompt: Prompt, n: int, group_id: str | None = None) -> GroupState:
+        if n < 1:
+            raise ValueError(f"a group needs at least one sample, got n={n}")
         gid = group_id or f"{prompt.prompt_id}-{uuid.uuid4().hex[:12]}"
-        ids = build_prompt_ids(self.tok, prompt.question, self.cfg.prompt_template, prompt.text)
+        ids = build_prompt_ids(self.tok, prompt.question, self.cfg.prompt_template, prompt.text, self.text)
         samples = [Trajectory(gid, i, list(prompt.golden_answers), list(ids), len(ids)) for i in range(n)]
         g = self.groups[gid] = GroupState(gid, prompt, samples, time.time())
         for t in samples:
@@ -196,6 +207,7 @@ class RolloutRunner:
         self.queued.clear()
         self.in_search.clear()
         self.groups.clear()
+        self._completed.clear()
 
     def close(self) -> None:
         self.abort_all()
@@ -223,10 +235,8 @@ class RolloutRunner:
                                     return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _pop_finished(self) -> list[GroupState]:
-        done = [g for g in self.groups.values() if g.done]
-        for g in done:
-            del self.groups[g.group_id]
-        return done
+        done, self._completed = self._completed, []
+        return [g for g in done if self.groups.pop(g.group_id, None) is g]
 
     def _on_output(self, out: StepOutput) -> None:
         t = self.running.get(out.req_id)
@@ -247,7 +257,7 @@ class RolloutRunner:
         ids = t.tokens[t.turn_start:]
         while ids and ids[-1] in self._eos:
             ids = ids[:-1]
-        return self.tok.decode(ids, skip_special_tokens=False)
+        return self.text.decode(ids)
 
     def _end_turn(self, t: Trajectory, out: StepOutput) -> None:
         text = self._turn_text(t)
@@ -277,7 +287,7 @@ class RolloutRunner:
         mostly search the same words and read the same passages, so most are repeats."""
         ids = self._obs_cache.get(text)
         if ids is None:
-            ids = self._obs_cache[text] = list(self.tok(text, add_special_tokens=False)["input_ids"])
+            ids = self._obs_cache[text] = self.text.encode(text, special=False)
             if len(self._obs_cache) > OBS_CACHE_SIZE:
                 self._obs_cache.popitem(last=False)
         else:
@@ -294,7 +304,7 @@ class RolloutRunner:
         room = self.cfg.max_total_tokens - len(t.tokens)
         if room < 1:
             return self._finish(t, "max_total_tokens")
-        spec = SamplingSpec(**{**self.spec.__dict__, "max_tokens": min(self.spec.max_tokens, room)})
+        spec = self.spec if room >= self.spec.max_tokens else replace(self.spec, max_tokens=room)
         t.turn_start = len(t.tokens)
         self.running[t.req_id] = t
         self.engine.add(t.req_id, t.tokens, spec)
@@ -306,6 +316,9 @@ class RolloutRunner:
         else:
             t.result = compute_reward(t.response_text(), t.golds, self.cfg.reward, self.cfg.format_reward)
         t.bits = behaviour_bits(t.result.format_ok, t.turn_texts, why, t.search_hit)
+        g = self.groups.get(t.group_id)
+        if g is not None and g.done:
+            self._completed.append(g)
         if self.on_finished is not None:
             self.on_finished(t)
 

@@ -97,6 +97,23 @@ def test_search_read_answer_and_reward(engine):
     assert msg.behaviour == [1 | 2 | 4] and msg.bad_searches == [0]
 
 
+def test_a_group_is_handed_over_once_when_its_last_sample_ends(engine):
+    """poll() returns a group exactly once, on the first poll after its last sample finished, and
+    never one whose samples are still running; abort_all forgets finished groups not yet polled."""
+    runner = make_runner(engine)
+    g, (a, b) = start(runner, n=2)
+    h, (c,) = start(runner, n=1)
+    end_turn(runner, a, "<answer> mirabel </answer>", "stop", "</answer>")
+    assert runner.poll() == [] and set(runner.groups) == {g.group_id, h.group_id}
+    end_turn(runner, b, "<answer> nope </answer>", "stop", "</answer>")
+    assert runner.poll() == [g] and runner.poll() == [] and set(runner.groups) == {h.group_id}
+    end_turn(runner, c, "<answer> mirabel </answer>", "stop", "</answer>")
+    runner.abort_all()
+    assert runner.poll() == [] and runner.groups == {}
+    with pytest.raises(ValueError, match="at least one sample"):
+        runner.start_group(Prompt(prompt_id=4, question="q ?", golden_answers=["x"]), 0)
+
+
 def test_a_turn_handed_over_whole_keeps_each_tokens_version(engine):
     """A per-turn output (vLLM's whole turn, an update in the middle of it) carries one version per
     token: the trajectory and the group sent keep them, token by token."""
@@ -164,8 +181,8 @@ def test_observation_ids_are_cached_and_equal_a_fresh_tokenisation(engine, monke
     passages = [Passage(id="1", title="zorland", text="the capital of zorland is mirabel .", score=0.5)]
     fresh = list(engine.tokenizer(format_passages(passages).strip(), add_special_tokens=False)["input_ids"])
     calls = []
-    tok = runner.tok
-    runner.tok = lambda text, **kw: calls.append(text) or tok(text, **kw)
+    encode = runner.text.encode
+    runner.text.encode = lambda text, special: calls.append(text) or encode(text, special)
     first = runner.observation_ids(passages)
     assert runner.observation_ids(passages) == first and len(calls) == 3  # the body and the two tags, once
     head = runner._encode_cached("\n\n<information>")

@@ -21,6 +21,20 @@ def test_normalize(raw, norm):
     assert normalize_answer(raw) == norm
 
 
+def _squad_normalize(text: str) -> str:
+    """The SQuAD script's normalisation, written out the slow way, as the reference."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+@given(st.text(alphabet=st.sampled_from("aAnNtThHeE ,.!?'-()\tx\u00e9\u00c9\u2019"), max_size=40))
+def test_normalize_is_squads(raw):
+    assert normalize_answer(raw) == _squad_normalize(raw)
+
+
 def test_extract_last_answer():
     text = "<think>x</think><answer> first </answer> more <answer>  second one </answer>"
     assert extract_answer(text) == "second one"
