@@ -485,6 +485,8 @@ def test_colocated_member_gets_handles_and_the_others_the_broadcast(procs, free_
     _, far = start_peer(procs, sender, tmp_path, "far", until=3, colocated="standin-elsewhere")
     _, plain = start_peer(procs, sender, tmp_path, "plain", until=3)
     assert sender.wait_members(3, 60)
+    # SyncColocated follows SyncJoin: until it is in, "near" is planned as a gloo member
+    assert sender.wait_members(2, 60, ready=lambda m: m.where is not None)
     for v in (1, 2, 3):
         rep = sender.broadcast(v, make_weights(v).items())
         assert rep["ok"] == ["far", "near", "plain"], rep
@@ -505,7 +507,7 @@ def test_colocated_failure_falls_back_to_the_broadcast(procs, free_port, tmp_pat
     gets the broadcast; with learner.colocated_ipc off nobody gets handles at all."""
     sender = sender_factory(sender_cfg(free_port, colocated_ipc=True))
     _, out = start_peer(procs, sender, tmp_path, "claims", until=2, colocated="claim-only")
-    assert sender.wait_members(1, 60)
+    assert sender.wait_members(1, 60, ready=lambda m: m.where is not None)
     rep = sender.broadcast(1, make_weights(1).items())
     assert rep["failed"] == ["claims"] and "needs a CUDA receiver" in rep["reasons"]["claims"], rep
     rep = sender.broadcast(2, make_weights(2).items())
@@ -529,7 +531,7 @@ def test_cuda_ipc_colocated_for_real(procs, free_port, tmp_path, sender_factory)
     sender = sender_factory(sender_cfg(free_port, timeout_s=60.0, colocated_ipc=True))
     _, out = start_peer(procs, sender, tmp_path, "gpu-near", until=2, transports="nccl,gloo", cuda_device=0,
                         colocated="cuda")
-    assert sender.wait_members(1, 60)
+    assert sender.wait_members(1, 60, ready=lambda m: m.where is not None)
     for v in (1, 2):
         rep = sender.broadcast(v, [(n, t.cuda()) for n, t in make_weights(v).items()])
         assert rep["ok"] == ["gpu-near"], rep

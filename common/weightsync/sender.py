@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -159,15 +159,19 @@ class WeightSender:
             self.membership.drain()
             return {m.peer_id: m.run_id for m in self.membership.members.values()}
 
-    def wait_members(self, n: int, timeout_s: float) -> bool:
-        """Wait until at least `n` members have joined (for tests and start-up)."""
+    def wait_members(self, n: int, timeout_s: float, ready: Callable[[Member], bool] | None = None) -> bool:
+        """Wait until at least `n` members have joined (for tests and start-up); with `ready`, until
+        `n` of them pass it (e.g. their SyncColocated, which follows SyncJoin, has arrived)."""
         end = time.monotonic() + timeout_s
-        while len(self.members()) < n:
+        while True:
+            with self._lock:
+                self.membership.drain()
+                if sum(ready is None or ready(m) for m in self.membership.members.values()) >= n:
+                    return True
             if time.monotonic() >= end:
                 return False
             with self._lock:
                 self.membership.drain(50)
-        return True
 
     # ------------------------------------------------------------------ one sync
     def broadcast(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
