@@ -67,15 +67,13 @@ def build_prompt_ids(tokenizer, question: str, template: str | None = None, text
     or `text` verbatim when the data brought its own prompt (Prompt.text); through the chat
     template when the tokenizer has one. `codec`: the caller's TextCodec of this tokenizer (the
     same ids, cheaper per call)."""
-    def encode(t: str, special: bool) -> list[int]:
-        return codec.encode(t, special) if codec else list(tokenizer(t, add_special_tokens=special)["input_ids"])
-
+    codec = codec or TextCodec(tokenizer, backend=False)
     text = text or (template or INSTRUCTION).format(question=question.strip())
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
-        return encode(rendered, False)
-    return encode(text, True)
+        return codec.encode(rendered, special=False)
+    return codec.encode(text, special=True)
 
 
 @dataclass

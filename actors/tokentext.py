@@ -33,9 +33,10 @@ class TextCodec:
     """`encode(text, special)` and `decode(ids)` as `tokenizer(text, add_special_tokens=special)
     ["input_ids"]` and `tokenizer.decode(ids, skip_special_tokens=False)` give them."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, backend: bool = True):
+        """backend=False: always the wrapper (no probing, for a caller that encodes once)."""
         self.tok = tokenizer
-        self.backend = _plain_backend(tokenizer)
+        self.backend = _plain_backend(tokenizer) if backend else None
 
     def encode(self, text: str, special: bool) -> list[int]:
         if self.backend is not None:

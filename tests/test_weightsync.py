@@ -64,6 +64,11 @@ def results(path) -> dict[int, dict]:
     return {r["version"]: r for r in lines}
 
 
+def located(member) -> bool:
+    """The sender has the member's SyncColocated (it follows SyncJoin), so it can plan CUDA IPC."""
+    return member.where is not None
+
+
 def wait_results(path, version: int, timeout_s: float = 30.0) -> dict:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -486,7 +491,7 @@ def test_colocated_member_gets_handles_and_the_others_the_broadcast(procs, free_
     _, plain = start_peer(procs, sender, tmp_path, "plain", until=3)
     assert sender.wait_members(3, 60)
     # SyncColocated follows SyncJoin: until it is in, "near" is planned as a gloo member
-    assert sender.wait_members(2, 60, ready=lambda m: m.where is not None)
+    assert sender.wait_members(2, 60, ready=located)
     for v in (1, 2, 3):
         rep = sender.broadcast(v, make_weights(v).items())
         assert rep["ok"] == ["far", "near", "plain"], rep
@@ -507,7 +512,7 @@ def test_colocated_failure_falls_back_to_the_broadcast(procs, free_port, tmp_pat
     gets the broadcast; with learner.colocated_ipc off nobody gets handles at all."""
     sender = sender_factory(sender_cfg(free_port, colocated_ipc=True))
     _, out = start_peer(procs, sender, tmp_path, "claims", until=2, colocated="claim-only")
-    assert sender.wait_members(1, 60, ready=lambda m: m.where is not None)
+    assert sender.wait_members(1, 60, ready=located)
     rep = sender.broadcast(1, make_weights(1).items())
     assert rep["failed"] == ["claims"] and "needs a CUDA receiver" in rep["reasons"]["claims"], rep
     rep = sender.broadcast(2, make_weights(2).items())
@@ -531,7 +536,7 @@ def test_cuda_ipc_colocated_for_real(procs, free_port, tmp_path, sender_factory)
     sender = sender_factory(sender_cfg(free_port, timeout_s=60.0, colocated_ipc=True))
     _, out = start_peer(procs, sender, tmp_path, "gpu-near", until=2, transports="nccl,gloo", cuda_device=0,
                         colocated="cuda")
-    assert sender.wait_members(1, 60, ready=lambda m: m.where is not None)
+    assert sender.wait_members(1, 60, ready=located)
     for v in (1, 2):
         rep = sender.broadcast(v, [(n, t.cuda()) for n, t in make_weights(v).items()])
         assert rep["ok"] == ["gpu-near"], rep
